@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on Debian 12: apt packages, a venv in .venv, the
+# project (editable) with its Python dependencies. Safe to run again: it skips what is done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  swtpm swtpm-tools libtpms0        # the TPM engine and the peer we compare against
+  libtss2-dev pkg-config            # tpm2-pytss builds against the TSS
+  tpm2-tools                        # real TPM clients for tests and the demo
+  qemu-system-x86 seabios           # a real guest for the QEMU tests
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install: apt packages: ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PY="${PYTHON:-python3}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "install: $PY is older than Python 3.11" >&2
+  exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "install: creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.vtpm-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "install: Python packages (tpm2-pytss builds from source: about a minute)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  echo "$want" > "$stamp"
+fi

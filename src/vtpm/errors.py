@@ -1,0 +1,48 @@
+"""The project's exception tree.
+
+One root, `VtpmError`, so a caller (the CLI) can turn any expected failure into one clear line.
+Errors that a peer could use to learn which check failed (unseal, decrypt, auth) are opaque on
+purpose: their message never says more than that the operation failed.
+"""
+
+from __future__ import annotations
+
+
+class VtpmError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class ConfigError(VtpmError):
+    """Invalid configuration or command-line input."""
+
+
+class RemoteProtocolError(VtpmError):
+    """A peer sent bytes that break the protocol; the connection is dropped, others go on."""
+
+
+class LocalProtocolError(VtpmError):
+    """We were asked to send something the protocol does not allow (a bug on our side)."""
+
+
+class TpmError(VtpmError):
+    """The TPM engine failed (library load, init, state handling)."""
+
+
+class EngineLoadError(TpmError):
+    """libtpms could not be loaded or is of an unsupported version."""
+
+
+class StateError(VtpmError):
+    """A stored state blob is missing, unreadable, or fails its integrity check."""
+
+
+class StateIntegrityError(StateError):
+    """A state blob was tampered with, truncated, or belongs to another vTPM: refused."""
+
+
+class StateKeyError(VtpmError):
+    """The state key could not be obtained (bad key file, closed fd, wrong length)."""
+
+
+class InstanceLockedError(VtpmError):
+    """Another process already runs this vTPM (its state directory is locked)."""

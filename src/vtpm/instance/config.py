@@ -1,0 +1,45 @@
+"""An instance's configuration, parsed once by the CLI and passed down frozen."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vtpm.engine.engine import TpmVersion
+from vtpm.errors import ConfigError
+from vtpm.instance.listen import Endpoint, SocketPolicy
+
+MIN_BUFFER = 2808
+MAX_BUFFER = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceConfig:
+    state_dir: Path
+    tpm_version: TpmVersion = TpmVersion.TPM20
+    vtpm_uuid: uuid.UUID | None = None
+    key_file: Path | None = None
+    key_fd: int | None = None
+    ctrl: tuple[Endpoint, ...] = ()
+    server: tuple[Endpoint, ...] = ()
+    mssim: tuple[Endpoint, ...] = ()
+    sockets: SocketPolicy = field(default_factory=SocketPolicy)
+    buffer_size: int = 0
+    startup_clear: bool = False
+    max_clients: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.key_file is None) == (self.key_fd is None):
+            raise ConfigError("give exactly one of --key-file and --key-fd")
+        if not (self.ctrl or self.server or self.mssim):
+            raise ConfigError("no frontend: give at least one of --ctrl, --server, --mssim")
+        if self.buffer_size and not MIN_BUFFER <= self.buffer_size <= MAX_BUFFER:
+            raise ConfigError(
+                f"--buffer-size {self.buffer_size} is outside {MIN_BUFFER}..{MAX_BUFFER}"
+            )
+        if not 1 <= self.max_clients <= 1024:
+            raise ConfigError("--max-clients must be between 1 and 1024")
+        for ep in self.mssim:
+            if ep.kind != "tcp":
+                raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")

@@ -1,0 +1,1 @@
+"""Socket adapters that drive the `wire/` codecs against a `Device`."""

@@ -1,0 +1,42 @@
+"""Raw TPM frames on a stream socket: tpm2-tss TCTI `swtpm`, and QEMU's data channel."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from vtpm.errors import RemoteProtocolError
+from vtpm.instance.device import Device
+from vtpm.wire._common import CLOSED, NEED_DATA
+from vtpm.wire.tpmframe import FrameServerConnection, TpmCommand, TpmResponse
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 65536
+
+
+def serve_frames(device: Device, conn: socket.socket, peer: str, max_size: int) -> None:
+    """Answer TPM commands on `conn` until the peer closes or breaks the framing."""
+    codec = FrameServerConnection(max_size=max_size)
+    try:
+        while True:
+            event = codec.next_event()
+            if event is NEED_DATA:
+                try:
+                    data = conn.recv(READ_SIZE)
+                except OSError as e:
+                    log.info("raw %s: connection lost: %s", peer, e.strerror)
+                    return
+                codec.receive_data(data)
+                continue
+            if event is CLOSED:
+                return
+            assert isinstance(event, TpmCommand)
+            reply = device.execute(event.data)
+            try:
+                conn.sendall(codec.send(TpmResponse(reply)))
+            except OSError as e:
+                log.info("raw %s: peer went away before its answer: %s", peer, e.strerror)
+                return
+    except RemoteProtocolError as e:
+        log.warning("raw %s: dropped: %s", peer, e)

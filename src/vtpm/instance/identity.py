@@ -1,0 +1,72 @@
+"""The non-secret identity file of a state directory: which vTPM (uuid) and which TPM version.
+
+Kept in `instance.json` beside the encrypted blobs so that a restart with a forgotten or wrong
+`--uuid` / `--tpm` fails with a clear message instead of an integrity error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtpm.engine.engine import TpmVersion
+from vtpm.errors import ConfigError, StateError
+
+FILENAME = "instance.json"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    vtpm_uuid: uuid.UUID
+    tpm_version: TpmVersion
+
+
+def read(state_dir: Path) -> Identity | None:
+    path = state_dir / FILENAME
+    try:
+        raw = json.loads(path.read_text())
+        return Identity(uuid.UUID(raw["uuid"]), TpmVersion(raw["tpm"]))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise StateError(f"{path} is unreadable ({e}); refusing to start") from None
+
+
+def write(state_dir: Path, ident: Identity) -> None:
+    path = state_dir / FILENAME
+    tmp = state_dir / (FILENAME + ".tmp")
+    data = json.dumps({"uuid": str(ident.vtpm_uuid), "tpm": ident.tpm_version.value}) + "\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def resolve(state_dir: Path, wanted_uuid: uuid.UUID | None, version: TpmVersion) -> Identity:
+    """The identity to run with: the recorded one, checked against what was asked for."""
+    known = read(state_dir)
+    if known is None:
+        ident = Identity(wanted_uuid or uuid.uuid4(), version)
+        write(state_dir, ident)
+        return ident
+    if wanted_uuid is not None and wanted_uuid != known.vtpm_uuid:
+        raise ConfigError(
+            f"{state_dir} holds vTPM {known.vtpm_uuid}, not {wanted_uuid}; refusing to start"
+        )
+    if known.tpm_version is not version:
+        raise ConfigError(
+            f"{state_dir} holds a TPM {known.tpm_version.value}, not {version.value}; "
+            f"pass --tpm {known.tpm_version.value}"
+        )
+    return known

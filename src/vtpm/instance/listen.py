@@ -1,0 +1,272 @@
+"""Listening sockets and the thread-per-connection server the frontends run on.
+
+Why threads and blocking sockets: a TPM serves few clients and executes one command at a time;
+a blocking read per connection gives the shortest path from a client's bytes to libtpms, and a
+long command (key generation) keeps the control channel's thread free to cancel it.
+
+UNIX sockets are created with the requested mode (0600 default, 0660 with a group), never
+world-accessible, and a stale socket file is replaced only if nothing listens on it. Each
+accepted UNIX peer's credentials (SO_PEERCRED) are logged; a peer whose uid is neither root nor
+the socket's owner (nor in its group when 0660) is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import stat
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vtpm.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[socket.socket, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """`unix:/path` or `tcp:HOST:PORT` (or `tcp:PORT`, meaning 127.0.0.1)."""
+
+    kind: str
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("unix", "tcp"):
+            raise ConfigError(f"unknown socket kind {self.kind!r}")
+        if self.kind == "tcp" and not 0 <= self.port <= 65535:
+            raise ConfigError(f"TCP port {self.port} is out of range")
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        kind, sep, rest = text.partition(":")
+        if not sep or not rest:
+            raise ConfigError(f"socket {text!r}: expected unix:PATH or tcp:[HOST:]PORT")
+        if kind == "unix":
+            return cls("unix", path=rest)
+        if kind == "tcp":
+            host, sep, port = rest.rpartition(":")
+            host = host.strip("[]") if sep else "127.0.0.1"
+            try:
+                return cls("tcp", host=host or "127.0.0.1", port=int(port))
+            except ValueError:
+                raise ConfigError(f"socket {text!r}: port {port!r} is not a number") from None
+        raise ConfigError(f"socket {text!r}: expected unix:PATH or tcp:[HOST:]PORT")
+
+    def with_port_offset(self, offset: int) -> Endpoint:
+        if self.kind != "tcp":
+            raise ConfigError("a port offset needs a TCP socket")
+        return Endpoint("tcp", host=self.host, port=self.port + offset)
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketPolicy:
+    """Who may connect to the UNIX sockets: owner (and group if mode is 0660)."""
+
+    mode: int = 0o600
+    uid: int | None = None
+    gid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in (0o600, 0o660):
+            raise ConfigError(f"socket mode {self.mode:o} is not allowed (use 600 or 660)")
+
+
+def _replace_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise ConfigError(f"{path} is in use by another process")
+
+
+def bind(endpoint: Endpoint, policy: SocketPolicy) -> socket.socket:
+    """A listening socket for `endpoint` with the policy's ownership and mode."""
+    if endpoint.kind == "unix":
+        _replace_stale(endpoint.path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177 if policy.mode == 0o600 else 0o117)
+        try:
+            sock.bind(endpoint.path)
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"cannot listen on {endpoint}: {e.strerror}") from None
+        finally:
+            os.umask(old)
+        if policy.uid is not None or policy.gid is not None:
+            os.chown(endpoint.path, -1 if policy.uid is None else policy.uid,
+                     -1 if policy.gid is None else policy.gid)
+        os.chmod(endpoint.path, policy.mode)
+    else:
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(endpoint.host).version == 6 \
+                else socket.AF_INET
+        except ValueError:
+            family = socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((endpoint.host, endpoint.port))
+        except OSError as e:
+            sock.close()
+            raise ConfigError(f"cannot listen on {endpoint}: {e.strerror}") from None
+        if not _is_loopback(endpoint.host):
+            log.warning("listening on %s: TPM traffic is reachable from the network", endpoint)
+    sock.listen(16)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a UNIX-socket peer."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def peer_allowed(creds: tuple[int, int, int] | None, policy: SocketPolicy) -> bool:
+    if creds is None:
+        return True
+    _pid, uid, gid = creds
+    owner = os.getuid() if policy.uid is None else policy.uid
+    if uid in (0, owner):
+        return True
+    if policy.mode == 0o660:
+        group = os.getgid() if policy.gid is None else policy.gid
+        return gid == group
+    return False
+
+
+def tune(sock: socket.socket) -> None:
+    """Low-latency settings for a request/response connection."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Server:
+    """Accepts on one listening socket; runs `handler(conn, peer)` in a thread per client."""
+
+    def __init__(
+        self,
+        name: str,
+        sock: socket.socket | None,
+        handler: Handler,
+        policy: SocketPolicy,
+        max_clients: int = 32,
+        endpoint: Endpoint | None = None,
+    ) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self._sock = sock
+        self._handler = handler
+        self._policy = policy
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def detached(cls, name: str, handler: Handler, policy: SocketPolicy) -> Server:
+        """A server with no listening socket: it only serves sockets handed to `spawn`."""
+        return cls(name, None, handler, policy)
+
+    def start(self) -> None:
+        if self._sock is None:
+            return
+        self._thread = threading.Thread(target=self._accept_loop, args=(self._sock,),
+                                        name=f"{self.name}-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self, lsock: socket.socket) -> None:
+        while not self._closing:
+            try:
+                conn, addr = lsock.accept()
+            except OSError:
+                if self._closing:
+                    return
+                continue
+            creds = peer_credentials(conn)
+            peer = f"pid={creds[0]} uid={creds[1]}" if creds else f"{addr[0]}:{addr[1]}"
+            if not peer_allowed(creds, self._policy):
+                log.warning("%s: refused peer %s (not the socket's owner or group)",
+                            self.name, peer)
+                conn.close()
+                continue
+            if not self._slots.acquire(blocking=False):
+                log.warning("%s: refused peer %s: too many clients", self.name, peer)
+                conn.close()
+                continue
+            tune(conn)
+            self.spawn(conn, peer, counted=True)
+
+    def spawn(self, conn: socket.socket, peer: str, *, counted: bool = False) -> None:
+        """Serve an already connected socket (also used for a data fd passed by QEMU)."""
+        with self._lock:
+            self._conns.add(conn)
+        threading.Thread(target=self._serve, args=(conn, peer, counted),
+                         name=f"{self.name}-{peer}", daemon=True).start()
+
+    def _serve(self, conn: socket.socket, peer: str, counted: bool) -> None:
+        log.debug("%s: peer %s connected", self.name, peer)
+        try:
+            self._handler(conn, peer)
+        except Exception:
+            log.exception("%s: peer %s: handler failed", self.name, peer)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+            if counted:
+                self._slots.release()
+            log.debug("%s: peer %s gone", self.name, peer)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._sock is not None:
+            path = None
+            with contextlib.suppress(OSError):
+                name = self._sock.getsockname()
+                path = name if isinstance(name, str) and name else None
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(timeout=2)

@@ -1,0 +1,126 @@
+"""Assemble and run one vTPM instance: state store, device, frontends.
+
+Start-up order matters: the state directory is locked and the TPM started (its state loaded
+and checked) before any socket exists, so a bad blob or a second copy of the same vTPM stops
+the instance before any client could talk to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+from vtpm.instance import identity
+from vtpm.instance.config import InstanceConfig
+from vtpm.instance.device import Device
+from vtpm.instance.frontends.ctrl import ControlHandler
+from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
+from vtpm.instance.frontends.raw import serve_frames
+from vtpm.instance.listen import Endpoint, Server, bind
+from vtpm.instance.statekey import StateKey
+from vtpm.instance.statestore import StateStore
+from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
+from vtpm.engine.engine import TpmVersion
+from vtpm.errors import TpmError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Instance:
+    """A running vTPM. `start()`, then `wait()` until stopped, then `close()`."""
+
+    config: InstanceConfig
+    key: StateKey
+    stopped: threading.Event = field(default_factory=threading.Event)
+    servers: list[Server] = field(default_factory=list)
+    store: StateStore | None = None
+    device: Device | None = None
+
+    def start(self) -> identity.Identity:
+        cfg = self.config
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ident = identity.resolve(cfg.state_dir, cfg.vtpm_uuid, cfg.tpm_version)
+        self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key)
+        self.store.open()
+        try:
+            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size)
+            self.device.power_on()
+            if cfg.startup_clear:
+                self._startup_clear()
+            self._listen()
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "vTPM %s (TPM %s, libtpms %s) serving %s",
+            ident.vtpm_uuid,
+            cfg.tpm_version.value,
+            self.device.engine.library_version,
+            ", ".join(f"{s.name} {s.endpoint}" for s in self.servers),
+        )
+        return ident
+
+    def _startup_clear(self) -> None:
+        assert self.device is not None
+        if self.config.tpm_version is TpmVersion.TPM20:
+            rc = frames.response_code(self.device.execute(frames.startup()))
+        else:
+            rc = frames.response_code(self.device.execute(frames.startup12(TPM_STARTUP12.CLEAR)))
+        if rc != TPM_RC.SUCCESS:
+            raise TpmError(f"TPM Startup(CLEAR) failed with response code {rc:#x}")
+
+    def _server(self, name: str, ep: Endpoint, handler: object) -> Server:
+        sock = bind(ep, self.config.sockets)
+        srv = Server(name, sock, handler, self.config.sockets, self.config.max_clients,  # type: ignore[arg-type]
+                     endpoint=ep)
+        self.servers.append(srv)
+        return srv
+
+    def _listen(self) -> None:
+        cfg = self.config
+        dev = self.device
+        assert dev is not None
+        max_frame = max(cfg.buffer_size or 4096, 4096)
+
+        def raw(conn: object, peer: str) -> None:
+            serve_frames(dev, conn, peer, max_frame)  # type: ignore[arg-type]
+
+        data_server: Server | None = None
+        for ep in cfg.server:
+            data_server = self._server("raw", ep, raw)
+        if data_server is None and cfg.ctrl:
+            data_server = Server.detached("data", raw, cfg.sockets)
+            self.servers.append(data_server)
+        for ep in cfg.ctrl:
+            assert data_server is not None
+            self._server("ctrl", ep, ControlHandler(dev, data_server.spawn, self.stopped.set))
+        for ep in cfg.mssim:
+            self._server("mssim", ep, CommandPortHandler(dev, max_frame))
+            self._server("mssim-platform", ep.with_port_offset(1), PlatformPortHandler(dev))
+        for s in self.servers:
+            s.start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.stopped.wait(timeout)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def close(self) -> None:
+        """Stop serving, store state with an orderly TPM shutdown, unlock the directory."""
+        for s in self.servers:
+            s.close()
+        self.servers.clear()
+        try:
+            if self.device is not None:
+                self.device.close()
+                self.device = None
+        finally:
+            if self.store is not None:
+                self.store.close()
+                self.store = None
+        log.info("vTPM stopped, state stored (pid %d)", os.getpid())

@@ -1,0 +1,116 @@
+"""TPM constants we use, named as in the TCG specifications.
+
+TPM 2.0: TCG TPM 2.0 Library, Part 2 (Structures), sections 6 (constants) and 6.6 (TPM_RC).
+TPM 1.2: TCG TPM Main Specification Level 2 Version 1.2, Part 2.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class TPM_ST(enum.IntEnum):  # noqa: N801 (spec name)
+    NO_SESSIONS = 0x8001
+    SESSIONS = 0x8002
+
+
+class TPM_TAG12(enum.IntEnum):  # noqa: N801
+    """TPM 1.2 frame tags."""
+
+    RQU_COMMAND = 0x00C1
+    RQU_AUTH1_COMMAND = 0x00C2
+    RQU_AUTH2_COMMAND = 0x00C3
+    RSP_COMMAND = 0x00C4
+    RSP_AUTH1_COMMAND = 0x00C5
+    RSP_AUTH2_COMMAND = 0x00C6
+
+
+class TPM_SU(enum.IntEnum):  # noqa: N801
+    CLEAR = 0x0000
+    STATE = 0x0001
+
+
+class TPM_CC(enum.IntEnum):  # noqa: N801
+    NV_UndefineSpaceSpecial = 0x0000011F
+    EvictControl = 0x00000120
+    HierarchyControl = 0x00000121
+    NV_UndefineSpace = 0x00000122
+    Clear = 0x00000126
+    HierarchyChangeAuth = 0x00000129
+    NV_DefineSpace = 0x0000012A
+    PCR_Allocate = 0x0000012B
+    CreatePrimary = 0x00000131
+    NV_Increment = 0x00000134
+    NV_Extend = 0x00000136
+    NV_Write = 0x00000137
+    PCR_Event = 0x0000013C
+    PCR_Reset = 0x0000013D
+    SelfTest = 0x00000143
+    Startup = 0x00000144
+    Shutdown = 0x00000145
+    NV_Read = 0x0000014E
+    Create = 0x00000153
+    Load = 0x00000157
+    Quote = 0x00000158
+    Sign = 0x0000015D
+    Unseal = 0x0000015E
+    ContextLoad = 0x00000161
+    ContextSave = 0x00000162
+    FlushContext = 0x00000165
+    ReadPublic = 0x00000173
+    StartAuthSession = 0x00000176
+    GetCapability = 0x0000017A
+    GetRandom = 0x0000017B
+    PCR_Read = 0x0000017E
+    PolicyPCR = 0x0000017F
+    ReadClock = 0x00000181
+    PCR_Extend = 0x00000182
+    PolicyGetDigest = 0x00000189
+
+
+class TPM_ORD12(enum.IntEnum):  # noqa: N801
+    """TPM 1.2 ordinals."""
+
+    Extend = 0x00000014
+    PcrRead = 0x00000015
+    GetRandom = 0x00000046
+    GetCapability = 0x00000065
+    SaveState = 0x00000098
+    Startup = 0x00000099
+
+
+class TPM_STARTUP12(enum.IntEnum):  # noqa: N801
+    CLEAR = 0x0001
+    STATE = 0x0002
+    DEACTIVATED = 0x0003
+
+
+class TPM_RC(enum.IntEnum):  # noqa: N801
+    SUCCESS = 0x000
+    INITIALIZE = 0x100
+    FAILURE = 0x101
+    SEQUENCE = 0x103
+    DISABLED = 0x120
+    EXCLUSIVE = 0x121
+    AUTH_MISSING = 0x125
+    POLICY = 0x126
+    PCR = 0x127
+    PCR_CHANGED = 0x128
+    UPGRADE = 0x12D
+    REBOOT = 0x130
+    COMMAND_SIZE = 0x142
+    COMMAND_CODE = 0x143
+    CANCELED = 0x909
+    TESTING = 0x90A
+    RETRY = 0x922
+    YIELDED = 0x908
+    LOCKOUT = 0x921
+    NV_UNAVAILABLE = 0x923
+
+
+# libtpms callbacks answer TPM 1.2 style result codes.
+TPM_SUCCESS = 0x0
+TPM_FAIL = 0x9
+TPM_RETRY = 0x800
+
+HEADER_SIZE = 10

@@ -1,0 +1,156 @@
+"""Build and read TPM command/response frames (header: tag u16, size u32, code u32).
+
+Only the handful of commands the project sends itself are built here (Startup, Shutdown,
+GetRandom, PCR_Extend, PCR_Read and their TPM 1.2 twins); everything else is the clients'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from vtpm.tpm.constants import (
+    HEADER_SIZE,
+    TPM_CC,
+    TPM_ORD12,
+    TPM_RC,
+    TPM_ST,
+    TPM_STARTUP12,
+    TPM_SU,
+    TPM_TAG12,
+)
+
+TPM_RS_PW = 0x40000009
+TPM_ALG_SHA1 = 0x0004
+TPM_ALG_SHA256 = 0x000B
+TPM_ALG_SHA384 = 0x000C
+TPM_ALG_SHA512 = 0x000D
+
+DIGEST_SIZES = {TPM_ALG_SHA1: 20, TPM_ALG_SHA256: 32, TPM_ALG_SHA384: 48, TPM_ALG_SHA512: 64}
+HASH_NAMES = {TPM_ALG_SHA1: "sha1", TPM_ALG_SHA256: "sha256", TPM_ALG_SHA384: "sha384",
+              TPM_ALG_SHA512: "sha512"}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    tag: int
+    size: int
+    code: int
+
+
+def parse_header(frame: bytes) -> Header:
+    if len(frame) < HEADER_SIZE:
+        raise ValueError(f"TPM frame of {len(frame)} bytes is shorter than its header")
+    tag, size, code = struct.unpack_from(">HII", frame)
+    return Header(tag, size, code)
+
+
+def response_code(response: bytes) -> int:
+    """The response code of a TPM 2.0 or 1.2 response frame."""
+    return parse_header(response).code
+
+
+def command(code: int, body: bytes = b"", tag: int = TPM_ST.NO_SESSIONS) -> bytes:
+    return struct.pack(">HII", tag, HEADER_SIZE + len(body), code) + body
+
+
+def _password_session(password: bytes = b"") -> bytes:
+    # TPMS_AUTH_COMMAND: handle, nonce (empty), attributes (continueSession), hmac = password
+    auth = struct.pack(">IHBH", TPM_RS_PW, 0, 0x01, len(password)) + password
+    return struct.pack(">I", len(auth)) + auth
+
+
+def startup(su: TPM_SU = TPM_SU.CLEAR) -> bytes:
+    return command(TPM_CC.Startup, struct.pack(">H", su))
+
+
+def shutdown(su: TPM_SU = TPM_SU.STATE) -> bytes:
+    return command(TPM_CC.Shutdown, struct.pack(">H", su))
+
+
+def get_random(count: int) -> bytes:
+    return command(TPM_CC.GetRandom, struct.pack(">H", count))
+
+
+def pcr_extend(pcr: int, digests: dict[int, bytes]) -> bytes:
+    """TPM2_PCR_Extend with one digest per bank (alg id -> digest), empty password auth."""
+    values = b"".join(struct.pack(">H", alg) + d for alg, d in digests.items())
+    body = (
+        struct.pack(">I", pcr)
+        + _password_session()
+        + struct.pack(">I", len(digests))
+        + values
+    )
+    return command(TPM_CC.PCR_Extend, body, TPM_ST.SESSIONS)
+
+
+def pcr_select(alg: int, pcrs: list[int]) -> bytes:
+    bitmap = bytearray(3)
+    for p in pcrs:
+        bitmap[p // 8] |= 1 << (p % 8)
+    return struct.pack(">IHB", 1, alg, 3) + bytes(bitmap)
+
+
+def pcr_read(alg: int, pcrs: list[int]) -> bytes:
+    return command(TPM_CC.PCR_Read, pcr_select(alg, pcrs))
+
+
+def parse_pcr_read(response: bytes) -> list[bytes]:
+    """Digests of a TPM2_PCR_Read response, in selection order."""
+    rc = response_code(response)
+    if rc != TPM_RC.SUCCESS:
+        raise ValueError(f"PCR_Read failed with TPM_RC {rc:#x}")
+    off = HEADER_SIZE + 4  # update counter
+    (count,) = struct.unpack_from(">I", response, off)
+    off += 4
+    for _ in range(count):
+        off += 2  # hash algorithm
+        (n,) = struct.unpack_from(">B", response, off)
+        off += 1 + n
+    (ndig,) = struct.unpack_from(">I", response, off)
+    off += 4
+    out = []
+    for _ in range(ndig):
+        (size,) = struct.unpack_from(">H", response, off)
+        out.append(response[off + 2 : off + 2 + size])
+        off += 2 + size
+    return out
+
+
+def parse_get_random(response: bytes) -> bytes:
+    rc = response_code(response)
+    if rc != TPM_RC.SUCCESS:
+        raise ValueError(f"GetRandom failed with TPM_RC {rc:#x}")
+    (size,) = struct.unpack_from(">H", response, HEADER_SIZE)
+    return response[HEADER_SIZE + 2 : HEADER_SIZE + 2 + size]
+
+
+def extend_value(alg: int, old: bytes, data_digest: bytes) -> bytes:
+    """The PCR value after extending `data_digest` into `old` in bank `alg`."""
+    return hashlib.new(HASH_NAMES[alg], old + data_digest).digest()
+
+
+# TPM 1.2 --------------------------------------------------------------------------------------
+
+
+def command12(ordinal: int, body: bytes = b"") -> bytes:
+    return command(ordinal, body, TPM_TAG12.RQU_COMMAND)
+
+
+def startup12(kind: TPM_STARTUP12 = TPM_STARTUP12.CLEAR) -> bytes:
+    return command12(TPM_ORD12.Startup, struct.pack(">H", kind))
+
+
+def save_state12() -> bytes:
+    return command12(TPM_ORD12.SaveState)
+
+
+def get_random12(count: int) -> bytes:
+    return command12(TPM_ORD12.GetRandom, struct.pack(">I", count))
+
+
+def extend12(pcr: int, digest: bytes) -> bytes:
+    if len(digest) != 20:
+        raise ValueError("a TPM 1.2 extend takes a 20-byte SHA-1 digest")
+    return command12(TPM_ORD12.Extend, struct.pack(">I", pcr) + digest)

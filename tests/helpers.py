@@ -42,7 +42,10 @@ def wait_connectable(addr: str | tuple[str, int], proc: subprocess.Popen[bytes],
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode() if proc.stderr else ""
+            err = ""
+            if proc.stderr:
+                err = proc.stderr.read().decode()
+                proc.stderr.close()
             raise RuntimeError(f"vtpm instance exited with {proc.returncode}: {err}")
         fam = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_STREAM)
@@ -84,6 +87,11 @@ class RunningInstance:
                 self.proc.kill()
                 self.proc.wait()
                 raise
+            finally:
+                if self.proc.stderr:
+                    self.proc.stderr.close()
+        elif self.proc.stderr:
+            self.proc.stderr.close()
         return self.proc.returncode
 
     def log(self) -> str:
@@ -123,7 +131,7 @@ def start_instance(
         args += ["--ctrl", f"unix:{ctrl_unix}"]
         wait_for = ctrl_unix
     args += list(extra)
-    proc = subprocess.Popen([*VTPM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*VTPM, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     inst = RunningInstance(proc, state_dir, key_file, port, ctrl_unix,
                            state_dir.parent / f"{state_dir.name}.log", args)
     try:
@@ -172,3 +180,30 @@ def tpm2(tool: str, *args: str, tcti: str, cwd: Path | None = None,
             f"{res.stderr.decode(errors='replace')}"
         )
     return res
+
+
+def ctrl_call(addr: str | tuple[str, int], request: object) -> object:
+    """Send one control-channel request (our own client codec) and return the answer."""
+    from vtpm.wire import ctrl  # local: helpers stay importable without the package
+
+    fam = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
+    client = ctrl.ControlClientConnection()
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(addr)
+        s.sendall(client.send(request))  # type: ignore[arg-type]
+        while True:
+            ev = client.next_event()
+            if ev is ctrl.NEED_DATA:
+                client.receive_data(s.recv(65536))
+                continue
+            return ev
+
+
+def power_cycle(inst: RunningInstance) -> None:
+    """Restart the instance's TPM through its control channel (CMD_INIT)."""
+    from vtpm.wire import ctrl
+
+    assert inst.port is not None
+    ans = ctrl_call(("127.0.0.1", inst.port + 1), ctrl.Init(0))
+    assert ans == ctrl.Result(0), ans

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import RunningInstance, instance, tpm2
+from tests.helpers import RunningInstance, instance, power_cycle, tpm2
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningInstanc
 def tcti(request: pytest.FixtureRequest, running: RunningInstance) -> str:
     t = running.tcti_swtpm if request.param == "swtpm" else running.tcti_mssim
     # each test starts from a fresh power cycle of the same TPM
+    power_cycle(running)
     tpm2("startup", "-c", tcti=t)
     return t
 

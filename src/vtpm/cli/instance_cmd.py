@@ -23,8 +23,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def register(sub: Any) -> None:
-    inst = sub.add_parser("instance", help="run one vTPM instance",
-                          description="Run one vTPM instance (one guest's TPM).")
+    inst = sub.add_parser(
+        "instance",
+        help="run one vTPM instance",
+        description="Run one vTPM instance (one guest's TPM).",
+    )
     isub = inst.add_subparsers(dest="instance_command", metavar="ACTION")
     isub.required = True
 
@@ -38,45 +41,109 @@ def register(sub: Any) -> None:
             "127.0.0.1). Each frontend option may be repeated."
         ),
     )
-    run.add_argument("--state-dir", required=True, type=Path,
-                     help="directory of this vTPM's encrypted state (created 0700 if missing)")
-    run.add_argument("--uuid", type=uuid.UUID, default=None,
-                     help="the vTPM's uuid (default: the one recorded in the state directory, "
-                          "or a new one)")
-    run.add_argument("--tpm", choices=["2.0", "1.2"], default="2.0",
-                     help="TPM version of a new vTPM (default 2.0); must match existing state")
+    run.add_argument(
+        "--state-dir",
+        required=True,
+        type=Path,
+        help="directory of this vTPM's encrypted state (created 0700 if missing)",
+    )
+    run.add_argument(
+        "--uuid",
+        type=uuid.UUID,
+        default=None,
+        help="the vTPM's uuid (default: the one recorded in the state directory, or a new one)",
+    )
+    run.add_argument(
+        "--tpm",
+        choices=["2.0", "1.2"],
+        default="2.0",
+        help="TPM version of a new vTPM (default 2.0); must match existing state",
+    )
     key = run.add_mutually_exclusive_group(required=True)
-    key.add_argument("--key-file", type=Path,
-                     help="file holding the 32-byte state key (raw or 64 hex digits), mode 0600")
-    key.add_argument("--key-fd", type=int,
-                     help="inherited file descriptor to read the state key from (then closed)")
-    run.add_argument("--ctrl", action="append", default=[], metavar="SOCKET",
-                     help="swtpm-compatible control channel (QEMU -tpmdev emulator; "
-                          "tcti swtpm uses the data port + 1)")
-    run.add_argument("--server", action="append", default=[], metavar="SOCKET",
-                     help="raw TPM command/response socket (tcti swtpm's data port)")
-    run.add_argument("--mssim", action="append", default=[], metavar="tcp:[HOST:]PORT",
-                     help="Microsoft simulator protocol: command port PORT, platform port PORT+1")
-    run.add_argument("--socket-mode", choices=["600", "660"], default="600",
-                     help="mode of the UNIX sockets (660 lets --socket-group connect)")
-    run.add_argument("--socket-owner", type=int, default=None, metavar="UID",
-                     help="owner uid of the UNIX sockets (default: this process)")
-    run.add_argument("--socket-group", type=int, default=None, metavar="GID",
-                     help="group gid of the UNIX sockets")
-    run.add_argument("--buffer-size", type=int, default=0,
-                     help="TPM I/O buffer size in bytes (2808..4096; default libtpms')")
-    run.add_argument("--startup-clear", action="store_true",
-                     help="send TPM Startup(CLEAR) at start (for clients that do not)")
-    run.add_argument("--max-clients", type=int, default=32,
-                     help="connections served at once per socket (default 32)")
-    run.add_argument("--log-level", default="info",
-                     choices=["debug", "info", "warning", "error"], help="default info")
+    key.add_argument(
+        "--key-file",
+        type=Path,
+        help="file holding the 32-byte state key (raw or 64 hex digits), mode 0600",
+    )
+    key.add_argument(
+        "--key-fd",
+        type=int,
+        help="inherited file descriptor to read the state key from (then closed)",
+    )
+    run.add_argument(
+        "--ctrl",
+        action="append",
+        default=[],
+        metavar="SOCKET",
+        help="swtpm-compatible control channel (QEMU -tpmdev emulator; "
+        "tcti swtpm uses the data port + 1)",
+    )
+    run.add_argument(
+        "--server",
+        action="append",
+        default=[],
+        metavar="SOCKET",
+        help="raw TPM command/response socket (tcti swtpm's data port)",
+    )
+    run.add_argument(
+        "--mssim",
+        action="append",
+        default=[],
+        metavar="tcp:[HOST:]PORT",
+        help="Microsoft simulator protocol: command port PORT, platform port PORT+1",
+    )
+    run.add_argument(
+        "--socket-mode",
+        choices=["600", "660"],
+        default="600",
+        help="mode of the UNIX sockets (660 lets --socket-group connect)",
+    )
+    run.add_argument(
+        "--socket-owner",
+        type=int,
+        default=None,
+        metavar="UID",
+        help="owner uid of the UNIX sockets (default: this process)",
+    )
+    run.add_argument(
+        "--socket-group",
+        type=int,
+        default=None,
+        metavar="GID",
+        help="group gid of the UNIX sockets",
+    )
+    run.add_argument(
+        "--buffer-size",
+        type=int,
+        default=0,
+        help="TPM I/O buffer size in bytes (2808..4096; default libtpms')",
+    )
+    run.add_argument(
+        "--startup-clear",
+        action="store_true",
+        help="send TPM Startup(CLEAR) at start (for clients that do not)",
+    )
+    run.add_argument(
+        "--max-clients",
+        type=int,
+        default=32,
+        help="connections served at once per socket (default 32)",
+    )
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
     run.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
     run.set_defaults(func=cmd_run)
 
-    keygen = isub.add_parser("keygen", help="create a new random state key file (0600)",
-                             description="Create a new random 32-byte state key file, mode "
-                                         "0600. Refuses to overwrite an existing file.")
+    keygen = isub.add_parser(
+        "keygen",
+        help="create a new random state key file (0600)",
+        description="Create a new random 32-byte state key file, mode "
+        "0600. Refuses to overwrite an existing file.",
+    )
     keygen.add_argument("path", type=Path)
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(func=cmd_keygen)
@@ -115,8 +182,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot open log file {args.log_file}: {e.strerror}") from None
     cfg = config_from_args(args)
-    key = load_key_file(cfg.key_file) if cfg.key_file is not None else load_key_fd(
-        cfg.key_fd if cfg.key_fd is not None else -1)
+    key = (
+        load_key_file(cfg.key_file)
+        if cfg.key_file is not None
+        else load_key_fd(cfg.key_fd if cfg.key_fd is not None else -1)
+    )
     inst = Instance(cfg, key)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -179,7 +179,9 @@ class Libtpms:
             length[0] = len(blob)
             return TPM_SUCCESS
 
-        def c_store(data: ctypes._Pointer[ctypes.c_uint8], length: int, _n: int, name: bytes) -> int:
+        def c_store(
+            data: ctypes._Pointer[ctypes.c_uint8], length: int, _n: int, name: bytes
+        ) -> int:
             return store(name.decode("ascii", "replace"), ctypes.string_at(data, length))
 
         def c_delete(_n: int, name: bytes, must_exist: int) -> int:

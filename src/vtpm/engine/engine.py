@@ -72,8 +72,9 @@ class Engine:
         self._running = False
         self._closed = False
         self._callback_error: VtpmError | None = None
-        rc = self._lib.register_callbacks(self._cb_load, self._cb_store, self._cb_delete,
-                                          lambda: self._locality)
+        rc = self._lib.register_callbacks(
+            self._cb_load, self._cb_store, self._cb_delete, lambda: self._locality
+        )
         self._check(rc, "registering callbacks")
         self._check(self._lib.choose_version(version is TpmVersion.TPM20), "choosing TPM version")
 
@@ -274,5 +275,6 @@ class Engine:
         with self._lock:
             if self._running:
                 raise TpmError("state blobs can only be set while the TPM is stopped")
-            self._check(self._lib.set_state(state_type, data),
-                        f"setting the {BLOB_NAMES[state_type]} state")
+            self._check(
+                self._lib.set_state(state_type, data), f"setting the {BLOB_NAMES[state_type]} state"
+            )

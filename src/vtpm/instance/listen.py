@@ -115,13 +115,19 @@ def bind(endpoint: Endpoint, policy: SocketPolicy) -> socket.socket:
         finally:
             os.umask(old)
         if policy.uid is not None or policy.gid is not None:
-            os.chown(endpoint.path, -1 if policy.uid is None else policy.uid,
-                     -1 if policy.gid is None else policy.gid)
+            os.chown(
+                endpoint.path,
+                -1 if policy.uid is None else policy.uid,
+                -1 if policy.gid is None else policy.gid,
+            )
         os.chmod(endpoint.path, policy.mode)
     else:
         try:
-            family = socket.AF_INET6 if ipaddress.ip_address(endpoint.host).version == 6 \
+            family = (
+                socket.AF_INET6
+                if ipaddress.ip_address(endpoint.host).version == 6
                 else socket.AF_INET
+            )
         except ValueError:
             family = socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -203,8 +209,9 @@ class Server:
     def start(self) -> None:
         if self._sock is None:
             return
-        self._thread = threading.Thread(target=self._accept_loop, args=(self._sock,),
-                                        name=f"{self.name}-accept", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, args=(self._sock,), name=f"{self.name}-accept", daemon=True
+        )
         self._thread.start()
 
     def _accept_loop(self, lsock: socket.socket) -> None:
@@ -218,8 +225,9 @@ class Server:
             creds = peer_credentials(conn)
             peer = f"pid={creds[0]} uid={creds[1]}" if creds else f"{addr[0]}:{addr[1]}"
             if not peer_allowed(creds, self._policy):
-                log.warning("%s: refused peer %s (not the socket's owner or group)",
-                            self.name, peer)
+                log.warning(
+                    "%s: refused peer %s (not the socket's owner or group)", self.name, peer
+                )
                 conn.close()
                 continue
             if not self._slots.acquire(blocking=False):
@@ -233,8 +241,9 @@ class Server:
         """Serve an already connected socket (also used for a data fd passed by QEMU)."""
         with self._lock:
             self._conns.add(conn)
-        threading.Thread(target=self._serve, args=(conn, peer, counted),
-                         name=f"{self.name}-{peer}", daemon=True).start()
+        threading.Thread(
+            target=self._serve, args=(conn, peer, counted), name=f"{self.name}-{peer}", daemon=True
+        ).start()
 
     def _serve(self, conn: socket.socket, peer: str, counted: bool) -> None:
         log.debug("%s: peer %s connected", self.name, peer)

@@ -12,6 +12,8 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+from vtpm.engine.engine import TpmVersion
+from vtpm.errors import TpmError
 from vtpm.instance import identity
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.device import Device
@@ -23,8 +25,6 @@ from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
-from vtpm.engine.engine import TpmVersion
-from vtpm.errors import TpmError
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,14 @@ class Instance:
 
     def _server(self, name: str, ep: Endpoint, handler: object) -> Server:
         sock = bind(ep, self.config.sockets)
-        srv = Server(name, sock, handler, self.config.sockets, self.config.max_clients,  # type: ignore[arg-type]
-                     endpoint=ep)
+        srv = Server(
+            name,
+            sock,
+            handler,
+            self.config.sockets,
+            self.config.max_clients,  # type: ignore[arg-type]
+            endpoint=ep,
+        )
         self.servers.append(srv)
         return srv
 

@@ -28,8 +28,12 @@ TPM_ALG_SHA384 = 0x000C
 TPM_ALG_SHA512 = 0x000D
 
 DIGEST_SIZES = {TPM_ALG_SHA1: 20, TPM_ALG_SHA256: 32, TPM_ALG_SHA384: 48, TPM_ALG_SHA512: 64}
-HASH_NAMES = {TPM_ALG_SHA1: "sha1", TPM_ALG_SHA256: "sha256", TPM_ALG_SHA384: "sha384",
-              TPM_ALG_SHA512: "sha512"}
+HASH_NAMES = {
+    TPM_ALG_SHA1: "sha1",
+    TPM_ALG_SHA256: "sha256",
+    TPM_ALG_SHA384: "sha384",
+    TPM_ALG_SHA512: "sha512",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +80,7 @@ def get_random(count: int) -> bytes:
 def pcr_extend(pcr: int, digests: dict[int, bytes]) -> bytes:
     """TPM2_PCR_Extend with one digest per bank (alg id -> digest), empty password auth."""
     values = b"".join(struct.pack(">H", alg) + d for alg, d in digests.items())
-    body = (
-        struct.pack(">I", pcr)
-        + _password_session()
-        + struct.pack(">I", len(digests))
-        + values
-    )
+    body = struct.pack(">I", pcr) + _password_session() + struct.pack(">I", len(digests)) + values
     return command(TPM_CC.PCR_Extend, body, TPM_ST.SESSIONS)
 
 

@@ -195,4 +195,3 @@ class ControlHandler:
                 self._spawn_data(data_sock, f"{peer} data-fd")
                 return w.Result(OK)
         raise RemoteProtocolError(f"unhandled control request {type(ev).__name__}")
-

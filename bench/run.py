@@ -1,0 +1,274 @@
+"""Benchmarks: a vtpm instance beside swtpm, same machine, same transport, one run.
+
+For each: process start -> first answer, idle RSS, and round-trip rates over one persistent
+raw TCP connection (the data socket tpm2-tss TCTI `swtpm` uses) for TPM2_PCR_Extend,
+TPM2_GetRandom(32), TPM2_Quote (ECC P-256 AK) and TPM2_Create (RSA 2048). Then the in-process
+floor: the libtpms engine alone, no transport. Prints a table with the vtpm/swtpm ratios
+(rates: higher is better; RSS and start time: lower is better); `--json` prints it as data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import templates as T  # noqa: E402
+from vtpm.tpm import frames  # noqa: E402
+from vtpm.tpm.constants import TPM_RC  # noqa: E402
+
+VTPM = [sys.executable, "-m", "vtpm.cli.main"]
+EXTEND = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"\x5a" * 32})
+GETRANDOM = frames.get_random(32)
+
+
+def free_pair() -> int:
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        s.close()
+        if port >= 65000:
+            continue
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+
+
+class Client:
+    """A raw TPM client over one TCP connection."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("TPM closed the connection")
+            buf += chunk
+        return buf
+
+    def call(self, command: bytes) -> bytes:
+        self.sock.sendall(command)
+        head = self._read(10)
+        (size,) = struct.unpack_from(">I", head, 2)
+        return head + self._read(size - 10)
+
+    def call_ok(self, command: bytes) -> bytes:
+        for _ in range(10):
+            resp = self.call(command)
+            rc = frames.response_code(resp)
+            if rc == TPM_RC.RETRY:
+                continue
+            if rc != TPM_RC.SUCCESS:
+                raise RuntimeError(f"TPM answered {rc:#x}")
+            return resp
+        raise RuntimeError("TPM kept answering RETRY")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Target:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    start_s: float
+    results: dict[str, float] = field(default_factory=dict)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def first_answer(argv: list[str], port: int) -> tuple[subprocess.Popen[bytes], float]:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"{argv[0]} exited: {err}")
+        try:
+            c = Client(port)
+        except OSError:
+            time.sleep(0.001)
+            continue
+        try:
+            c.call(GETRANDOM)
+        finally:
+            c.close()
+        return proc, time.perf_counter() - t0
+
+
+def start_swtpm(work: Path) -> Target:
+    port = free_pair()
+    state = work / "swtpm"
+    state.mkdir()
+    argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
+            "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
+            "--flags", "not-need-init,startup-clear"]
+    proc, t = first_answer(argv, port)
+    return Target("swtpm", proc, port, t)
+
+
+def start_vtpm(work: Path) -> Target:
+    port = free_pair()
+    key = work / "vtpm.key"
+    if not key.exists():
+        subprocess.run([*VTPM, "instance", "keygen", str(key)], check=True,
+                       capture_output=True)
+    argv = [*VTPM, "instance", "run", "--state-dir", str(work / "vtpm"), "--key-file", str(key),
+            "--server", f"tcp:127.0.0.1:{port}", "--ctrl", f"tcp:127.0.0.1:{port + 1}",
+            "--startup-clear", "--log-level", "warning"]
+    proc, t = first_answer(argv, port)
+    return Target("vtpm", proc, port, t)
+
+
+def rate(fn: Callable[[], object], seconds: float, min_count: int = 3) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds and n >= min_count:
+            return n / dt
+
+
+def measure(target: Target, seconds: float, creates: int) -> None:
+    c = Client(target.port)
+    try:
+        ak = T.handle_of(c.call_ok(T.create_primary(T.ecc_ak_public())))
+        storage = T.handle_of(c.call_ok(T.create_primary(T.ecc_storage_public())))
+        quote = T.quote(ak, b"benchmark-nonce!", [0, 1, 2, 3, 4, 5, 6, 7])
+        create = T.create(storage, T.rsa2048_sign_public())
+        c.call_ok(quote)  # first use of ECDSA may answer RETRY (self-test)
+        for _ in range(200):  # warm-up
+            c.call_ok(GETRANDOM)
+        r = target.results
+        r["pcr_extend_per_s"] = rate(lambda: c.call_ok(EXTEND), seconds)
+        r["getrandom_per_s"] = rate(lambda: c.call_ok(GETRANDOM), seconds)
+        r["quote_ecc_p256_per_s"] = rate(lambda: c.call_ok(quote), seconds)
+        r["create_rsa2048_per_s"] = rate(lambda: c.call_ok(create), 0.0, creates)
+    finally:
+        c.close()
+    time.sleep(0.5)
+    r["idle_rss_kib"] = rss_kib(target.proc.pid)
+    r["start_to_first_answer_ms"] = target.start_s * 1000
+
+
+def stop(target: Target) -> None:
+    if target.proc.poll() is None:
+        target.proc.send_signal(signal.SIGTERM)
+        try:
+            target.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            target.proc.kill()
+            target.proc.wait()
+
+
+FLOOR_CODE = """
+import json, sys, time
+from vtpm.engine.engine import Engine, TpmVersion
+from vtpm.tpm import frames
+class Mem:
+    def __init__(self): self.d = {}
+    def load(self, n): return self.d.get(n)
+    def store(self, n, data): self.d[n] = data
+    def delete(self, n, m): return self.d.pop(n, None) is not None
+seconds = float(sys.argv[1])
+ext = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"Z" * 32})
+rnd = frames.get_random(32)
+out = {}
+with Engine(TpmVersion.TPM20, Mem()) as e:
+    e.start(); e.process(frames.startup())
+    for name, cmd in (("pcr_extend_per_s", ext), ("getrandom_per_s", rnd)):
+        n = 0; t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            e.process(cmd); n += 1
+        out[name] = n / (time.perf_counter() - t0)
+print(json.dumps(out))
+"""
+
+ROWS = (
+    ("pcr_extend_per_s", "TPM2_PCR_Extend round trips/s", True),
+    ("getrandom_per_s", "TPM2_GetRandom(32) round trips/s", True),
+    ("quote_ecc_p256_per_s", "TPM2_Quote (ECC P-256 AK)/s", True),
+    ("create_rsa2048_per_s", "TPM2_Create (RSA 2048)/s", True),
+    ("start_to_first_answer_ms", "process start -> first answer (ms)", False),
+    ("idle_rss_kib", "idle RSS (KiB)", False),
+)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measured command (default 2)")
+    ap.add_argument("--creates", type=int, default=8, help="RSA 2048 creates per target")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    if shutil.which("swtpm") is None:
+        print("bench: swtpm is not installed (run ./dev install)", file=sys.stderr)
+        return 1
+    work = Path(tempfile.mkdtemp(prefix="vtpm-bench-"))
+    targets: list[Target] = []
+    try:
+        for start in (start_swtpm, start_vtpm):
+            targets.append(start(work))
+        for t in targets:
+            if not args.json:
+                print(f"bench: measuring {t.name} ...", file=sys.stderr)
+            measure(t, args.seconds, args.creates)
+    finally:
+        for t in targets:
+            stop(t)
+        shutil.rmtree(work, ignore_errors=True)
+    floor = json.loads(subprocess.run([sys.executable, "-c", FLOOR_CODE, str(args.seconds)],
+                                      check=True, capture_output=True, text=True).stdout)
+    sw, vt = targets[0].results, targets[1].results
+    table = []
+    for key, label, higher_better in ROWS:
+        ratio = vt[key] / sw[key] if sw[key] else float("nan")
+        table.append({"metric": key, "label": label, "swtpm": sw[key], "vtpm": vt[key],
+                      "ratio_vtpm_over_swtpm": ratio, "higher_is_better": higher_better})
+    if args.json:
+        print(json.dumps({"results": table, "engine_floor": floor}, indent=2))
+        return 0
+    print(f"\n{'metric':40} {'swtpm':>12} {'vtpm':>12} {'vtpm/swtpm':>11}")
+    for row in table:
+        print(f"{row['label']:40} {row['swtpm']:12.1f} {row['vtpm']:12.1f} "
+              f"{row['ratio_vtpm_over_swtpm']:10.2f}x")
+    print("\nin-process floor (libtpms engine alone, no transport):")
+    for k, v in floor.items():
+        print(f"  {k:38} {v:12.1f}")
+    print(f"\nmachine: {os.cpu_count()} cores; transport: raw TPM over one TCP connection "
+          "on 127.0.0.1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

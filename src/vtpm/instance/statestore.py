@@ -1,0 +1,219 @@
+"""A vTPM's state blobs on disk, each sealed with AES-256-GCM under the state key.
+
+File `<dir>/<name>.blob`, for name in permall / volatilestate / savestate:
+
+    magic "VTPMBLB1" | u32 format version (1) | u64 write counter | 12-byte nonce | ciphertext+tag
+
+The GCM key is HKDF-SHA256(state key, info = "vtpm state blob v1"), so the raw state key is
+used for one purpose only. The authenticated data is magic | version | name | vTPM uuid |
+counter: a blob renamed, copied to another vTPM, or with its counter edited fails to open.
+Writes are atomic (O_EXCL temp file, fsync, rename, fsync of the directory) and leave a blob's
+old version intact until the new one is complete. A failed load never changes the file.
+
+Clear text never reaches the disk. It lives in Python `bytes`, which cannot be wiped reliably;
+the process boundary is what isolates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import struct
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError
+from vtpm.instance.statekey import StateKey
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"VTPMBLB1"
+FORMAT_VERSION = 1
+HEADER = struct.Struct(">8sIQ12s")
+BLOB_NAMES = ("permall", "volatilestate", "savestate")
+SUFFIX = ".blob"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    name: str
+    counter: int
+    digest: bytes  # SHA-256 of the file as written
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StateStore:
+    """Encrypted, atomic, locked storage for one vTPM's state blobs. Thread-safe."""
+
+    def __init__(self, directory: Path, vtpm_uuid: uuid.UUID, key: StateKey) -> None:
+        self.directory = directory
+        self.vtpm_uuid = vtpm_uuid
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"vtpm state blob v1")
+        self._aead = AESGCM(hkdf.derive(key.secret))
+        self._lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._counters: dict[str, int] = {}
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InstanceLockedError(
+                f"vTPM {self.vtpm_uuid} is already running "
+                f"(state directory {self.directory} is locked)"
+            ) from None
+        self._lock_fd = fd
+        for leftover in self.directory.glob(f"*{TMP_SUFFIX}"):
+            log.info("removing %s left by an interrupted write", leftover.name)
+            leftover.unlink()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> StateStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # helpers ---------------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        if name not in BLOB_NAMES:
+            raise StateError(f"unknown state blob name {name!r}")
+        return self.directory / f"{name}{SUFFIX}"
+
+    def _aad(self, name: str, counter: int) -> bytes:
+        return (
+            MAGIC
+            + struct.pack(">I", FORMAT_VERSION)
+            + name.encode()
+            + b"\0"
+            + self.vtpm_uuid.bytes
+            + struct.pack(">Q", counter)
+        )
+
+    def _refuse(self, path: Path, why: str) -> StateIntegrityError:
+        log.debug("state blob %s refused: %s", path, why)
+        return StateIntegrityError(
+            f"state blob {path} is corrupt, truncated, or not this vTPM's; "
+            "refusing to start (the file was left untouched)"
+        )
+
+    # operations ------------------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).exists()
+
+    def load(self, name: str, expected_digest: bytes | None = None) -> bytes | None:
+        path = self.path(name)
+        with self._lock:
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                raise StateError(f"state blob {path} cannot be read: {e.strerror}") from None
+            if expected_digest is not None and hashlib.sha256(raw).digest() != expected_digest:
+                raise StateIntegrityError(
+                    f"state blob {path} does not match the recorded state (rollback?); "
+                    "refusing to start (the file was left untouched)"
+                )
+            if len(raw) < HEADER.size + 16:
+                raise self._refuse(path, f"only {len(raw)} bytes")
+            magic, version, counter, nonce = HEADER.unpack_from(raw)
+            if magic != MAGIC:
+                raise self._refuse(path, "bad magic")
+            if version != FORMAT_VERSION:
+                raise self._refuse(path, f"format version {version}")
+            try:
+                plain = self._aead.decrypt(nonce, raw[HEADER.size :], self._aad(name, counter))
+            except InvalidTag:
+                raise self._refuse(path, "authentication failed") from None
+            self._counters[name] = max(self._counters.get(name, 0), counter)
+            return plain
+
+    def store(self, name: str, data: bytes) -> BlobInfo:
+        path = self.path(name)
+        with self._lock:
+            counter = self._next_counter(name, path)
+            nonce = secrets.token_bytes(12)
+            body = self._aead.encrypt(nonce, data, self._aad(name, counter))
+            raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
+            tmp = path.with_name(path.name + TMP_SUFFIX)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(raw)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(self.directory)
+            self._counters[name] = counter
+            return BlobInfo(name, counter, hashlib.sha256(raw).digest())
+
+    def _next_counter(self, name: str, path: Path) -> int:
+        if name not in self._counters:
+            # continue from what is on disk even if it was never loaded
+            try:
+                with path.open("rb") as f:
+                    head = f.read(HEADER.size)
+                if len(head) == HEADER.size and head[:8] == MAGIC:
+                    self._counters[name] = HEADER.unpack(head)[2]
+            except FileNotFoundError:
+                pass
+        return self._counters.get(name, 0) + 1
+
+    def info(self, name: str) -> BlobInfo | None:
+        path = self.path(name)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        counter = HEADER.unpack_from(raw)[2] if len(raw) >= HEADER.size else 0
+        return BlobInfo(name, counter, hashlib.sha256(raw).digest())
+
+    def delete(self, name: str, must_exist: bool) -> bool:
+        path = self.path(name)
+        with self._lock:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                if must_exist:
+                    log.debug("state blob %s to delete does not exist", name)
+                return False
+            _fsync_dir(self.directory)
+            return True

@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import templates as T  # noqa: E402
-from vtpm.tpm import frames  # noqa: E402
-from vtpm.tpm.constants import TPM_RC  # noqa: E402
+from bench import templates as tmpl
+from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_RC
 
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
 EXTEND = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"\x5a" * 32})
@@ -129,9 +129,19 @@ def start_swtpm(work: Path) -> Target:
     port = free_pair()
     state = work / "swtpm"
     state.mkdir()
-    argv = ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={state}",
-            "--server", f"type=tcp,port={port}", "--ctrl", f"type=tcp,port={port + 1}",
-            "--flags", "not-need-init,startup-clear"]
+    argv = [
+        "swtpm",
+        "socket",
+        "--tpm2",
+        "--tpmstate",
+        f"dir={state}",
+        "--server",
+        f"type=tcp,port={port}",
+        "--ctrl",
+        f"type=tcp,port={port + 1}",
+        "--flags",
+        "not-need-init,startup-clear",
+    ]
     proc, t = first_answer(argv, port)
     return Target("swtpm", proc, port, t)
 
@@ -140,11 +150,23 @@ def start_vtpm(work: Path) -> Target:
     port = free_pair()
     key = work / "vtpm.key"
     if not key.exists():
-        subprocess.run([*VTPM, "instance", "keygen", str(key)], check=True,
-                       capture_output=True)
-    argv = [*VTPM, "instance", "run", "--state-dir", str(work / "vtpm"), "--key-file", str(key),
-            "--server", f"tcp:127.0.0.1:{port}", "--ctrl", f"tcp:127.0.0.1:{port + 1}",
-            "--startup-clear", "--log-level", "warning"]
+        subprocess.run([*VTPM, "instance", "keygen", str(key)], check=True, capture_output=True)
+    argv = [
+        *VTPM,
+        "instance",
+        "run",
+        "--state-dir",
+        str(work / "vtpm"),
+        "--key-file",
+        str(key),
+        "--server",
+        f"tcp:127.0.0.1:{port}",
+        "--ctrl",
+        f"tcp:127.0.0.1:{port + 1}",
+        "--startup-clear",
+        "--log-level",
+        "warning",
+    ]
     proc, t = first_answer(argv, port)
     return Target("vtpm", proc, port, t)
 
@@ -163,10 +185,10 @@ def rate(fn: Callable[[], object], seconds: float, min_count: int = 3) -> float:
 def measure(target: Target, seconds: float, creates: int) -> None:
     c = Client(target.port)
     try:
-        ak = T.handle_of(c.call_ok(T.create_primary(T.ecc_ak_public())))
-        storage = T.handle_of(c.call_ok(T.create_primary(T.ecc_storage_public())))
-        quote = T.quote(ak, b"benchmark-nonce!", [0, 1, 2, 3, 4, 5, 6, 7])
-        create = T.create(storage, T.rsa2048_sign_public())
+        ak = tmpl.handle_of(c.call_ok(tmpl.create_primary(tmpl.ecc_ak_public())))
+        storage = tmpl.handle_of(c.call_ok(tmpl.create_primary(tmpl.ecc_storage_public())))
+        quote = tmpl.quote(ak, b"benchmark-nonce!", [0, 1, 2, 3, 4, 5, 6, 7])
+        create = tmpl.create(storage, tmpl.rsa2048_sign_public())
         c.call_ok(quote)  # first use of ECDSA may answer RETRY (self-test)
         for _ in range(200):  # warm-up
             c.call_ok(GETRANDOM)
@@ -247,26 +269,44 @@ def main() -> int:
         for t in targets:
             stop(t)
         shutil.rmtree(work, ignore_errors=True)
-    floor = json.loads(subprocess.run([sys.executable, "-c", FLOOR_CODE, str(args.seconds)],
-                                      check=True, capture_output=True, text=True).stdout)
+    floor = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", FLOOR_CODE, str(args.seconds)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     sw, vt = targets[0].results, targets[1].results
     table = []
     for key, label, higher_better in ROWS:
         ratio = vt[key] / sw[key] if sw[key] else float("nan")
-        table.append({"metric": key, "label": label, "swtpm": sw[key], "vtpm": vt[key],
-                      "ratio_vtpm_over_swtpm": ratio, "higher_is_better": higher_better})
+        table.append(
+            {
+                "metric": key,
+                "label": label,
+                "swtpm": sw[key],
+                "vtpm": vt[key],
+                "ratio_vtpm_over_swtpm": ratio,
+                "higher_is_better": higher_better,
+            }
+        )
     if args.json:
         print(json.dumps({"results": table, "engine_floor": floor}, indent=2))
         return 0
     print(f"\n{'metric':40} {'swtpm':>12} {'vtpm':>12} {'vtpm/swtpm':>11}")
     for row in table:
-        print(f"{row['label']:40} {row['swtpm']:12.1f} {row['vtpm']:12.1f} "
-              f"{row['ratio_vtpm_over_swtpm']:10.2f}x")
+        print(
+            f"{row['label']:40} {row['swtpm']:12.1f} {row['vtpm']:12.1f} "
+            f"{row['ratio_vtpm_over_swtpm']:10.2f}x"
+        )
     print("\nin-process floor (libtpms engine alone, no transport):")
     for k, v in floor.items():
         print(f"  {k:38} {v:12.1f}")
-    print(f"\nmachine: {os.cpu_count()} cores; transport: raw TPM over one TCP connection "
-          "on 127.0.0.1")
+    print(
+        f"\nmachine: {os.cpu_count()} cores; transport: raw TPM over one TCP connection "
+        "on 127.0.0.1"
+    )
     return 0
 
 

@@ -35,7 +35,8 @@ def ecc_ak_public() -> bytes:
         + struct.pack(">H", ALG_NULL)  # symmetric
         + struct.pack(">HH", ALG_ECDSA, SHA256)  # scheme
         + struct.pack(">HH", NIST_P256, ALG_NULL)  # curve, kdf
-        + _b2(b"") + _b2(b"")  # unique x, y
+        + _b2(b"")
+        + _b2(b"")  # unique x, y
     )
 
 
@@ -47,7 +48,8 @@ def ecc_storage_public() -> bytes:
         + struct.pack(">HHH", ALG_AES, 128, ALG_CFB)
         + struct.pack(">H", ALG_NULL)
         + struct.pack(">HH", NIST_P256, ALG_NULL)
-        + _b2(b"") + _b2(b"")
+        + _b2(b"")
+        + _b2(b"")
     )
 
 

@@ -45,23 +45,43 @@ def free_port() -> int:
 
 def tpm2(tcti: str, *args: str, stdin: bytes | None = None) -> bytes:
     print("    $ tpm2_" + " ".join(args), flush=True)
-    res = subprocess.run([f"tpm2_{args[0]}", *args[1:]], input=stdin, capture_output=True,
-                         cwd=WORK, env=dict(os.environ, TPM2TOOLS_TCTI=tcti), check=False)
+    res = subprocess.run(
+        [f"tpm2_{args[0]}", *args[1:]],
+        input=stdin,
+        capture_output=True,
+        cwd=WORK,
+        env=dict(os.environ, TPM2TOOLS_TCTI=tcti),
+        check=False,
+    )
     if res.returncode != 0:
         sys.exit(f"demo: tpm2_{args[0]} failed: {res.stderr.decode(errors='replace')}")
     return res.stdout
 
 
 def start(port: int) -> subprocess.Popen[bytes]:
-    cmd = [*VTPM, "instance", "run", "--state-dir", str(WORK / "state"),
-           "--key-file", str(WORK / "state.key"), "--server", f"tcp:127.0.0.1:{port}",
-           "--ctrl", f"tcp:127.0.0.1:{port + 1}", "--log-file", str(WORK / "instance.log")]
+    cmd = [
+        *VTPM,
+        "instance",
+        "run",
+        "--state-dir",
+        str(WORK / "state"),
+        "--key-file",
+        str(WORK / "state.key"),
+        "--server",
+        f"tcp:127.0.0.1:{port}",
+        "--ctrl",
+        f"tcp:127.0.0.1:{port + 1}",
+        "--log-file",
+        str(WORK / "instance.log"),
+    ]
     print("    $ " + " ".join(["vtpm", *cmd[1:]]), flush=True)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"demo: the instance exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+            sys.exit(
+                f"demo: the instance exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return proc
@@ -94,8 +114,18 @@ def main() -> None:
         tpm2(tcti, "createprimary", "-C", "o", "-c", "primary.ctx")
         tpm2(tcti, "evictcontrol", "-C", "o", "-c", "primary.ctx", PERSISTENT)
         tpm2(tcti, "flushcontext", "-t")
-        tpm2(tcti, "create", "-C", PERSISTENT, "-i-", "-u", "seal.pub", "-r", "seal.priv",
-             stdin=SECRET)
+        tpm2(
+            tcti,
+            "create",
+            "-C",
+            PERSISTENT,
+            "-i-",
+            "-u",
+            "seal.pub",
+            "-r",
+            "seal.priv",
+            stdin=SECRET,
+        )
     finally:
         step("stop the instance (SIGTERM: orderly TPM shutdown, state encrypted to disk)")
         stop(proc)

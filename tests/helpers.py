@@ -15,6 +15,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vtpm.wire import ctrl
+from vtpm.wire._common import NEED_DATA
+
 VENV_BIN = Path(sys.executable).parent
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
 
@@ -37,8 +40,9 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
-def wait_connectable(addr: str | tuple[str, int], proc: subprocess.Popen[bytes],
-                     timeout: float = 20.0) -> None:
+def wait_connectable(
+    addr: str | tuple[str, int], proc: subprocess.Popen[bytes], timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -111,11 +115,23 @@ def start_instance(
 ) -> RunningInstance:
     """`vtpm instance run` with raw+ctrl on P/P+1 and mssim on P+2/P+3 (all TCP)."""
     if not key_file.exists():
-        subprocess.run([*VTPM, "instance", "keygen", str(key_file)], check=True,
-                       capture_output=True)
-    args = ["instance", "run", "--state-dir", str(state_dir), "--key-file", str(key_file),
-            "--tpm", tpm, "--log-file", str(state_dir.parent / f"{state_dir.name}.log"),
-            "--log-level", "debug"]
+        subprocess.run(
+            [*VTPM, "instance", "keygen", str(key_file)], check=True, capture_output=True
+        )
+    args = [
+        "instance",
+        "run",
+        "--state-dir",
+        str(state_dir),
+        "--key-file",
+        str(key_file),
+        "--tpm",
+        tpm,
+        "--log-file",
+        str(state_dir.parent / f"{state_dir.name}.log"),
+        "--log-level",
+        "debug",
+    ]
     wait_for: str | tuple[str, int]
     if tcp:
         if port is None:
@@ -132,8 +148,9 @@ def start_instance(
         wait_for = ctrl_unix
     args += list(extra)
     proc = subprocess.Popen([*VTPM, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    inst = RunningInstance(proc, state_dir, key_file, port, ctrl_unix,
-                           state_dir.parent / f"{state_dir.name}.log", args)
+    inst = RunningInstance(
+        proc, state_dir, key_file, port, ctrl_unix, state_dir.parent / f"{state_dir.name}.log", args
+    )
     try:
         wait_connectable(wait_for, proc)
         if tcp and mssim and port is not None:
@@ -167,13 +184,20 @@ def instance(state_dir: Path, key_file: Path, **kw: object) -> Iterator[RunningI
             inst.stop()
 
 
-def tpm2(tool: str, *args: str, tcti: str, cwd: Path | None = None,
-         check: bool = True, input_: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def tpm2(
+    tool: str,
+    *args: str,
+    tcti: str,
+    cwd: Path | None = None,
+    check: bool = True,
+    input_: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     """Run a tpm2-tools command against `tcti`."""
     exe = shutil.which(f"tpm2_{tool}") or f"tpm2_{tool}"
     env = dict(os.environ, TPM2TOOLS_TCTI=tcti)
-    res = subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, input=input_,
-                         timeout=60)
+    res = subprocess.run(
+        [exe, *args], cwd=cwd, env=env, capture_output=True, input=input_, timeout=60, check=False
+    )
     if check and res.returncode != 0:
         raise AssertionError(
             f"tpm2_{tool} {' '.join(args)} failed ({res.returncode}): "
@@ -184,8 +208,6 @@ def tpm2(tool: str, *args: str, tcti: str, cwd: Path | None = None,
 
 def ctrl_call(addr: str | tuple[str, int], request: object) -> object:
     """Send one control-channel request (our own client codec) and return the answer."""
-    from vtpm.wire import ctrl  # local: helpers stay importable without the package
-
     fam = socket.AF_UNIX if isinstance(addr, str) else socket.AF_INET
     client = ctrl.ControlClientConnection()
     with socket.socket(fam, socket.SOCK_STREAM) as s:
@@ -194,7 +216,7 @@ def ctrl_call(addr: str | tuple[str, int], request: object) -> object:
         s.sendall(client.send(request))  # type: ignore[arg-type]
         while True:
             ev = client.next_event()
-            if ev is ctrl.NEED_DATA:
+            if ev is NEED_DATA:
                 client.receive_data(s.recv(65536))
                 continue
             return ev
@@ -202,8 +224,6 @@ def ctrl_call(addr: str | tuple[str, int], request: object) -> object:
 
 def power_cycle(inst: RunningInstance) -> None:
     """Restart the instance's TPM through its control channel (CMD_INIT)."""
-    from vtpm.wire import ctrl
-
     assert inst.port is not None
     ans = ctrl_call(("127.0.0.1", inst.port + 1), ctrl.Init(0))
     assert ans == ctrl.Result(0), ans

@@ -24,14 +24,34 @@ def test_nv_index_and_persistent_key_survive_restart(tmp_path: Path) -> None:
     with instance(state, key, mssim=False) as inst:
         t = inst.tcti_swtpm
         tpm2("startup", "-c", tcti=t)
-        tpm2("nvdefine", NV_INDEX, "-C", "o", "-s", "32", "-a",
-             "ownerread|ownerwrite|authread|authwrite", tcti=t)
+        tpm2(
+            "nvdefine",
+            NV_INDEX,
+            "-C",
+            "o",
+            "-s",
+            "32",
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+            tcti=t,
+        )
         tpm2("nvwrite", NV_INDEX, "-C", "o", "-i", str(tmp_path / "nv.bin"), tcti=t)
         tpm2("createprimary", "-C", "o", "-c", "primary.ctx", tcti=t, cwd=tmp_path)
         tpm2("evictcontrol", "-C", "o", "-c", "primary.ctx", PERSISTENT, tcti=t, cwd=tmp_path)
         tpm2("flushcontext", "-t", tcti=t)
-        tpm2("create", "-C", PERSISTENT, "-i-", "-u", "seal.pub", "-r", "seal.priv",
-             tcti=t, cwd=tmp_path, input_=SECRET)
+        tpm2(
+            "create",
+            "-C",
+            PERSISTENT,
+            "-i-",
+            "-u",
+            "seal.pub",
+            "-r",
+            "seal.priv",
+            tcti=t,
+            cwd=tmp_path,
+            input_=SECRET,
+        )
     assert inst.proc.returncode == 0, inst.log()
 
     with instance(state, key, mssim=False) as inst:
@@ -40,8 +60,19 @@ def test_nv_index_and_persistent_key_survive_restart(tmp_path: Path) -> None:
         assert tpm2("nvread", NV_INDEX, "-C", "o", "-s", "32", tcti=t).stdout == data
         handles = tpm2("getcap", "handles-persistent", tcti=t).stdout.decode()
         assert PERSISTENT in handles.lower()
-        tpm2("load", "-C", PERSISTENT, "-u", "seal.pub", "-r", "seal.priv", "-c", "seal.ctx",
-             tcti=t, cwd=tmp_path)
+        tpm2(
+            "load",
+            "-C",
+            PERSISTENT,
+            "-u",
+            "seal.pub",
+            "-r",
+            "seal.priv",
+            "-c",
+            "seal.ctx",
+            tcti=t,
+            cwd=tmp_path,
+        )
         assert tpm2("unseal", "-c", "seal.ctx", tcti=t, cwd=tmp_path).stdout == SECRET
 
 

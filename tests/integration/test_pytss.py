@@ -74,9 +74,7 @@ def test_seal_unseal_under_policy_pcr(running: RunningInstance, kind: str, tmp_p
         )
         template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
         secret = os.urandom(24)
-        sensitive = TPM2B_SENSITIVE_CREATE(
-            TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret))
-        )
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
         private, public, *_ = ectx.create(primary, sensitive, TPM2B_PUBLIC(template))
         sealed = ectx.load(primary, private, public)
 

@@ -59,11 +59,33 @@ def test_pcrextend_then_pcrread_gives_the_expected_value(tcti: str, tmp_path: Pa
 def test_seal_and_unseal_a_secret(tcti: str, tmp_path: Path) -> None:
     tpm2("createprimary", "-C", "o", "-c", "primary.ctx", tcti=tcti, cwd=tmp_path)
     flush(tcti)
-    tpm2("create", "-C", "primary.ctx", "-i-", "-u", "seal.pub", "-r", "seal.priv",
-         tcti=tcti, cwd=tmp_path, input_=SECRET)
+    tpm2(
+        "create",
+        "-C",
+        "primary.ctx",
+        "-i-",
+        "-u",
+        "seal.pub",
+        "-r",
+        "seal.priv",
+        tcti=tcti,
+        cwd=tmp_path,
+        input_=SECRET,
+    )
     flush(tcti)
-    tpm2("load", "-C", "primary.ctx", "-u", "seal.pub", "-r", "seal.priv", "-c", "seal.ctx",
-         tcti=tcti, cwd=tmp_path)
+    tpm2(
+        "load",
+        "-C",
+        "primary.ctx",
+        "-u",
+        "seal.pub",
+        "-r",
+        "seal.priv",
+        "-c",
+        "seal.ctx",
+        tcti=tcti,
+        cwd=tmp_path,
+    )
     flush(tcti)
     out = tpm2("unseal", "-c", "seal.ctx", tcti=tcti, cwd=tmp_path).stdout
     flush(tcti)
@@ -71,30 +93,83 @@ def test_seal_and_unseal_a_secret(tcti: str, tmp_path: Path) -> None:
 
 
 def test_quote_verifies_with_checkquote_and_a_wrong_nonce_fails(tcti: str, tmp_path: Path) -> None:
-    run = {"tcti": tcti, "cwd": tmp_path}
-    tpm2("createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub", **run)  # type: ignore[arg-type]
+    def run(tool: str, *args: str, check: bool = True) -> int:
+        return tpm2(tool, *args, tcti=tcti, cwd=tmp_path, check=check).returncode
+
+    run("createek", "-c", "ek.ctx", "-G", "rsa", "-u", "ek.pub")
     flush(tcti)
-    tpm2("createak", "-C", "ek.ctx", "-c", "ak.ctx", "-G", "ecc", "-g", "sha256", "-s", "ecdsa",
-         "-u", "ak.pem", "-f", "pem", "-n", "ak.name", **run)  # type: ignore[arg-type]
+    run(
+        "createak",
+        "-C",
+        "ek.ctx",
+        "-c",
+        "ak.ctx",
+        "-G",
+        "ecc",
+        "-g",
+        "sha256",
+        "-s",
+        "ecdsa",
+        "-u",
+        "ak.pem",
+        "-f",
+        "pem",
+        "-n",
+        "ak.name",
+    )
     flush(tcti)
     nonce = os.urandom(16).hex()
-    tpm2("pcrextend", f"10:sha256={hashlib.sha256(b'kernel').hexdigest()}", tcti=tcti)
-    tpm2("quote", "-c", "ak.ctx", "-l", "sha256:0,10,16", "-q", nonce, "-m", "q.msg",
-         "-s", "q.sig", "-o", "q.pcrs", "-g", "sha256", **run)  # type: ignore[arg-type]
+    run("pcrextend", f"10:sha256={hashlib.sha256(b'kernel').hexdigest()}")
+    run(
+        "quote",
+        "-c",
+        "ak.ctx",
+        "-l",
+        "sha256:0,10,16",
+        "-q",
+        nonce,
+        "-m",
+        "q.msg",
+        "-s",
+        "q.sig",
+        "-o",
+        "q.pcrs",
+        "-g",
+        "sha256",
+    )
     flush(tcti)
-    tpm2("checkquote", "-u", "ak.pem", "-m", "q.msg", "-s", "q.sig", "-f", "q.pcrs",
-         "-g", "sha256", "-q", nonce, **run)  # type: ignore[arg-type]
-    bad = tpm2("checkquote", "-u", "ak.pem", "-m", "q.msg", "-s", "q.sig", "-f", "q.pcrs",
-               "-g", "sha256", "-q", os.urandom(16).hex(), check=False,
-               **run)  # type: ignore[arg-type]
-    assert bad.returncode != 0
+    check = (
+        "checkquote",
+        "-u",
+        "ak.pem",
+        "-m",
+        "q.msg",
+        "-s",
+        "q.sig",
+        "-f",
+        "q.pcrs",
+        "-g",
+        "sha256",
+        "-q",
+    )
+    assert run(*check, nonce) == 0
+    assert run(*check, os.urandom(16).hex(), check=False) != 0
 
 
 def test_nv_define_write_read(tcti: str, tmp_path: Path) -> None:
     index = "0x1500016" if "swtpm" in tcti else "0x1500017"
     tpm2("nvundefine", index, "-C", "o", tcti=tcti, check=False)
-    tpm2("nvdefine", index, "-C", "o", "-s", "32",
-         "-a", "ownerread|ownerwrite|authread|authwrite", tcti=tcti)
+    tpm2(
+        "nvdefine",
+        index,
+        "-C",
+        "o",
+        "-s",
+        "32",
+        "-a",
+        "ownerread|ownerwrite|authread|authwrite",
+        tcti=tcti,
+    )
     data = os.urandom(32)
     (tmp_path / "nv.bin").write_bytes(data)
     tpm2("nvwrite", index, "-C", "o", "-i", str(tmp_path / "nv.bin"), tcti=tcti)

@@ -11,7 +11,7 @@ import pytest
 from vtpm.engine.engine import Engine, StateType, TpmVersion
 from vtpm.errors import StateIntegrityError, TpmError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RC
+from vtpm.tpm.constants import TPM_RC, TPM_SU
 
 
 class MemoryNvram:
@@ -83,7 +83,7 @@ def test_state_survives_a_restart_through_the_backend() -> None:
     # debug PCR, is not preserved by the spec)
     with Engine(TpmVersion.TPM20, nv) as eng:
         eng.start()
-        rc = frames.response_code(eng.process(frames.startup(frames.TPM_SU.STATE)))
+        rc = frames.response_code(eng.process(frames.startup(TPM_SU.STATE)))
         assert rc == TPM_RC.SUCCESS
         (value,) = frames.parse_pcr_read(eng.process(frames.pcr_read(frames.TPM_ALG_SHA256, [10])))
         assert value == hashlib.sha256(bytes(32) + digest).digest()
@@ -99,9 +99,11 @@ def test_a_backend_error_stops_start_and_surfaces_as_itself() -> None:
 
 
 def test_one_engine_per_process() -> None:
-    with Engine(TpmVersion.TPM20, MemoryNvram()):
-        with pytest.raises(TpmError, match="already hosts"):
-            Engine(TpmVersion.TPM20, MemoryNvram())
+    with (
+        Engine(TpmVersion.TPM20, MemoryNvram()),
+        pytest.raises(TpmError, match="already hosts"),
+    ):
+        Engine(TpmVersion.TPM20, MemoryNvram())
     with Engine(TpmVersion.TPM20, MemoryNvram()):
         pass  # released after close
 
@@ -155,8 +157,8 @@ def test_tpm12_startup_getrandom_extend() -> None:
         assert frames.response_code(resp) == 0
         (n,) = struct.unpack_from(">I", resp, 10)
         assert n == 16 and len(resp) == 14 + 16
-        digest = hashlib.sha1(b"m").digest()  # noqa: S324 - TPM 1.2 PCRs are SHA-1
+        digest = hashlib.sha1(b"m").digest()  # TPM 1.2 PCRs are SHA-1
         resp = eng.process(frames.extend12(10, digest))
         assert frames.response_code(resp) == 0
-        assert resp[10:30] == hashlib.sha1(bytes(20) + digest).digest()  # noqa: S324
+        assert resp[10:30] == hashlib.sha1(bytes(20) + digest).digest()
     assert "permall" in nv.blobs

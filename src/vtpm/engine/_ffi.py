@@ -110,7 +110,7 @@ class Libtpms:
                 continue
         if lib is None:
             raise EngineLoadError(
-                "libtpms is not installed (Debian package libtpms0); run the project's install script"
+                "libtpms is not installed (Debian package libtpms0); run ./dev install"
             )
         libc_name = ctypes.util.find_library("c") or "libc.so.6"
         self._libc = ctypes.CDLL(libc_name)
@@ -123,8 +123,7 @@ class Libtpms:
         self.version: int = lib.TPMLIB_GetVersion()
         if self.version < MIN_VERSION:
             raise EngineLoadError(
-                f"libtpms {self.version_string} is too old; {MIN_VERSION >> 16}.{(MIN_VERSION >> 8) & 0xFF}"
-                f".{MIN_VERSION & 0xFF} or later is needed"
+                f"libtpms {self.version_string} is too old; 0.9.2 or later is needed"
             )
         self.has_set_profile = hasattr(lib, "TPMLIB_SetProfile")
         self._resp = _u8p()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from vtpm.instance.device import Device
 from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
 from vtpm.instance.frontends.raw import serve_frames
-from vtpm.instance.listen import Endpoint, Server, bind
+from vtpm.instance.listen import Endpoint, Handler, Server, bind
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
 from vtpm.tpm import frames
@@ -73,14 +74,14 @@ class Instance:
         if rc != TPM_RC.SUCCESS:
             raise TpmError(f"TPM Startup(CLEAR) failed with response code {rc:#x}")
 
-    def _server(self, name: str, ep: Endpoint, handler: object) -> Server:
+    def _server(self, name: str, ep: Endpoint, handler: Handler) -> Server:
         sock = bind(ep, self.config.sockets)
         srv = Server(
             name,
             sock,
             handler,
             self.config.sockets,
-            self.config.max_clients,  # type: ignore[arg-type]
+            self.config.max_clients,
             endpoint=ep,
         )
         self.servers.append(srv)
@@ -92,8 +93,8 @@ class Instance:
         assert dev is not None
         max_frame = max(cfg.buffer_size or 4096, 4096)
 
-        def raw(conn: object, peer: str) -> None:
-            serve_frames(dev, conn, peer, max_frame)  # type: ignore[arg-type]
+        def raw(conn: socket.socket, peer: str) -> None:
+            serve_frames(dev, conn, peer, max_frame)
 
         data_server: Server | None = None
         for ep in cfg.server:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import Final
 
 from vtpm.errors import RemoteProtocolError
 
@@ -25,8 +26,8 @@ class Sentinel(enum.Enum):
     CLOSED = "closed"
 
 
-NEED_DATA = Sentinel.NEED_DATA
-CLOSED = Sentinel.CLOSED
+NEED_DATA: Final = Sentinel.NEED_DATA
+CLOSED: Final = Sentinel.CLOSED
 
 
 class ReceiveBuffer:

@@ -115,6 +115,12 @@ class HandshakeResponse:
 TpmPortRequest = SendCommand | HashStart | HashData | HashEnd | RemoteHandshake | SessionEnd | Stop
 TpmPortResponse = CommandResponse | Ack | HandshakeResponse
 
+_BARE: dict[TpmPortCode, type[HashStart | HashEnd | SessionEnd | Stop]] = {
+    TpmPortCode.HASH_START: HashStart,
+    TpmPortCode.HASH_END: HashEnd,
+    TpmPortCode.SESSION_END: SessionEnd,
+    TpmPortCode.STOP: Stop,
+}
 _ANSWER = {
     SendCommand: CommandResponse,
     RemoteHandshake: HandshakeResponse,
@@ -240,12 +246,7 @@ class MssimServerConnection(_Server):
             TpmPortCode.STOP,
         ):
             buf.take(4)
-            ev = {
-                TpmPortCode.HASH_START: HashStart,
-                TpmPortCode.HASH_END: HashEnd,
-                TpmPortCode.SESSION_END: SessionEnd,
-                TpmPortCode.STOP: Stop,
-            }[TpmPortCode(code)]()
+            ev = _BARE[TpmPortCode(code)]()
         else:
             raise RemoteProtocolError(f"unknown simulator command {code}")
         if isinstance(ev, _ENDS):

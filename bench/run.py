@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -182,26 +183,56 @@ def rate(fn: Callable[[], object], seconds: float, min_count: int = 3) -> float:
             return n / dt
 
 
-def measure(target: Target, seconds: float, creates: int) -> None:
-    c = Client(target.port)
-    try:
+class Session:
+    """One benchmark connection to a target, with the objects the command mix needs."""
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.client = Client(target.port)
+        c = self.client
         ak = tmpl.handle_of(c.call_ok(tmpl.create_primary(tmpl.ecc_ak_public())))
         storage = tmpl.handle_of(c.call_ok(tmpl.create_primary(tmpl.ecc_storage_public())))
-        quote = tmpl.quote(ak, b"benchmark-nonce!", [0, 1, 2, 3, 4, 5, 6, 7])
-        create = tmpl.create(storage, tmpl.rsa2048_sign_public())
-        c.call_ok(quote)  # first use of ECDSA may answer RETRY (self-test)
+        self.commands = {
+            "pcr_extend_per_s": EXTEND,
+            "getrandom_per_s": GETRANDOM,
+            "quote_ecc_p256_per_s": tmpl.quote(ak, b"benchmark-nonce!", list(range(8))),
+            "create_rsa2048_per_s": tmpl.create(storage, tmpl.rsa2048_sign_public()),
+        }
+        c.call_ok(self.commands["quote_ecc_p256_per_s"])  # first ECDSA use may say RETRY
         for _ in range(200):  # warm-up
             c.call_ok(GETRANDOM)
-        r = target.results
-        r["pcr_extend_per_s"] = rate(lambda: c.call_ok(EXTEND), seconds)
-        r["getrandom_per_s"] = rate(lambda: c.call_ok(GETRANDOM), seconds)
-        r["quote_ecc_p256_per_s"] = rate(lambda: c.call_ok(quote), seconds)
-        r["create_rsa2048_per_s"] = rate(lambda: c.call_ok(create), 0.0, creates)
+
+    def rate(self, metric: str, seconds: float, min_count: int) -> float:
+        cmd = self.commands[metric]
+        return rate(lambda: self.client.call_ok(cmd), seconds, min_count)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def measure(targets: list[Target], seconds: float, creates: int, rounds: int) -> None:
+    """Each metric: targets take turns, `rounds` times; the median is kept (drift and noise
+    hit both alike)."""
+    sessions = [Session(t) for t in targets]
+    try:
+        for metric, _label, _ in ROWS[:4]:
+            samples: dict[str, list[float]] = {t.name: [] for t in targets}
+            for _ in range(rounds):
+                for s in sessions:
+                    if metric == "create_rsa2048_per_s":
+                        value = s.rate(metric, 0.0, creates)
+                    else:
+                        value = s.rate(metric, seconds, 3)
+                    samples[s.target.name].append(value)
+            for t in targets:
+                t.results[metric] = statistics.median(samples[t.name])
     finally:
-        c.close()
+        for s in sessions:
+            s.close()
     time.sleep(0.5)
-    r["idle_rss_kib"] = rss_kib(target.proc.pid)
-    r["start_to_first_answer_ms"] = target.start_s * 1000
+    for t in targets:
+        t.results["idle_rss_kib"] = rss_kib(t.proc.pid)
+        t.results["start_to_first_answer_ms"] = t.start_s * 1000
 
 
 def stop(target: Target) -> None:
@@ -249,8 +280,9 @@ ROWS = (
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=2.0, help="per measured command (default 2)")
-    ap.add_argument("--creates", type=int, default=8, help="RSA 2048 creates per target")
+    ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
+    ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if shutil.which("swtpm") is None:
@@ -261,10 +293,12 @@ def main() -> int:
     try:
         for start in (start_swtpm, start_vtpm):
             targets.append(start(work))
-        for t in targets:
-            if not args.json:
-                print(f"bench: measuring {t.name} ...", file=sys.stderr)
-            measure(t, args.seconds, args.creates)
+        if not args.json:
+            print(
+                f"bench: measuring swtpm and vtpm, {args.rounds} alternating rounds ...",
+                file=sys.stderr,
+            )
+        measure(targets, args.seconds, args.creates, args.rounds)
     finally:
         for t in targets:
             stop(t)

@@ -31,12 +31,16 @@ CLOSED: Final = Sentinel.CLOSED
 
 
 class ReceiveBuffer:
-    """Bytes received from a peer and not yet consumed, bounded by `limit`."""
+    """Bytes received from a peer and not yet consumed, bounded by `limit`.
+
+    The common case, one read holding exactly one message, costs no copy: a lone chunk is
+    kept as the `bytes` it arrived in and handed back whole by `take`.
+    """
 
     __slots__ = ("_buf", "_limit", "eof")
 
     def __init__(self, limit: int) -> None:
-        self._buf = bytearray()
+        self._buf: bytes | bytearray = b""
         self._limit = limit
         self.eof = False
 
@@ -48,7 +52,12 @@ class ReceiveBuffer:
         if not data:
             self.eof = True
             return
-        self._buf += data
+        if not self._buf:
+            self._buf = bytes(data)
+        elif isinstance(self._buf, bytearray):
+            self._buf += data
+        else:
+            self._buf = bytearray(self._buf) + data
         if len(self._buf) > self._limit:
             raise RemoteProtocolError(
                 f"peer sent more than {self._limit} bytes without a complete message"
@@ -71,6 +80,10 @@ class ReceiveBuffer:
 
     def take(self, n: int) -> bytes:
         """Consume exactly `n` bytes; the caller has checked that they are there."""
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
+        buf = self._buf
+        if n == len(buf):
+            self._buf = b""
+            return buf if isinstance(buf, bytes) else bytes(buf)
+        out = bytes(buf[:n])
+        self._buf = buf[n:]
         return out

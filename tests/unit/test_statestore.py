@@ -1,0 +1,179 @@
+"""The encrypted state store and its key, on real files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError, StateKeyError
+from vtpm.instance.statekey import StateKey, generate_key_file, load_key_fd, load_key_file
+from vtpm.instance.statestore import HEADER, StateStore
+
+KEY = StateKey(bytes(range(32)))
+OTHER_KEY = StateKey(bytes(32))
+SENTINEL = b"PLAINTEXT-SENTINEL-0123456789" * 4
+REFUSED = "corrupt, truncated, or not this vTPM's; refusing to start"
+
+
+def store(tmp_path: Path, key: StateKey = KEY, vid: uuid.UUID | None = None) -> StateStore:
+    s = StateStore(tmp_path / "state", vid or uuid.UUID(int=1), key)
+    s.open()
+    return s
+
+
+def test_round_trip_and_no_clear_text_on_disk(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    for name in ("permall", "volatilestate", "savestate"):
+        s.store(name, SENTINEL + name.encode())
+        assert s.load(name) == SENTINEL + name.encode()
+    s.close()
+    files = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert files == ["lock", "permall.blob", "savestate.blob", "volatilestate.blob"]
+    for p in (tmp_path / "state").iterdir():
+        assert b"PLAINTEXT-SENTINEL" not in p.read_bytes()
+
+
+def test_leftover_temp_file_is_removed_at_open(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "permall.blob.tmp").write_bytes(b"half written")
+    s = store(tmp_path)
+    assert not (tmp_path / "state" / "permall.blob.tmp").exists()
+    s.close()
+
+
+def test_every_damage_is_refused_and_the_file_untouched(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    s.store("permall", SENTINEL)
+    path = s.path("permall")
+    good = path.read_bytes()
+    positions = [
+        0,
+        7,
+        8,
+        12,
+        19,
+        20,
+        31,
+        HEADER.size,
+        HEADER.size + 5,
+        len(good) - 17,
+        len(good) - 1,
+    ]
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 0x01
+        path.write_bytes(bytes(bad))
+        with pytest.raises(StateIntegrityError, match=REFUSED):
+            s.load("permall")
+        assert path.read_bytes() == bytes(bad)
+    for length in (0, 5, HEADER.size, HEADER.size + 15, len(good) - 1):
+        path.write_bytes(good[:length])
+        with pytest.raises(StateIntegrityError, match=REFUSED):
+            s.load("permall")
+    path.write_bytes(good)
+    assert s.load("permall") == SENTINEL
+    s.close()
+
+
+def test_foreign_renamed_and_wrong_key_blobs_are_refused(tmp_path: Path) -> None:
+    a = store(tmp_path / "a", vid=uuid.UUID(int=1))
+    a.store("permall", SENTINEL)
+    blob = a.path("permall").read_bytes()
+    a.close()
+    b = store(tmp_path / "b", vid=uuid.UUID(int=2))
+    b.path("permall").write_bytes(blob)
+    with pytest.raises(StateIntegrityError):
+        b.load("permall")
+    b.path("volatilestate").write_bytes(blob)
+    b.close()
+    a2 = store(tmp_path / "a", vid=uuid.UUID(int=1))
+    a2.path("volatilestate").write_bytes(blob)
+    with pytest.raises(StateIntegrityError):
+        a2.load("volatilestate")
+    a2.close()
+    wrong = store(tmp_path / "a", key=OTHER_KEY, vid=uuid.UUID(int=1))
+    with pytest.raises(StateIntegrityError):
+        wrong.load("permall")
+    wrong.close()
+
+
+def test_expected_digest_and_counter(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    first = s.store("permall", b"one")
+    second = s.store("permall", b"two")
+    assert (first.counter, second.counter) == (1, 2)
+    assert s.load("permall", expected_digest=second.digest) == b"two"
+    with pytest.raises(StateIntegrityError, match="rollback"):
+        s.load("permall", expected_digest=first.digest)
+    s.close()
+    s = store(tmp_path)
+    assert s.store("permall", b"three").counter == 3
+    with pytest.raises(StateError):
+        s.store("other", b"x")
+    s.close()
+
+
+def test_state_directory_lock(tmp_path: Path) -> None:
+    s = store(tmp_path)
+    with pytest.raises(InstanceLockedError, match="already running"):
+        store(tmp_path)
+    code = (
+        "import sys, uuid; from pathlib import Path\n"
+        "from vtpm.instance.statestore import StateStore\n"
+        "from vtpm.instance.statekey import StateKey\n"
+        "StateStore(Path(sys.argv[1]), uuid.UUID(int=1), StateKey(bytes(32))).open()\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode != 0 and "InstanceLockedError" in res.stderr
+    s.close()
+    store(tmp_path).close()
+
+
+def test_key_file_rules(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    generate_key_file(path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert len(load_key_file(path).secret) == 32
+    with pytest.raises(StateKeyError, match="refusing to overwrite"):
+        generate_key_file(path)
+    raw = tmp_path / "raw"
+    raw.write_bytes(os.urandom(32))
+    raw.chmod(0o600)
+    assert load_key_file(raw).secret == raw.read_bytes()
+    raw.chmod(0o644)
+    with pytest.raises(StateKeyError, match="0644"):
+        load_key_file(raw)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(StateKeyError, match="symlink"):
+        load_key_file(link)
+    short = tmp_path / "short"
+    short.write_bytes(b"abc")
+    short.chmod(0o600)
+    with pytest.raises(StateKeyError, match="does not hold a state key"):
+        load_key_file(short)
+    with pytest.raises(StateKeyError, match="does not exist"):
+        load_key_file(tmp_path / "missing")
+    key = load_key_file(path)
+    assert key.secret.hex() not in repr(key) and "secret" in repr(key)
+
+
+def test_key_from_a_descriptor(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    os.write(w, b"ab" * 32 + b"\n")
+    os.close(w)
+    assert load_key_fd(r).secret == bytes.fromhex("ab" * 32)
+    with pytest.raises(OSError):
+        os.close(r)  # closed by load_key_fd
+    with pytest.raises(StateKeyError, match="cannot be read"):
+        load_key_fd(r)

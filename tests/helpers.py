@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -227,3 +228,15 @@ def power_cycle(inst: RunningInstance) -> None:
     assert inst.port is not None
     ans = ctrl_call(("127.0.0.1", inst.port + 1), ctrl.Init(0))
     assert ans == ctrl.Result(0), ans
+
+
+def raw_call(sock: socket.socket, command: bytes) -> bytes:
+    """Send one TPM command on a raw frame socket and read its whole response."""
+    sock.sendall(command)
+    buf = b""
+    while len(buf) < 10 or len(buf) < struct.unpack_from(">I", buf, 2)[0]:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the instance closed the connection")
+        buf += chunk
+    return buf

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import struct
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_port_pair, instance
+from tests.helpers import free_port_pair, instance, raw_call
 from vtpm.tpm import frames
 
 pytestmark = pytest.mark.integration
@@ -21,14 +20,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 def read_pcrs(port: int, pcrs: list[int]) -> list[bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(frames.pcr_read(frames.TPM_ALG_SHA256, pcrs))
-        buf = b""
-        while len(buf) < 10 or len(buf) < struct.unpack_from(">I", buf, 2)[0]:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise ConnectionError("instance closed the connection")
-            buf += chunk
-    return frames.parse_pcr_read(buf)
+        return frames.parse_pcr_read(raw_call(s, frames.pcr_read(frames.TPM_ALG_SHA256, pcrs)))
 
 
 @pytest.mark.skipif(

@@ -11,21 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import instance
+from tests.helpers import instance, raw_call
 from vtpm.tpm import frames
 
 pytestmark = pytest.mark.integration
-
-
-def call(sock: socket.socket, command: bytes) -> bytes:
-    sock.sendall(command)
-    buf = b""
-    while len(buf) < 10 or len(buf) < struct.unpack_from(">I", buf, 2)[0]:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
 
 
 def dropped(sock: socket.socket) -> bool:
@@ -42,7 +31,7 @@ def test_bad_clients_are_dropped_and_good_ones_keep_working(tmp_path: Path) -> N
     with instance(tmp_path / "state", tmp_path / "key", extra=["--startup-clear"]) as inst:
         assert inst.port is not None
         good = socket.create_connection(("127.0.0.1", inst.port))
-        assert frames.response_code(call(good, frames.get_random(8))) == 0
+        assert frames.response_code(raw_call(good, frames.get_random(8))) == 0
         bad_inputs = [
             (inst.port, b"\xde\xad\xbe\xef" * 8),  # garbage frame tag
             (inst.port, bytes.fromhex("8001000f424000000144")),  # claims 1,000,000 bytes
@@ -53,10 +42,10 @@ def test_bad_clients_are_dropped_and_good_ones_keep_working(tmp_path: Path) -> N
             with socket.create_connection(("127.0.0.1", port)) as bad:
                 bad.sendall(raw)
                 assert dropped(bad)
-            assert frames.response_code(call(good, frames.get_random(8))) == 0
+            assert frames.response_code(raw_call(good, frames.get_random(8))) == 0
         with socket.create_connection(("127.0.0.1", inst.port)) as half:
             half.sendall(frames.get_random(8)[:6])  # half a command, then gone
-        assert frames.response_code(call(good, frames.get_random(8))) == 0
+        assert frames.response_code(raw_call(good, frames.get_random(8))) == 0
         good.close()
         reasons = (
             "is not a TPM frame tag",
@@ -89,7 +78,7 @@ def test_parallel_clients_are_serialized_into_one_tpm(tmp_path: Path) -> None:
                         frames.get_random(16),
                         frames.pcr_extend(16, {frames.TPM_ALG_SHA256: digest}),
                     ):
-                        rc = frames.response_code(call(s, cmd))
+                        rc = frames.response_code(raw_call(s, cmd))
                         if rc != 0:
                             errors.append(hex(rc))
 
@@ -100,7 +89,9 @@ def test_parallel_clients_are_serialized_into_one_tpm(tmp_path: Path) -> None:
             t.join(120)
         assert errors == []
         with socket.create_connection(("127.0.0.1", inst.port)) as s:
-            (value,) = frames.parse_pcr_read(call(s, frames.pcr_read(frames.TPM_ALG_SHA256, [16])))
+            (value,) = frames.parse_pcr_read(
+                raw_call(s, frames.pcr_read(frames.TPM_ALG_SHA256, [16]))
+            )
         expect = bytes(32)
         for _ in range(8 * 200):
             expect = hashlib.sha256(expect + digest).digest()
@@ -113,11 +104,11 @@ def test_tpm12_instance_answers_startup_getrandom_extend(tmp_path: Path) -> None
     with instance(state, tmp_path / "key", tpm="1.2", mssim=False) as inst:
         assert inst.port is not None
         with socket.create_connection(("127.0.0.1", inst.port)) as s:
-            assert frames.response_code(call(s, frames.startup12())) == 0
-            resp = call(s, frames.get_random12(16))
+            assert frames.response_code(raw_call(s, frames.startup12())) == 0
+            resp = raw_call(s, frames.get_random12(16))
             assert frames.response_code(resp) == 0
             assert struct.unpack_from(">I", resp, 10)[0] == 16 and len(resp) == 30
-            resp = call(s, frames.extend12(10, digest))
+            resp = raw_call(s, frames.extend12(10, digest))
             assert frames.response_code(resp) == 0
             assert resp[10:30] == hashlib.sha1(bytes(20) + digest).digest()
     assert inst.proc.returncode == 0

@@ -18,16 +18,17 @@ READ_SIZE = 65536
 def serve_frames(device: Device, conn: socket.socket, peer: str, max_size: int) -> None:
     """Answer TPM commands on `conn` until the peer closes or breaks the framing."""
     codec = FrameServerConnection(max_size=max_size)
+    inbox = bytearray(READ_SIZE)  # reused: a fresh 64 KiB bytes per read costs more
     try:
         while True:
             event = codec.next_event()
             if event is NEED_DATA:
                 try:
-                    data = conn.recv(READ_SIZE)
+                    n = conn.recv_into(inbox)
                 except OSError as e:
                     log.info("raw %s: connection lost: %s", peer, e.strerror)
                     return
-                codec.receive_data(data)
+                codec.receive_data(bytes(inbox[:n]))
                 continue
             if event is CLOSED:
                 return

@@ -197,15 +197,6 @@ class StateStore:
                 pass
         return self._counters.get(name, 0) + 1
 
-    def info(self, name: str) -> BlobInfo | None:
-        path = self.path(name)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        counter = HEADER.unpack_from(raw)[2] if len(raw) >= HEADER.size else 0
-        return BlobInfo(name, counter, hashlib.sha256(raw).digest())
-
     def delete(self, name: str, must_exist: bool) -> bool:
         path = self.path(name)
         with self._lock:

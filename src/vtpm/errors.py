@@ -46,3 +46,28 @@ class StateKeyError(VtpmError):
 
 class InstanceLockedError(VtpmError):
     """Another process already runs this vTPM (its state directory is locked)."""
+
+
+class HwTpmError(VtpmError):
+    """The hardware TPM (or its simulator) is unreachable or failed a command."""
+
+
+class SealError(VtpmError):
+    """Sealing to, or unsealing from, the hardware TPM failed. Opaque on purpose: the message
+    never says which policy check failed."""
+
+
+class AuthError(VtpmError):
+    """A request is not authorised: bad or missing signature, unknown or refused peer."""
+
+
+class ReplayError(AuthError):
+    """A signed request's sequence number is not above the last one accepted."""
+
+
+class LabelError(VtpmError):
+    """A security label is malformed, or the label policy refuses a peer."""
+
+
+class ManagerError(VtpmError):
+    """The Manager refused or failed an operation (unknown vTPM, locked group, ...)."""

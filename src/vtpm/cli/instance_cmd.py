@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -15,9 +16,10 @@ from typing import Any
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.instance.config import InstanceConfig
-from vtpm.instance.listen import Endpoint, SocketPolicy
+from vtpm.instance.custody import ManagerLink
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
+from vtpm.listen import Endpoint, SocketPolicy
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -70,6 +72,12 @@ def register(sub: Any) -> None:
         type=int,
         help="inherited file descriptor to read the state key from (then closed)",
     )
+    key.add_argument(
+        "--manager-fd",
+        type=int,
+        help="inherited socket to the vTPM Manager, which holds the state key and records "
+        "every state write (set by the Manager's supervisor; needs --uuid)",
+    )
     run.add_argument(
         "--ctrl",
         action="append",
@@ -111,6 +119,18 @@ def register(sub: Any) -> None:
         default=None,
         metavar="GID",
         help="group gid of the UNIX sockets",
+    )
+    run.add_argument(
+        "--label",
+        default=None,
+        help="this vTPM's security label (user:role:type): UNIX-socket peers must be of type "
+        "guest_t or hwdom_t with the same user",
+    )
+    run.add_argument(
+        "--labels-file",
+        type=Path,
+        default=None,
+        help="label policy (TOML) mapping peer uids/gids to labels; with --label",
     )
     run.add_argument(
         "--buffer-size",
@@ -166,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         vtpm_uuid=args.uuid,
         key_file=args.key_file,
         key_fd=args.key_fd,
+        manager_fd=args.manager_fd,
         ctrl=tuple(Endpoint.parse(t) for t in args.ctrl),
         server=tuple(Endpoint.parse(t) for t in args.server),
         mssim=tuple(Endpoint.parse(t) for t in args.mssim),
@@ -173,6 +194,8 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         buffer_size=args.buffer_size,
         startup_clear=args.startup_clear,
         max_clients=args.max_clients,
+        label=args.label,
+        labels_file=args.labels_file,
     )
 
 
@@ -182,12 +205,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"cannot open log file {args.log_file}: {e.strerror}") from None
     cfg = config_from_args(args)
-    key = (
-        load_key_file(cfg.key_file)
-        if cfg.key_file is not None
-        else load_key_fd(cfg.key_fd if cfg.key_fd is not None else -1)
-    )
-    inst = Instance(cfg, key)
+    link: ManagerLink | None = None
+    if cfg.manager_fd is not None:
+        assert cfg.vtpm_uuid is not None
+        try:
+            sock = socket.socket(fileno=cfg.manager_fd)
+        except OSError as e:
+            raise ConfigError(f"--manager-fd {cfg.manager_fd}: {e.strerror}") from None
+        link = ManagerLink(sock, cfg.vtpm_uuid)
+        try:
+            key = link.hello()
+        except BaseException:
+            link.close()
+            raise
+    elif cfg.key_file is not None:
+        key = load_key_file(cfg.key_file)
+    else:
+        key = load_key_fd(cfg.key_fd if cfg.key_fd is not None else -1)
+    inst = Instance(cfg, key, link=link)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         inst.stop()  # only record it; the main loop acts
@@ -195,6 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     inst.start()
+    if link is not None:
+        link.ready()
     try:
         while not inst.wait(0.5):
             pass

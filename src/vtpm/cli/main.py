@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from vtpm import __version__
-from vtpm.cli import instance_cmd
+from vtpm.cli import group_cmd, instance_cmd, manager_cmd, vtpm_cmd
 from vtpm.errors import VtpmError
 
 EXIT_ERROR = 1
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vtpm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    manager_cmd.register(sub)
+    group_cmd.register(sub)
+    vtpm_cmd.register(sub)
     instance_cmd.register(sub)
     return parser
 

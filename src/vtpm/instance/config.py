@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
-from vtpm.instance.listen import Endpoint, SocketPolicy
+from vtpm.listen import Endpoint, SocketPolicy
 
 MIN_BUFFER = 2808
 MAX_BUFFER = 4096
@@ -21,6 +21,7 @@ class InstanceConfig:
     vtpm_uuid: uuid.UUID | None = None
     key_file: Path | None = None
     key_fd: int | None = None
+    manager_fd: int | None = None
     ctrl: tuple[Endpoint, ...] = ()
     server: tuple[Endpoint, ...] = ()
     mssim: tuple[Endpoint, ...] = ()
@@ -28,10 +29,15 @@ class InstanceConfig:
     buffer_size: int = 0
     startup_clear: bool = False
     max_clients: int = 32
+    label: str | None = None  # this vTPM's security label: frontend peers are checked against it
+    labels_file: Path | None = None  # uid/gid -> label map for peers the kernel does not label
 
     def __post_init__(self) -> None:
-        if (self.key_file is None) == (self.key_fd is None):
-            raise ConfigError("give exactly one of --key-file and --key-fd")
+        sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
+        if len(sources) != 1:
+            raise ConfigError("give exactly one of --key-file, --key-fd and --manager-fd")
+        if self.manager_fd is not None and self.vtpm_uuid is None:
+            raise ConfigError("--manager-fd needs --uuid")
         if not (self.ctrl or self.server or self.mssim):
             raise ConfigError("no frontend: give at least one of --ctrl, --server, --mssim")
         if self.buffer_size and not MIN_BUFFER <= self.buffer_size <= MAX_BUFFER:

@@ -13,17 +13,19 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
+from vtpm import labels as lbl
 from vtpm.engine.engine import TpmVersion
-from vtpm.errors import TpmError
+from vtpm.errors import LabelError, TpmError
 from vtpm.instance import identity
 from vtpm.instance.config import InstanceConfig
+from vtpm.instance.custody import ManagerLink
 from vtpm.instance.device import Device
 from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
 from vtpm.instance.frontends.raw import serve_frames
-from vtpm.instance.listen import Endpoint, Handler, Server, bind
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
+from vtpm.listen import Endpoint, Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
 
@@ -36,16 +38,18 @@ class Instance:
 
     config: InstanceConfig
     key: StateKey
+    link: ManagerLink | None = None  # the Manager's key custody, when it spawned us
     stopped: threading.Event = field(default_factory=threading.Event)
     servers: list[Server] = field(default_factory=list)
     store: StateStore | None = None
     device: Device | None = None
+    _check: PeerCheck | None = None
 
     def start(self) -> identity.Identity:
         cfg = self.config
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ident = identity.resolve(cfg.state_dir, cfg.vtpm_uuid, cfg.tpm_version)
-        self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key)
+        self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link)
         self.store.open()
         try:
             self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size)
@@ -53,6 +57,8 @@ class Instance:
             if cfg.startup_clear:
                 self._startup_clear()
             self._listen()
+            if self.link is not None:
+                self.link.watch(on_lost=self.stop)
         except BaseException:
             self.close()
             raise
@@ -74,6 +80,26 @@ class Instance:
         if rc != TPM_RC.SUCCESS:
             raise TpmError(f"TPM Startup(CLEAR) failed with response code {rc:#x}")
 
+    def _peer_check(self) -> PeerCheck | None:
+        """With a label, UNIX peers must pass the vTPM label rule (type guest_t or hwdom_t,
+        same user); their label comes from SO_PEERSEC, else the uid/gid map."""
+        cfg = self.config
+        if cfg.label is None:
+            return None
+        mine = lbl.Label.parse(cfg.label)
+        labels = lbl.LabelMap.load(cfg.labels_file) if cfg.labels_file else lbl.LabelMap.empty()
+
+        def check(conn: socket.socket) -> str | None:
+            if conn.family != socket.AF_UNIX:
+                return None  # no peer identity on TCP: loopback and the port are the boundary
+            try:
+                lbl.check_vtpm_peer(lbl.resolve_peer(conn, labels), mine, labels)
+            except LabelError as e:
+                return str(e)
+            return None
+
+        return check
+
     def _server(self, name: str, ep: Endpoint, handler: Handler) -> Server:
         sock = bind(ep, self.config.sockets)
         srv = Server(
@@ -83,12 +109,14 @@ class Instance:
             self.config.sockets,
             self.config.max_clients,
             endpoint=ep,
+            peer_check=self._check,
         )
         self.servers.append(srv)
         return srv
 
     def _listen(self) -> None:
         cfg = self.config
+        self._check = self._peer_check()
         dev = self.device
         assert dev is not None
         max_frame = max(cfg.buffer_size or 4096, 4096)
@@ -130,4 +158,8 @@ class Instance:
             if self.store is not None:
                 self.store.close()
                 self.store = None
+            if self.link is not None:
+                self.link.goodbye()
+                self.link.close()
+                self.link = None
         log.info("vTPM stopped, state stored (pid %d)", os.getpid())

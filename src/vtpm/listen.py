@@ -1,4 +1,4 @@
-"""Listening sockets and the thread-per-connection server the frontends run on.
+"""Listening sockets and the thread-per-connection server (vTPM frontends, Manager sockets).
 
 Why threads and blocking sockets: a TPM serves few clients and executes one command at a time;
 a blocking read per connection gives the shortest path from a client's bytes to libtpms, and a
@@ -28,6 +28,8 @@ from vtpm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[socket.socket, str], None]
+# a further check of an accepted peer (the label policy): None to accept, else the reason
+PeerCheck = Callable[[socket.socket], "str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +191,10 @@ class Server:
         policy: SocketPolicy,
         max_clients: int = 32,
         endpoint: Endpoint | None = None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         self.name = name
+        self._peer_check = peer_check
         self.endpoint = endpoint
         self._sock = sock
         self._handler = handler
@@ -228,6 +232,11 @@ class Server:
                 log.warning(
                     "%s: refused peer %s (not the socket's owner or group)", self.name, peer
                 )
+                conn.close()
+                continue
+            refusal = self._peer_check(conn) if self._peer_check is not None else None
+            if refusal is not None:
+                log.warning("%s: refused peer %s: %s", self.name, peer, refusal)
                 conn.close()
                 continue
             if not self._slots.acquire(blocking=False):

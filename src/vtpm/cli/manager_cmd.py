@@ -1,0 +1,164 @@
+"""`vtpm manager init|run|status`: set up and run the vTPM Manager daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from vtpm.cli import client
+from vtpm.errors import ConfigError
+from vtpm.manager.config import ManagerConfig
+from vtpm.manager.store import Store
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def register(sub: Any) -> None:
+    mgr = sub.add_parser(
+        "manager",
+        help="the vTPM Manager daemon",
+        description="The vTPM Manager: holds every vTPM's state key, sealed to the hardware TPM, "
+        "and supervises the vTPM instance processes.",
+    )
+    msub = mgr.add_subparsers(dest="manager_command", metavar="ACTION")
+    msub.required = True
+
+    init = msub.add_parser(
+        "init",
+        help="create a Manager data directory",
+        description="Create (or re-configure) a Manager data directory: configuration and the "
+        "database. Without --tcti the Manager uses /dev/tpmrm0 if present, else starts a swtpm "
+        "simulator of its own as the hardware TPM.",
+    )
+    client.add_common(init)
+    init.add_argument(
+        "--tcti",
+        default=None,
+        help="hardware TPM as a TCTI string, e.g. device:/dev/tpmrm0 or "
+        "swtpm:host=127.0.0.1,port=2321",
+    )
+    init.add_argument(
+        "--admin-group",
+        type=int,
+        default=None,
+        metavar="GID",
+        help="a group allowed to administer besides root (admin socket 0660)",
+    )
+    init.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="label policy file (TOML: unlabeled, [uid], [gid])",
+    )
+    init.set_defaults(func=cmd_init)
+
+    run = msub.add_parser(
+        "run",
+        help="run the Manager in the foreground",
+        description="Run the Manager in the foreground until SIGTERM/SIGINT: open the store and "
+        "the hardware TPM, check every group against the host PCRs, serve the admin socket, and "
+        "start the vTPMs that were running. On SIGTERM every instance stores its state first.",
+    )
+    client.add_common(run, json_output=False)
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="default info",
+    )
+    run.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    run.set_defaults(func=cmd_run)
+
+    status = msub.add_parser(
+        "status",
+        help="the running Manager's state",
+        description="Hardware TPM, groups (locked or not, and why), vTPM counts.",
+    )
+    client.add_common(status)
+    status.set_defaults(func=cmd_status)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    d = client.data_dir(args)
+    if args.labels is not None and not args.labels.is_file():
+        raise ConfigError(f"label policy {args.labels} does not exist")
+    cfg = ManagerConfig(
+        d.resolve(),
+        args.tcti,
+        args.admin_group,
+        None if args.labels is None else args.labels.resolve(),
+    )
+    cfg.save()
+    store = Store(cfg.db_path)
+    store.open()
+    manager_uuid = store.meta("manager_uuid")
+    store.close()
+    return client.emit(
+        args,
+        {"data_dir": str(cfg.data_dir), "manager_uuid": manager_uuid, **cfg.to_json()},
+        f"Manager data directory {cfg.data_dir} ready (manager {manager_uuid}); "
+        f"hardware TPM: {cfg.tcti or 'auto (/dev/tpmrm0, else a swtpm simulator)'}",
+    )
+
+
+def _setup_logging(level: str, path: Path | None) -> None:
+    try:
+        handler: logging.Handler = (
+            logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot open log file {path}: {e.strerror}") from None
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: every `vtpm` process (each vTPM instance among them) would
+    # otherwise load tpm2-pytss, which only the Manager uses
+    from vtpm.manager.admin import AdminHandler  # noqa: PLC0415
+    from vtpm.manager.service import Manager  # noqa: PLC0415
+
+    _setup_logging(args.log_level, args.log_file)
+    cfg = ManagerConfig.load(client.data_dir(args).resolve())
+    manager = Manager(cfg)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        manager.request_stop()  # only record it; the loop acts
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    manager.open()
+    try:
+        manager.listen(AdminHandler(manager))
+        manager.autostart()
+        manager.run()
+    finally:
+        manager.close()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = client.call(args, "status")
+    hw = st["hardware_tpm"]
+    lines = [
+        f"Manager pid {st['pid']}, data {st['data_dir']}, up {st['uptime']} s",
+        f"hardware TPM: {hw['description']}",
+    ]
+    if hw.get("note"):
+        lines.append(f"  note: {hw['note']}")
+    lines.append(f"vTPMs: {st['vtpms']['total']} defined, {st['vtpms']['running']} running")
+    for g in st["groups"]:
+        s = g["status"]
+        state = "unlocked" if s["unlocked"] else f"LOCKED: {s['reason']}"
+        lines.append(f"group {g['name']} ({g['uuid']}): {state}")
+        for pcr, value in s["differing_pcrs"].items():
+            lines.append(f"    PCR {pcr} is now {value}")
+    return client.emit(args, st, "\n".join(lines))

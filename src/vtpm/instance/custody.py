@@ -1,0 +1,159 @@
+"""The instance's side of key custody: its link to the vTPM Manager over an inherited socket.
+
+At start the instance says Hello with its uuid and receives its state key and the digests of
+its current state blobs (or a refusal). It then serves as the state store's journal: each blob
+written is reported and the write completes only once the Manager acknowledges it; a deletion
+is reported the same way. When the link drops (the Manager died) the instance is told to stop:
+a write it can no longer report must not be acknowledged to its client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+
+from vtpm.errors import ManagerError, RemoteProtocolError, StateError
+from vtpm.instance.statekey import StateKey
+from vtpm.wire import ipc
+from vtpm.wire._common import CLOSED, NEED_DATA
+
+log = logging.getLogger(__name__)
+
+REPLY_TIMEOUT = 30.0
+_LOST = object()
+
+
+class ManagerLink:
+    """A `StateJournal` backed by the Manager. `hello()` first, then use; `close()` at the end."""
+
+    def __init__(self, sock: socket.socket, vtpm_uuid: uuid.UUID) -> None:
+        self._sock = sock
+        self._uuid = vtpm_uuid
+        self._codec = ipc.IpcConnection(ipc.Role.PEER)
+        self._digests: dict[str, bytes] = {}
+        self._replies: queue.Queue[object] = queue.Queue()
+        self._request = threading.Lock()  # one request in flight at a time
+        self._lost = threading.Event()
+        self._request_state = threading.Lock()  # orders _lost against a late watch()
+        self._on_lost: Callable[[], None] = lambda: None
+        self._reader: threading.Thread | None = None
+
+    # start ----------------------------------------------------------------------------------
+
+    def hello(self) -> StateKey:
+        """Ask for the state key; raises ManagerError if the Manager refuses or is gone."""
+        self._send(ipc.Hello(self._uuid))
+        reply = self._read_one()
+        if isinstance(reply, ipc.Refused):
+            raise ManagerError(f"the Manager refused to release this vTPM's key: {reply.reason}")
+        if not isinstance(reply, ipc.KeyGrant):
+            raise ManagerError(f"the Manager answered Hello with {type(reply).__name__}")
+        self._digests = dict(reply.digests)
+        # from now on a reader thread takes the Manager's answers (the TPM's first state
+        # write may come while the instance is still starting)
+        self._reader = threading.Thread(target=self._read_loop, name="manager-link", daemon=True)
+        self._reader.start()
+        return StateKey(reply.key)
+
+    def watch(self, on_lost: Callable[[], None]) -> None:
+        """Run `on_lost` when the link drops (at once if it already has)."""
+        with self._request_state:
+            self._on_lost = on_lost
+            lost = self._lost.is_set()
+        if lost:
+            on_lost()
+
+    # StateJournal ---------------------------------------------------------------------------
+
+    def expected(self, name: str) -> bytes | None:
+        return self._digests.get(name)
+
+    def written(self, name: str, counter: int, digest: bytes) -> None:
+        self._call(ipc.StateWritten(name, counter, digest), f"the write of {name}")
+        self._digests[name] = digest
+
+    def deleted(self, name: str) -> None:
+        self._call(ipc.StateDeleted(name), f"the deletion of {name}")
+        self._digests.pop(name, None)
+
+    def ready(self) -> None:
+        """Tell the Manager the instance serves (its frontends listen)."""
+        with self._request:
+            self._send(ipc.Ready())
+
+    # end ------------------------------------------------------------------------------------
+
+    def goodbye(self) -> None:
+        if not self._lost.is_set():
+            with contextlib.suppress(OSError):
+                self._send(ipc.Goodbye())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    # plumbing -------------------------------------------------------------------------------
+
+    def _send(self, event: ipc.PeerEvent) -> None:
+        self._sock.sendall(self._codec.send(event))
+
+    def _read_one(self) -> object:
+        """Read until one event arrives (before the reader thread runs)."""
+        while True:
+            ev = self._codec.next_event()
+            if ev is NEED_DATA:
+                try:
+                    data = self._sock.recv(65536)
+                except OSError as e:
+                    raise ManagerError(f"the link to the Manager failed: {e.strerror}") from None
+                self._codec.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise ManagerError("the Manager closed the link")
+            return ev
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                ev = self._read_one()
+                self._replies.put(ev)
+        except (ManagerError, RemoteProtocolError) as e:
+            log.error("link to the Manager lost: %s", e)
+        finally:
+            with self._request_state:
+                self._lost.set()
+                on_lost = self._on_lost
+            self._replies.put(_LOST)
+            on_lost()
+
+    def _call(self, event: ipc.PeerEvent, what: str) -> None:
+        with self._request:
+            if self._lost.is_set():
+                raise StateError(f"{what} cannot be recorded: the link to the Manager is lost")
+            try:
+                self._send(event)
+            except OSError as e:
+                raise StateError(f"{what} cannot be recorded: {e.strerror}") from None
+            try:
+                reply = self._replies.get(timeout=REPLY_TIMEOUT)
+            except queue.Empty:
+                raise StateError(f"the Manager did not acknowledge {what}") from None
+            if reply is _LOST:
+                self._replies.put(_LOST)  # later callers see it too
+                raise StateError(f"{what} cannot be recorded: the link to the Manager is lost")
+            if isinstance(reply, ipc.Refused):
+                raise StateError(f"the Manager refused {what}: {reply.reason}")
+            if not isinstance(reply, ipc.Ack):
+                raise StateError(f"the Manager answered {what} with {type(reply).__name__}")

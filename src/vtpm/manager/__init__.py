@@ -1,0 +1,1 @@
+"""The vTPM Manager: groups, seals, label policy, owner requests and the daemon."""

@@ -1,0 +1,275 @@
+"""Group keys: sealed to the hardware TPM, unlocked only in a permitted host state.
+
+Each group has a random 32-byte key that exists on disk only as a hardware-TPM sealed object
+whose policy is `PolicyOR(states_root, PolicyAuthorize(owner))` (see `vtpm.tpm.policy`). At
+start, and again before every key release, the Manager reads the host PCRs:
+- if they match one of the group's permitted states and the key was sealed under that list, the
+  PCR branch opens it;
+- if the owner has since signed a new list (the key is still sealed under the old one), the
+  owner's approval opens it through the PolicyAuthorize branch and the key is sealed again under
+  the new list;
+- otherwise the group is locked: its key is dropped from memory, nothing of it is served, and
+  the reason (which PCRs differ from the closest permitted state, their current values) is kept
+  for `status`. Nothing is lost: the sealed key and every vTPM stay as they are.
+vTPM state keys are stored wrapped (AES-256-GCM) under a key derived from the group key.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from vtpm.errors import ConfigError, HwTpmError, ManagerError, SealError, VtpmError
+from vtpm.labels import Label
+from vtpm.manager import ownerreq
+from vtpm.manager.hwtpm import HardwareTpm, SealedObject
+from vtpm.manager.store import GroupRecord, Store
+from vtpm.tpm.policy import OrTree, PcrState, check_pcrs, seal_policy
+
+log = logging.getLogger(__name__)
+
+KEY_SIZE = 32
+_WRAP_INFO = b"vtpm state key wrap v1"
+_WRAP_AAD = b"vtpm-state-key-v1"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatus:
+    unlocked: bool
+    reason: str = ""
+    matched: int | None = None  # index of the permitted state the host is in
+    differing: dict[int, str] = field(default_factory=dict)  # PCR -> current value (hex)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "unlocked": self.unlocked,
+            "reason": self.reason,
+            "matched_state": self.matched,
+            "differing_pcrs": {str(k): v for k, v in sorted(self.differing.items())},
+        }
+
+
+def _match(states: Sequence[PcrState], current: dict[int, bytes]) -> int | None:
+    for i, s in enumerate(states):
+        if not s.differences(current):
+            return i
+    return None
+
+
+def _locked_reason(states: Sequence[PcrState], current: dict[int, bytes]) -> GroupStatus:
+    closest = min(range(len(states)), key=lambda i: len(states[i].differences(current)))
+    diff = states[closest].differences(current)
+    values = {i: current[i].hex() if i in current else "unreadable" for i in diff}
+    pcrs = ", ".join(str(i) for i in diff)
+    return GroupStatus(
+        False,
+        f"the host PCRs match none of the group's {len(states)} permitted state(s); "
+        f"the closest (#{closest}) differs in PCR {pcrs}",
+        None,
+        values,
+    )
+
+
+class GroupKeys:
+    """Holds the unlocked group keys in memory; everything persistent goes through `Store`."""
+
+    def __init__(self, store: Store, hw: HardwareTpm) -> None:
+        self._store = store
+        self._hw = hw
+        self._keys: dict[uuid.UUID, bytes] = {}
+        self._status: dict[uuid.UUID, GroupStatus] = {}
+        self._lock = threading.RLock()
+
+    # state ----------------------------------------------------------------------------------
+
+    def _read_pcrs(self, groups: Sequence[GroupRecord]) -> dict[int, bytes]:
+        wanted = sorted({i for g in groups for s in g.pcr_states for i in s.pcrs})
+        return self._hw.read_pcrs(wanted) if wanted else {}
+
+    def refresh(self) -> None:
+        """Re-read the host PCRs: lock groups that left their states, unlock those that
+        (re)entered one."""
+        with self._lock:
+            groups = self._store.groups()
+            try:
+                current = self._read_pcrs(groups)
+            except HwTpmError as e:
+                for g in groups:
+                    if g.uuid not in self._keys:
+                        self._status[g.uuid] = GroupStatus(False, f"hardware TPM: {e}")
+                return
+            for g in groups:
+                self._refresh_one(g, current)
+
+    def _refresh_one(self, g: GroupRecord, current: dict[int, bytes]) -> None:
+        idx = _match(g.pcr_states, current)
+        if idx is None:
+            if g.uuid in self._keys:
+                log.warning("group %s (%s) locked: the host PCRs changed", g.name, g.uuid)
+            self._keys.pop(g.uuid, None)
+            self._status[g.uuid] = _locked_reason(g.pcr_states, current)
+            return
+        if g.uuid in self._keys:
+            self._status[g.uuid] = GroupStatus(True, matched=idx)
+            return
+        try:
+            key = self._unseal(g, idx)
+        except SealError:
+            self._status[g.uuid] = GroupStatus(
+                False, "the hardware TPM refused to unseal the group key in this host state", idx
+            )
+            return
+        except HwTpmError as e:
+            self._status[g.uuid] = GroupStatus(False, f"hardware TPM: {e}", idx)
+            return
+        self._keys[g.uuid] = key
+        self._status[g.uuid] = GroupStatus(True, matched=idx)
+        log.info("group %s (%s) unlocked (host in permitted state #%d)", g.name, g.uuid, idx)
+
+    def _unseal(self, g: GroupRecord, idx: int) -> bytes:
+        pub = ownerreq.load_public_key(g.owner_pub)
+        obj = SealedObject(g.sealed_public, g.sealed_private)
+        tree = OrTree.of_states(g.pcr_states)
+        state = g.pcr_states[idx]
+        if tree.root == g.sealed_root:
+            auth = ownerreq.authorize_digest(pub, g.uuid)
+            return self._hw.unseal_with_pcrs(obj, state, tree, idx, auth)
+        if not g.approval:
+            raise SealError("unsealing failed")
+        key = self._hw.unseal_with_approval(
+            obj,
+            state,
+            tree,
+            idx,
+            g.sealed_root,
+            ownerreq.tpm_public(pub),
+            ownerreq.policy_ref(g.uuid),
+            g.approval,
+        )
+        self._reseal(g, key)  # from now on the PCR branch opens it under the new list
+        return key
+
+    def _reseal(self, g: GroupRecord, key: bytes) -> GroupRecord:
+        pub = ownerreq.load_public_key(g.owner_pub)
+        root = OrTree.of_states(g.pcr_states).root
+        sealed = self._hw.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, g.uuid)))
+        new = replace(
+            g,
+            sealed_public=sealed.public,
+            sealed_private=sealed.private,
+            sealed_root=root,
+        )
+        self._store.update_group(new)
+        return new
+
+    def status(self, group_uuid: uuid.UUID) -> GroupStatus:
+        with self._lock:
+            return self._status.get(group_uuid, GroupStatus(False, "not checked yet"))
+
+    def key(self, group_uuid: uuid.UUID) -> bytes:
+        with self._lock:
+            key = self._keys.get(group_uuid)
+            if key is None:
+                raise ManagerError(
+                    f"group {group_uuid} is locked: {self.status(group_uuid).reason}"
+                )
+            return key
+
+    # administration -------------------------------------------------------------------------
+
+    def create(
+        self, name: str, owner_pem: bytes, pcrs: Sequence[int], labels: Sequence[str]
+    ) -> GroupRecord:
+        """A new group permitting the host's current values of `pcrs`, unlocked at once."""
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("a group name is 1..64 letters, digits, '-' or '_'")
+        pub = ownerreq.load_public_key(owner_pem)
+        for text in labels:
+            Label.parse(text)
+        with self._lock:
+            state = PcrState.from_values(self._hw.read_pcrs(check_pcrs(pcrs)))
+            gid = uuid.uuid4()
+            key = secrets.token_bytes(KEY_SIZE)
+            root = OrTree.of_states([state]).root
+            sealed = self._hw.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, gid)))
+            rec = GroupRecord(
+                uuid=gid,
+                name=name,
+                owner_pub=ownerreq.public_pem(pub),
+                seq=0,
+                pcr_states=(state,),
+                labels=tuple(labels),
+                sealed_public=sealed.public,
+                sealed_private=sealed.private,
+                sealed_root=root,
+                approval=b"",
+                created=time.time(),
+            )
+            self._store.add_group(rec)
+            self._keys[gid] = key
+            self._status[gid] = GroupStatus(True, matched=0)
+            return rec
+
+    def apply_owner_request(self, g: GroupRecord, data: bytes) -> GroupRecord:
+        """Verify and apply a request signed by the group's owner (raises AuthError,
+        ReplayError or ConfigError, leaving the group as it was)."""
+        pub = ownerreq.load_public_key(g.owner_pub)
+        req = ownerreq.verify_request(data, pub, group=g.uuid, last_seq=g.seq)
+        with self._lock:
+            new = replace(
+                g,
+                seq=req.seq,
+                pcr_states=req.pcr_states,
+                labels=req.labels,
+                approval=req.approval,
+            )
+            key = self._keys.get(g.uuid)
+            if key is not None:
+                new = self._reseal(new, key)
+            else:
+                self._store.update_group(new)
+            try:
+                current = self._read_pcrs([new])
+            except HwTpmError as e:
+                self._status[g.uuid] = GroupStatus(False, f"hardware TPM: {e}")
+                return new
+            self._refresh_one(new, current)
+            return self._store.group(str(g.uuid)) or new
+
+    def forget(self, group_uuid: uuid.UUID) -> None:
+        with self._lock:
+            self._keys.pop(group_uuid, None)
+            self._status.pop(group_uuid, None)
+
+    # vTPM state keys ------------------------------------------------------------------------
+
+    def _wrapper(self, group_uuid: uuid.UUID) -> AESGCM:
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_WRAP_INFO)
+        return AESGCM(hkdf.derive(self.key(group_uuid)))
+
+    def wrap_state_key(
+        self, group_uuid: uuid.UUID, vtpm_uuid: uuid.UUID, state_key: bytes
+    ) -> bytes:
+        nonce = secrets.token_bytes(12)
+        aad = _WRAP_AAD + vtpm_uuid.bytes + group_uuid.bytes
+        return nonce + self._wrapper(group_uuid).encrypt(nonce, state_key, aad)
+
+    def unwrap_state_key(
+        self, group_uuid: uuid.UUID, vtpm_uuid: uuid.UUID, wrapped: bytes
+    ) -> bytes:
+        aad = _WRAP_AAD + vtpm_uuid.bytes + group_uuid.bytes
+        try:
+            return self._wrapper(group_uuid).decrypt(wrapped[:12], wrapped[12:], aad)
+        except (InvalidTag, ValueError):
+            log.debug("state key of vTPM %s does not unwrap", vtpm_uuid)
+            raise VtpmError("the vTPM's state key cannot be released") from None

@@ -1,0 +1,516 @@
+"""The host's hardware TPM (or its simulator), through tpm2-pytss ESAPI.
+
+The Manager is the only user of the hardware TPM, and this module is its only door to it. It
+seals short secrets (group keys) under the policy layout of `vtpm.tpm.policy` and unseals them
+either because the host's PCRs match a permitted state, or because the group owner signed a new
+set of states that includes the current one (PolicyAuthorize).
+
+Rules:
+- Objects live under a storage primary (ECC P-256, AES-128-CFB) created at open. It is
+  deterministic, so it is recreated rather than persisted; it stays loaded while open.
+- The secret never crosses the TCTI in the clear: Create uses an HMAC session salted to the
+  storage primary with command parameter encryption, Unseal uses a policy session salted the
+  same way with response parameter encryption (AES-128-CFB).
+- Every operation flushes what it loaded. Without a resource manager (swtpm, mssim) a Manager
+  killed with -9 leaves objects and sessions behind, and swtpm holds only three objects, so
+  open() flushes every transient object and session it finds first.
+- Failures are sorted once, in `_classify`: TPM warnings that ask for a retry are retried with
+  backoff; a transport failure, a rebooted TPM or a handle that is no longer loaded closes the
+  context and reconnects; any other TPM refusal of an unseal is an opaque SealError (details at
+  debug level only). After `retries` attempts the TPM is declared unreachable (HwTpmError).
+  Callers' data is never modified, so a failed call can simply be repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from tpm2_pytss import (
+    ESAPI,
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_ECC,
+    TPM2_SE,
+    TPM2_SU,
+    TPM2B_DIGEST,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPM2B_SENSITIVE_DATA,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+    TPML_DIGEST,
+    TPML_PCR_SELECTION,
+    TPMS_SENSITIVE_CREATE,
+    TPMS_SIGNATURE_ECC,
+    TPMT_PUBLIC,
+    TPMT_SIGNATURE,
+    TPMT_SYM_DEF,
+    TSS2_Exception,
+)
+
+from vtpm.errors import ConfigError, HwTpmError, SealError
+from vtpm.tpm import policy
+from vtpm.tpm.policy import OrTree, PcrState
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_SECRET = 128  # MAX_SYM_DATA: the largest sealed data object a TPM must accept
+MAX_POLICY_REF = 64  # a TPM2B_NONCE
+PCRS_PER_READ = 8  # TPML_DIGEST holds at most eight digests
+LEFTOVER_ROUNDS = 16  # batches of 64 handles to flush at open, at most
+BACKOFF_START = 0.05
+BACKOFF_MAX = 1.0
+
+# TSS2_RC layout: bits 16..23 name the layer that produced the code (tss2_common.h)
+_LAYER_SHIFT = 16
+_LAYER_TPM = 0
+_LAYER_ESYS = 7
+_LAYER_TCTI = 10
+_BASE_MASK = 0xFFFF
+# ESYS base codes that mean the conversation with the TPM broke
+_ESYS_TRANSPORT = frozenset({7, 8, 9, 10, 17, 19})  # BAD_SEQUENCE NO_CONNECTION TRY_AGAIN
+#                                                   IO_ERROR MALFORMED_ / INSUFFICIENT_RESPONSE
+_RC_INITIALIZE = 0x100
+_RC_REBOOT = 0x130
+_RC_WARN_RETRY = frozenset({0x908, 0x90A, 0x922})  # YIELDED TESTING RETRY
+_RC_WARN_REFERENCE = frozenset(range(0x910, 0x91F))  # REFERENCE_H0..H6, S0..S6: not loaded
+
+_PT_MANUFACTURER = 0x105
+_PT_FIRMWARE_VERSION_1 = 0x10B
+_PT_FIRMWARE_VERSION_2 = 0x10C
+_HANDLE_RANGES = (0x80000000, 0x02000000, 0x03000000)  # transient, loaded and saved sessions
+
+_STORAGE_ATTRIBUTES = (
+    TPMA_OBJECT.FIXEDTPM
+    | TPMA_OBJECT.FIXEDPARENT
+    | TPMA_OBJECT.SENSITIVEDATAORIGIN
+    | TPMA_OBJECT.USERWITHAUTH
+    | TPMA_OBJECT.NODA
+    | TPMA_OBJECT.RESTRICTED
+    | TPMA_OBJECT.DECRYPT
+)
+# policy only: no USERWITHAUTH, so the empty authValue opens nothing
+_SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
+
+
+class _Kind(enum.Enum):
+    RETRY = "retry"  # the TPM asks to repeat the command
+    RECONNECT = "reconnect"  # transport broke, TPM rebooted, or our handles are gone
+    REFUSED = "refused"  # the TPM answered and said no
+    LOCAL = "local"  # the TSS refused before or after the TPM (e.g. response HMAC bad)
+
+
+def _classify(e: TSS2_Exception) -> _Kind:
+    rc = int(e.rc)
+    layer = (rc >> _LAYER_SHIFT) & 0xFF
+    base = rc & _BASE_MASK
+    if layer == _LAYER_TCTI:
+        return _Kind.RECONNECT
+    if layer == _LAYER_ESYS:
+        return _Kind.RECONNECT if base in _ESYS_TRANSPORT else _Kind.LOCAL
+    if layer != _LAYER_TPM:
+        return _Kind.LOCAL
+    if base in _RC_WARN_RETRY:
+        return _Kind.RETRY
+    if base in _RC_WARN_REFERENCE or base in (_RC_INITIALIZE, _RC_REBOOT):
+        return _Kind.RECONNECT
+    return _Kind.REFUSED
+
+
+def _resource_managed(tcti: str) -> bool:
+    """True when a resource manager flushes other clients' objects for us."""
+    name, _, conf = tcti.partition(":")
+    return (name == "device" and "tpmrm" in conf) or name == "tabrmd"
+
+
+@dataclass(frozen=True, slots=True)
+class SealedObject:
+    """A sealed data object as the TPM returned it; useless off this TPM."""
+
+    public: bytes  # marshalled TPM2B_PUBLIC
+    private: bytes  # marshalled TPM2B_PRIVATE
+
+
+class HardwareTpm:
+    """The host TPM. Thread-safe: one lock around the ESAPI context."""
+
+    def __init__(self, tcti: str, *, retries: int = 5) -> None:
+        if not tcti or retries < 0:
+            raise ConfigError("a hardware TPM needs a TCTI string and retries >= 0")
+        self.tcti = tcti
+        self.retries = retries
+        self._lock = threading.RLock()
+        self._ectx: Any = None
+        self._primary: Any = None
+        self._epoch: tuple[int, int] = (0, 0)
+        self._description = tcti
+        self._primary_name = b""
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect (retrying with backoff); raises HwTpmError when the TPM cannot be reached."""
+        self._run("connecting", lambda _e: None)
+
+    def close(self) -> None:
+        with self._lock:
+            ectx, primary = self._ectx, self._primary
+            self._ectx = self._primary = None
+            if ectx is None:
+                return
+            if primary is not None:
+                with contextlib.suppress(TSS2_Exception):
+                    ectx.flush_context(primary)
+            ectx.close()
+
+    def __enter__(self) -> HardwareTpm:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def description(self) -> str:
+        return self._description
+
+    @property
+    def primary_name(self) -> bytes:
+        """TPM name of the storage primary (empty before open). It is the same on every open of
+        the same TPM, so a caller can pin it to notice a substituted TPM or an interposer."""
+        return self._primary_name
+
+    def _connect(self) -> Any:
+        """The open ESAPI context, connecting first if needed. Holds the lock."""
+        ectx = self._ectx
+        if ectx is not None:
+            info = ectx.read_clock().clockInfo
+            if (int(info.resetCount), int(info.restartCount)) == self._epoch:
+                return ectx
+            log.info("the hardware TPM restarted; recreating the storage primary")
+            self._drop()
+        ectx = ESAPI(self.tcti)
+        try:
+            try:
+                info = ectx.read_clock().clockInfo
+            except TSS2_Exception as e:
+                if int(e.rc) != _RC_INITIALIZE:
+                    raise
+                log.info("the hardware TPM needs TPM2_Startup; sending Startup(CLEAR)")
+                ectx.startup(TPM2_SU.CLEAR)
+                info = ectx.read_clock().clockInfo
+            if not _resource_managed(self.tcti):
+                self._flush_leftovers(ectx)
+            self._primary = self._create_primary(ectx)
+            self._primary_name = bytes(ectx.tr_get_name(self._primary))
+            self._epoch = (int(info.resetCount), int(info.restartCount))
+            self._description = f"{self.tcti} ({self._identify(ectx)})"
+        except BaseException:
+            self._primary = None
+            ectx.close()
+            raise
+        self._ectx = ectx
+        return ectx
+
+    def _drop(self) -> None:
+        """Forget a context whose TPM went away or rebooted (its handles mean nothing now)."""
+        ectx, self._ectx, self._primary = self._ectx, None, None
+        if ectx is not None:
+            ectx.close()
+
+    @staticmethod
+    def _flush_leftovers(ectx: Any) -> None:
+        # a session's handle may name the other session type (a saved policy session is listed
+        # as 0x03.., a loaded one as 0x02.. or 0x03..), so ask again from the start of the range
+        # after each batch: flushed handles are gone from the answer
+        for first in _HANDLE_RANGES:
+            for _ in range(LEFTOVER_ROUNDS):
+                more, data = ectx.get_capability(TPM2_CAP.HANDLES, first, 64)
+                for handle in data.data.handles:
+                    log.info("flushing leftover TPM handle 0x%08x", int(handle))
+                    ectx.flush_context(ectx.tr_from_tpmpublic(handle))
+                if not more:
+                    break
+
+    @staticmethod
+    def _create_primary(ectx: Any) -> Any:
+        template = TPMT_PUBLIC(
+            type=TPM2_ALG.ECC,
+            nameAlg=TPM2_ALG.SHA256,
+            objectAttributes=_STORAGE_ATTRIBUTES,
+        )
+        detail = template.parameters.eccDetail
+        detail.symmetric = TPMT_SYM_DEF.parse("aes128cfb")
+        detail.scheme.scheme = TPM2_ALG.NULL
+        detail.curveID = TPM2_ECC.NIST_P256
+        detail.kdf.scheme = TPM2_ALG.NULL
+        handle, *_ = ectx.create_primary(TPM2B_SENSITIVE_CREATE(), TPM2B_PUBLIC(template))
+        return handle
+
+    @staticmethod
+    def _identify(ectx: Any) -> str:
+        _more, data = ectx.get_capability(TPM2_CAP.TPM_PROPERTIES, _PT_MANUFACTURER, 8)
+        props = {int(p.property): int(p.value) for p in data.data.tpmProperties}
+        maker = props.get(_PT_MANUFACTURER, 0).to_bytes(4, "big").strip(b"\0 ")
+        fw1 = props.get(_PT_FIRMWARE_VERSION_1, 0)
+        fw2 = props.get(_PT_FIRMWARE_VERSION_2, 0)
+        firmware = f"{fw1 >> 16}.{fw1 & 0xFFFF}.{fw2 >> 16}.{fw2 & 0xFFFF}"
+        return f"manufacturer {maker.decode('ascii', 'replace') or '?'}, fw {firmware}"
+
+    # the retry loop --------------------------------------------------------------------------
+
+    def _run(
+        self, what: str, op: Callable[[Any], T], refused: Callable[[], Exception] | None = None
+    ) -> T:
+        """Run `op` on a connected context; retry and reconnect as `_classify` says.
+
+        `refused` builds the error for a TPM that answered "no" (default: HwTpmError)."""
+        delay = BACKOFF_START
+        last: TSS2_Exception | None = None
+        with self._lock:
+            for attempt in range(self.retries + 1):
+                connected = False
+                try:
+                    ectx = self._connect()
+                    connected = True
+                    return op(ectx)
+                except TSS2_Exception as e:
+                    kind = _classify(e)
+                    log.debug("%s: attempt %d: %s (%s)", what, attempt + 1, e, kind.value)
+                    if kind is _Kind.REFUSED and connected and refused is not None:
+                        raise refused() from None
+                    if kind in (_Kind.REFUSED, _Kind.LOCAL):
+                        raise self._failed(what, e) from None
+                    if kind is _Kind.RECONNECT:
+                        self._drop()
+                    last = e
+                if attempt < self.retries:
+                    time.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+            state = "busy" if last is not None and _classify(last) is _Kind.RETRY else "unreachable"
+            raise HwTpmError(
+                f"the hardware TPM at {self.tcti} is {state} while {what} "
+                f"({self.retries + 1} attempts; last error: {last})"
+            ) from None
+
+    def _failed(self, what: str, e: TSS2_Exception) -> HwTpmError:
+        return HwTpmError(f"the hardware TPM failed while {what}: {e}")
+
+    @contextlib.contextmanager
+    def _flushing(self, ectx: Any) -> Iterator[list[Any]]:
+        """Collect handles to flush when the block ends, however it ends."""
+        handles: list[Any] = []
+        try:
+            yield handles
+        finally:
+            for h in reversed(handles):
+                try:
+                    ectx.flush_context(h)
+                except TSS2_Exception as e:  # the TPM is gone or rebooted: nothing to flush
+                    log.debug("flushing a handle failed: %s", e)
+
+    def _salted_session(self, ectx: Any, kind: Any, attributes: Any) -> Any:
+        """A session salted to the storage primary, with AES-128-CFB parameter encryption."""
+        session = ectx.start_auth_session(
+            self._primary, ESYS_TR.NONE, kind, TPMT_SYM_DEF.parse("aes128cfb"), TPM2_ALG.SHA256
+        )
+        ectx.trsess_set_attributes(session, TPMA_SESSION.CONTINUESESSION | attributes)
+        return session
+
+    # operations ------------------------------------------------------------------------------
+
+    def read_pcrs(self, pcrs: Sequence[int]) -> dict[int, bytes]:
+        """Current SHA-256 values of `pcrs`."""
+        wanted = policy.check_pcrs(pcrs)
+
+        def op(ectx: Any) -> dict[int, bytes]:
+            out: dict[int, bytes] = {}
+            for i in range(0, len(wanted), PCRS_PER_READ):
+                chunk = list(wanted[i : i + PCRS_PER_READ])
+                while chunk:
+                    sel, _ = TPML_PCR_SELECTION.unmarshal(policy.pcr_selection(chunk))
+                    _counter, sel_out, digests = ectx.pcr_read(sel)
+                    got = _selected_sha256(sel_out)
+                    if not got or len(got) != len(digests) or not set(got) <= set(chunk):
+                        raise HwTpmError(f"the hardware TPM did not return PCRs {chunk}")
+                    for index, digest in zip(got, digests, strict=True):
+                        out[index] = bytes(digest)
+                    chunk = [c for c in chunk if c not in out]
+            return out
+
+        return self._run("reading PCRs", op)
+
+    def seal(self, secret: bytes, auth_policy: bytes) -> SealedObject:
+        """Seal `secret` (1..128 bytes) to be released only through `auth_policy`."""
+        if not 1 <= len(secret) <= MAX_SECRET:
+            raise ConfigError(f"a sealed secret is 1..{MAX_SECRET} bytes, not {len(secret)}")
+        if len(auth_policy) != policy.DIGEST_SIZE:
+            raise ConfigError("an authPolicy is a SHA-256 digest")
+        template = TPMT_PUBLIC(
+            type=TPM2_ALG.KEYEDHASH,
+            nameAlg=TPM2_ALG.SHA256,
+            objectAttributes=_SEALED_ATTRIBUTES,
+            authPolicy=TPM2B_DIGEST(auth_policy),
+        )
+        template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
+
+        def op(ectx: Any) -> SealedObject:
+            with self._flushing(ectx) as handles:
+                session = self._salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
+                handles.append(session)
+                private, public, *_ = ectx.create(
+                    self._primary, sensitive, TPM2B_PUBLIC(template), session1=session
+                )
+            return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
+
+        return self._run("sealing", op, lambda: SealError("sealing failed"))
+
+    def unseal_with_pcrs(
+        self,
+        obj: SealedObject,
+        state: PcrState,
+        tree: OrTree,
+        index: int,
+        authorize_digest: bytes,
+    ) -> bytes:
+        """Unseal `obj` because the host PCRs equal `state`, leaf `index` of `tree`.
+
+        The TPM compares its current PCRs (PolicyPCR with an empty pcrDigest); `state` and
+        `index` only name the OR branch to walk up, and must agree with each other."""
+        path = _path(tree, state, index)
+        top = [tree.root, authorize_digest]
+
+        def steps(ectx: Any, session: Any, _handles: list[Any]) -> None:
+            ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
+            for branches in path:
+                ectx.policy_or(session, _digest_list(branches))
+            ectx.policy_or(session, _digest_list(top))
+
+        return self._unseal(obj, steps)
+
+    def unseal_with_approval(
+        self,
+        obj: SealedObject,
+        state: PcrState,
+        approved: OrTree,
+        index: int,
+        sealed_states_root: bytes,
+        owner_public: bytes,
+        policy_ref: bytes,
+        signature_der: bytes,
+    ) -> bytes:
+        """Unseal `obj` through PolicyAuthorize: the owner signed `approved`, whose leaf
+        `index` is the host's current `state`."""
+        path = _path(approved, state, index)
+        if len(policy_ref) > MAX_POLICY_REF:
+            raise ConfigError(f"a policyRef is at most {MAX_POLICY_REF} bytes")
+        external = _external_public(owner_public)
+        owner_name = policy.object_name(owner_public)
+        top = [sealed_states_root, policy.policy_authorize(owner_name, policy_ref)]
+        a_hash = policy.authorization_hash(approved.root, policy_ref)
+        signature = _ecdsa_signature(signature_der)
+
+        def steps(ectx: Any, session: Any, handles: list[Any]) -> None:
+            ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
+            for branches in path:
+                ectx.policy_or(session, _digest_list(branches))
+            key = ectx.load_external(external, hierarchy=ESYS_TR.OWNER)
+            handles.append(key)
+            name = bytes(ectx.tr_get_name(key))
+            ticket = ectx.verify_signature(key, TPM2B_DIGEST(a_hash), signature)
+            handles.remove(key)  # free its slot before the sealed object loads
+            ectx.flush_context(key)
+            ectx.policy_authorize(session, TPM2B_DIGEST(approved.root), name, ticket, policy_ref)
+            ectx.policy_or(session, _digest_list(top))
+
+        return self._unseal(obj, steps)
+
+    def _unseal(self, obj: SealedObject, steps: Callable[[Any, Any, list[Any]], None]) -> bytes:
+        try:
+            public, _ = TPM2B_PUBLIC.unmarshal(obj.public)
+            private, _ = TPM2B_PRIVATE.unmarshal(obj.private)
+        except Exception:  # pytss raises several types: a damaged blob
+            log.debug("a sealed object does not unmarshal")
+            raise SealError("unsealing failed") from None
+
+        def op(ectx: Any) -> bytes:
+            with self._flushing(ectx) as handles:
+                session = self._salted_session(ectx, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
+                handles.append(session)
+                steps(ectx, session, handles)
+                item = ectx.load(self._primary, private, public)
+                handles.append(item)
+                data = ectx.unseal(item, session1=session)
+            return bytes(data)
+
+        return self._run("unsealing", op, lambda: SealError("unsealing failed"))
+
+
+def _path(tree: OrTree, state: PcrState, index: int) -> list[tuple[bytes, ...]]:
+    """The PolicyOR lists from `state`, leaf `index`, up to the root (a caller's bug if not)."""
+    try:
+        path = tree.path(index)
+    except IndexError:
+        count = len(tree.leaves)
+        raise ConfigError(f"state index {index} is outside the policy's {count} states") from None
+    if tree.leaves[index] != state.policy():
+        raise ConfigError(f"the PCR state given is not leaf {index} of the policy")
+    return path
+
+
+def _pcr_selection(state: PcrState) -> Any:
+    sel, _ = TPML_PCR_SELECTION.unmarshal(policy.pcr_selection(state.pcrs))
+    return sel
+
+
+def _digest_list(branches: Sequence[bytes]) -> Any:
+    return TPML_DIGEST([TPM2B_DIGEST(b) for b in branches])
+
+
+def _selected_sha256(sel: Any) -> list[int]:
+    """PCR indices a TPML_PCR_SELECTION selects in the SHA-256 bank, in ascending order."""
+    out: list[int] = []
+    for k in range(int(sel.count)):
+        s = sel.pcrSelections[k]
+        if int(s.hash) != policy.TPM_ALG_SHA256:
+            continue
+        bitmap = bytes(s.pcrSelect)[: int(s.sizeofSelect)]
+        out.extend(8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1)
+    return out
+
+
+def _external_public(owner_public: bytes) -> Any:
+    try:
+        tpmt, used = TPMT_PUBLIC.unmarshal(owner_public)
+    except Exception:  # pytss raises several types
+        raise ConfigError("the owner public key is not a marshalled TPMT_PUBLIC") from None
+    if used != len(owner_public):
+        raise ConfigError("the owner public key has trailing bytes")
+    return TPM2B_PUBLIC(tpmt)
+
+
+def _ecdsa_signature(der: bytes) -> Any:
+    try:
+        r, s = decode_dss_signature(der)
+        r_bytes, s_bytes = r.to_bytes(32, "big"), s.to_bytes(32, "big")
+    except (ValueError, OverflowError):
+        log.debug("the owner's signature is not a DER ECDSA P-256 signature")
+        raise SealError("unsealing failed") from None
+    sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA)
+    sig.signature.ecdsa = TPMS_SIGNATURE_ECC(
+        hash=TPM2_ALG.SHA256, signatureR=r_bytes, signatureS=s_bytes
+    )
+    return sig

@@ -1,0 +1,423 @@
+"""The Manager's store: one SQLite database (WAL, synchronous FULL) in the data directory.
+
+What it holds: groups (owner key, sequence number, permitted PCR states and labels, the group
+key as a hardware-TPM sealed object), vTPMs (group, label, TPM version, frontends, the state key
+as AES-GCM ciphertext under the group key), each vTPM's recorded state-blob digests (which blob
+is current: the rollback check), and an audit log of every administrative change, accepted or
+refused. Nothing secret is stored in the clear: the group key exists only sealed by the
+hardware TPM, state keys only wrapped under a group key.
+
+The schema is versioned (`meta.schema_version`); `open()` creates or upgrades it. All methods
+are thread-safe (one connection, one lock); each write is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from vtpm.errors import ConfigError, ManagerError
+from vtpm.tpm.policy import PcrState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE groups (
+    uuid TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner_pub BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    pcr_states TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    sealed_public BLOB NOT NULL,
+    sealed_private BLOB NOT NULL,
+    sealed_root BLOB NOT NULL,
+    approval BLOB NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE vtpms (
+    uuid TEXT PRIMARY KEY,
+    group_uuid TEXT NOT NULL REFERENCES groups(uuid),
+    label TEXT NOT NULL,
+    tpm TEXT NOT NULL,
+    owner_uid INTEGER,
+    owner_gid INTEGER,
+    frontends TEXT NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    wanted_running INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL
+);
+CREATE TABLE state_digests (
+    vtpm_uuid TEXT NOT NULL REFERENCES vtpms(uuid) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    PRIMARY KEY (vtpm_uuid, name)
+);
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1}
+# column lists are constants: the f-strings below build no query from input
+_GROUP_COLS = (
+    "uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, sealed_private, "
+    "sealed_root, approval, created"
+)
+_VTPM_COLS = (
+    "uuid, group_uuid, label, tpm, owner_uid, owner_gid, frontends, wrapped_key, "
+    "wanted_running, created"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRecord:
+    uuid: UUID
+    name: str
+    owner_pub: bytes  # PEM
+    seq: int
+    pcr_states: tuple[PcrState, ...]
+    labels: tuple[str, ...]
+    sealed_public: bytes
+    sealed_private: bytes
+    sealed_root: bytes  # the states root the sealed key's policy was built from
+    approval: bytes  # the owner's TPM approval of pcr_states (empty until the owner signs one)
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmRecord:
+    uuid: UUID
+    group_uuid: UUID
+    label: str
+    tpm: str
+    owner_uid: int | None
+    owner_gid: int | None
+    frontends: tuple[str, ...]  # endpoint specs: "ctrl=unix:/path", "server=tcp:...", ...
+    wrapped_key: bytes = b""
+    wanted_running: bool = False
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateDigest:
+    name: str
+    counter: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    ts: float
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.RLock()
+
+    # lifecycle ------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA secure_delete=ON")  # a deleted vTPM's wrapped key is overwritten
+            db.execute("PRAGMA busy_timeout=10000")
+        except sqlite3.DatabaseError as e:
+            raise ManagerError(
+                f"the Manager's database {self.path} cannot be opened: {e}"
+            ) from None
+        self._db = db
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise ManagerError("the store is not open")
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        db = self._conn()
+        has_meta = db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+        ).fetchone()
+        version = 0
+        if has_meta:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise ManagerError(
+                f"{self.path} has schema version {version}; this vtpm knows up to "
+                f"{SCHEMA_VERSION}: upgrade vtpm"
+            )
+        with self._tx() as tx:
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in filter(None, (s.strip() for s in _MIGRATIONS[v].split(";"))):
+                    tx.execute(stmt)
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (v,)
+                )
+            if version == 0:
+                tx.execute(
+                    "INSERT INTO meta(key, value) VALUES('manager_uuid', ?)", (str(uuid.uuid4()),)
+                )
+
+    # meta -----------------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        with self._lock:
+            row = self._conn().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as tx:
+            tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    # groups ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _group(row: Any) -> GroupRecord:
+        (u, name, pub, seq, states, labels, spub, spriv, root, approval, created) = row
+        return GroupRecord(
+            uuid=uuid.UUID(str(u)),
+            name=str(name),
+            owner_pub=bytes(pub),
+            seq=int(seq),
+            pcr_states=tuple(PcrState.from_json(s) for s in json.loads(str(states))),
+            labels=tuple(json.loads(str(labels))),
+            sealed_public=bytes(spub),
+            sealed_private=bytes(spriv),
+            sealed_root=bytes(root),
+            approval=bytes(approval),
+            created=float(created),
+        )
+
+    def add_group(self, g: GroupRecord) -> None:
+        with self._tx() as tx:
+            if tx.execute("SELECT 1 FROM groups WHERE name=?", (g.name,)).fetchone():
+                raise ConfigError(f"a group named {g.name!r} exists already")
+            tx.execute(
+                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    str(g.uuid),
+                    g.name,
+                    g.owner_pub,
+                    g.seq,
+                    json.dumps([s.to_json() for s in g.pcr_states]),
+                    json.dumps(list(g.labels)),
+                    g.sealed_public,
+                    g.sealed_private,
+                    g.sealed_root,
+                    g.approval,
+                    g.created or time.time(),
+                ),
+            )
+
+    def update_group(self, g: GroupRecord) -> None:
+        """Replace a group's mutable fields (sequence, states, labels, sealed key)."""
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE groups SET seq=?, pcr_states=?, labels=?, sealed_public=?, "
+                "sealed_private=?, sealed_root=?, approval=? WHERE uuid=?",
+                (
+                    g.seq,
+                    json.dumps([s.to_json() for s in g.pcr_states]),
+                    json.dumps(list(g.labels)),
+                    g.sealed_public,
+                    g.sealed_private,
+                    g.sealed_root,
+                    g.approval,
+                    str(g.uuid),
+                ),
+            )
+            if cur.rowcount != 1:
+                raise ManagerError(f"group {g.uuid} does not exist")
+
+    def group(self, ref: str) -> GroupRecord | None:
+        """A group by uuid or by name."""
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(f"SELECT {_GROUP_COLS} FROM groups WHERE uuid=? OR name=?", (ref, ref))
+                .fetchone()
+            )
+            return None if row is None else self._group(row)
+
+    def groups(self) -> list[GroupRecord]:
+        with self._lock:
+            rows = self._conn().execute(f"SELECT {_GROUP_COLS} FROM groups ORDER BY created, name")
+            return [self._group(r) for r in rows.fetchall()]
+
+    def delete_group(self, group_uuid: uuid.UUID) -> None:
+        with self._tx() as tx:
+            n = tx.execute(
+                "SELECT COUNT(*) FROM vtpms WHERE group_uuid=?", (str(group_uuid),)
+            ).fetchone()[0]
+            if n:
+                raise ManagerError(f"group {group_uuid} still has {n} vTPM(s); delete them first")
+            tx.execute("DELETE FROM groups WHERE uuid=?", (str(group_uuid),))
+
+    # vTPMs ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _vtpm(row: Any) -> VtpmRecord:
+        (u, g, label, tpm, uid, gid, fronts, wrapped, wanted, created) = row
+        return VtpmRecord(
+            uuid=uuid.UUID(str(u)),
+            group_uuid=uuid.UUID(str(g)),
+            label=str(label),
+            tpm=str(tpm),
+            owner_uid=None if uid is None else int(uid),
+            owner_gid=None if gid is None else int(gid),
+            frontends=tuple(json.loads(str(fronts))),
+            wrapped_key=bytes(wrapped),
+            wanted_running=bool(wanted),
+            created=float(created),
+        )
+
+    def add_vtpm(self, v: VtpmRecord) -> None:
+        with self._tx() as tx:
+            if tx.execute("SELECT 1 FROM vtpms WHERE uuid=?", (str(v.uuid),)).fetchone():
+                raise ConfigError(f"a vTPM with uuid {v.uuid} exists already")
+            tx.execute(
+                f"INSERT INTO vtpms({_VTPM_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                (
+                    str(v.uuid),
+                    str(v.group_uuid),
+                    v.label,
+                    v.tpm,
+                    v.owner_uid,
+                    v.owner_gid,
+                    json.dumps(list(v.frontends)),
+                    v.wrapped_key,
+                    int(v.wanted_running),
+                    v.created or time.time(),
+                ),
+            )
+
+    def vtpm(self, vtpm_uuid: uuid.UUID) -> VtpmRecord | None:
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(f"SELECT {_VTPM_COLS} FROM vtpms WHERE uuid=?", (str(vtpm_uuid),))
+                .fetchone()
+            )
+            return None if row is None else self._vtpm(row)
+
+    def vtpms(self, group_uuid: uuid.UUID | None = None) -> list[VtpmRecord]:
+        with self._lock:
+            if group_uuid is None:
+                rows = self._conn().execute(
+                    f"SELECT {_VTPM_COLS} FROM vtpms ORDER BY created, uuid"
+                )
+            else:
+                rows = self._conn().execute(
+                    f"SELECT {_VTPM_COLS} FROM vtpms WHERE group_uuid=? ORDER BY created",
+                    (str(group_uuid),),
+                )
+            return [self._vtpm(r) for r in rows.fetchall()]
+
+    def set_wanted_running(self, vtpm_uuid: uuid.UUID, wanted: bool) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE vtpms SET wanted_running=? WHERE uuid=?", (int(wanted), str(vtpm_uuid))
+            )
+
+    def delete_vtpm(self, vtpm_uuid: uuid.UUID) -> None:
+        with self._tx() as tx:
+            tx.execute("DELETE FROM state_digests WHERE vtpm_uuid=?", (str(vtpm_uuid),))
+            tx.execute("DELETE FROM vtpms WHERE uuid=?", (str(vtpm_uuid),))
+
+    # state digests (rollback protection) -----------------------------------------------------
+
+    def state_digests(self, vtpm_uuid: uuid.UUID) -> list[StateDigest]:
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT name, counter, digest FROM state_digests WHERE vtpm_uuid=? ORDER BY name",
+                (str(vtpm_uuid),),
+            )
+            return [StateDigest(str(n), int(c), bytes(d)) for n, c, d in rows.fetchall()]
+
+    def record_state(self, vtpm_uuid: uuid.UUID, name: str, counter: int, digest: bytes) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT OR REPLACE INTO state_digests(vtpm_uuid, name, counter, digest) "
+                "VALUES(?,?,?,?)",
+                (str(vtpm_uuid), name, counter, digest),
+            )
+
+    def forget_state(self, vtpm_uuid: uuid.UUID, name: str) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "DELETE FROM state_digests WHERE vtpm_uuid=? AND name=?", (str(vtpm_uuid), name)
+            )
+
+    # audit ----------------------------------------------------------------------------------
+
+    def audit(
+        self, actor: str, action: str, target: str, outcome: str, detail: dict[str, object]
+    ) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT INTO audit(ts, actor, action, target, outcome, detail) VALUES(?,?,?,?,?,?)",
+                (time.time(), actor, action, target, outcome, json.dumps(detail, sort_keys=True)),
+            )
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT id, ts, actor, action, target, outcome, detail FROM audit "
+                "ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+            return [
+                AuditEntry(int(i), float(t), str(a), str(ac), str(tg), str(o), str(d))
+                for i, t, a, ac, tg, o, d in rows.fetchall()
+            ][::-1]

@@ -1,0 +1,261 @@
+"""Instance processes: spawned over a socketpair, watched, restarted with backoff, stopped.
+
+Each vTPM runs as `vtpm instance run --manager-fd N` with one end of a socketpair as fd N, so
+the Manager knows which vTPM (and so which label) is on the other end of every key-custody link
+without trusting anything the peer says. The supervisor only manages processes; what is said on
+the link is the `Serve` callback's business, run in a thread per child.
+
+Restart policy: a child that exits while wanted is started again after a delay that doubles from
+0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
+`MAX_QUICK_FAILURES` times in a row within seconds of starting (a refused key, a rolled-back
+state) is given up on and marked failed with the last line of its log, rather than looped.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vtpm.errors import ManagerError
+
+log = logging.getLogger(__name__)
+
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+HEALTHY_AFTER = 60.0
+QUICK_FAILURE = 10.0
+MAX_QUICK_FAILURES = 5
+STOP_TIMEOUT = 20.0
+
+Serve = Callable[[uuid.UUID, socket.socket], None]
+
+
+@dataclass
+class Child:
+    vtpm_uuid: uuid.UUID
+    argv: list[str]
+    log_file: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    wanted: bool = True
+    restarts: int = 0
+    quick_failures: int = 0
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None
+    failed: str = ""
+    last_exit: int | None = None
+    link_thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def state(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:
+            return "running"
+        if self.failed:
+            return "failed"
+        if self.restart_at is not None:
+            return "restarting"
+        return "stopped"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "pid": self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "failed": self.failed,
+            "log": str(self.log_file),
+        }
+
+
+def last_log_line(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if " ERROR " in line or " CRITICAL " in line or "error:" in line:
+            return line.split(": ", 1)[-1] if ": " in line else line
+    return lines[-1] if lines else ""
+
+
+class Supervisor:
+    def __init__(self, serve: Serve) -> None:
+        self._serve = serve
+        self._children: dict[uuid.UUID, Child] = {}
+        self._lock = threading.RLock()
+
+    def instance_argv(self) -> list[str]:
+        return [sys.executable, "-m", "vtpm.cli.main", "instance", "run"]
+
+    # control --------------------------------------------------------------------------------
+
+    def start(self, vtpm_uuid: uuid.UUID, args: list[str], log_file: Path) -> Child:
+        """Start (or restart) the instance of `vtpm_uuid` with `args` after `instance run`."""
+        with self._lock:
+            child = self._children.get(vtpm_uuid)
+            if child is not None and child.state == "running":
+                raise ManagerError(f"vTPM {vtpm_uuid} is running already")
+            child = Child(vtpm_uuid, args, log_file)
+            self._children[vtpm_uuid] = child
+            self._spawn(child)
+            return child
+
+    def _spawn(self, child: Child) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = [*self.instance_argv(), *child.argv, "--manager-fd", str(theirs.fileno())]
+            argv += ["--log-file", str(child.log_file)]
+            child.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with child.log_file.open("ab") as errlog:
+                child.proc = subprocess.Popen(
+                    argv,
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errlog,
+                    start_new_session=True,
+                )
+        except OSError as e:
+            mine.close()
+            raise ManagerError(
+                f"cannot start the instance of vTPM {child.vtpm_uuid}: {e}"
+            ) from None
+        finally:
+            theirs.close()
+        child.started = time.monotonic()
+        child.restart_at = None
+        child.failed = ""
+        child.link_thread = threading.Thread(
+            target=self._run_link,
+            args=(child.vtpm_uuid, mine),
+            name=f"link-{child.vtpm_uuid}",
+            daemon=True,
+        )
+        child.link_thread.start()
+        log.info("vTPM %s: instance started (pid %d)", child.vtpm_uuid, child.proc.pid)
+
+    def _run_link(self, vtpm_uuid: uuid.UUID, sock: socket.socket) -> None:
+        try:
+            self._serve(vtpm_uuid, sock)
+        except Exception:
+            log.exception("vTPM %s: key-custody link failed", vtpm_uuid)
+        finally:
+            sock.close()
+
+    def stop(self, vtpm_uuid: uuid.UUID, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop an instance (SIGTERM: it stores its state); True if it was running."""
+        with self._lock:
+            child = self._children.get(vtpm_uuid)
+            if child is None:
+                return False
+            child.wanted = False
+            child.restart_at = None
+            proc = child.proc
+        if proc is None or proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("vTPM %s did not stop within %.0f s; killing it", vtpm_uuid, timeout)
+            proc.kill()
+            proc.wait()
+        child.last_exit = proc.returncode
+        if child.link_thread is not None:
+            child.link_thread.join(timeout=5)
+        return True
+
+    def stop_all(self, timeout: float = STOP_TIMEOUT) -> None:
+        with self._lock:
+            uuids = list(self._children)
+            for u in uuids:
+                c = self._children[u]
+                c.wanted = False
+                c.restart_at = None
+                if c.proc is not None and c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+        for u in uuids:
+            self.stop(u, timeout)
+
+    def forget(self, vtpm_uuid: uuid.UUID) -> None:
+        with self._lock:
+            self._children.pop(vtpm_uuid, None)
+
+    def child(self, vtpm_uuid: uuid.UUID) -> Child | None:
+        with self._lock:
+            return self._children.get(vtpm_uuid)
+
+    def running(self) -> list[uuid.UUID]:
+        with self._lock:
+            return [u for u, c in self._children.items() if c.state == "running"]
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [
+                c.proc.pid
+                for c in self._children.values()
+                if c.proc is not None and c.proc.poll() is None
+            ]
+
+    # the watch loop -------------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Reap exited children and restart the wanted ones when their delay has passed."""
+        now = time.monotonic()
+        with self._lock:
+            for child in self._children.values():
+                proc = child.proc
+                if proc is not None and proc.returncode is None and proc.poll() is not None:
+                    self._exited(child, now)
+                if child.wanted and child.restart_at is not None and now >= child.restart_at:
+                    child.restarts += 1
+                    try:
+                        self._spawn(child)
+                    except ManagerError as e:
+                        child.failed = str(e)
+                        child.restart_at = None
+
+    def _exited(self, child: Child, now: float) -> None:
+        assert child.proc is not None
+        rc = child.proc.returncode
+        child.last_exit = rc
+        ran = now - child.started
+        if not child.wanted:
+            return
+        reason = last_log_line(child.log_file)
+        if ran >= HEALTHY_AFTER:
+            child.backoff = FIRST_BACKOFF
+            child.quick_failures = 0
+        elif ran < QUICK_FAILURE and rc != 0:
+            child.quick_failures += 1
+        if child.quick_failures >= MAX_QUICK_FAILURES:
+            child.failed = reason or f"exited with {rc}"
+            child.restart_at = None
+            log.error(
+                "vTPM %s: instance failed %d times at start; giving up: %s",
+                child.vtpm_uuid,
+                child.quick_failures,
+                child.failed,
+            )
+            return
+        child.restart_at = now + child.backoff
+        log.warning(
+            "vTPM %s: instance exited with %s after %.1f s; restarting in %.1f s (%s)",
+            child.vtpm_uuid,
+            rc,
+            ran,
+            child.backoff,
+            reason,
+        )
+        child.backoff = min(child.backoff * 2, MAX_BACKOFF)

@@ -1,0 +1,206 @@
+"""TPM 2.0 policy digests, computed in software (SHA-256 policies, SHA-256 PCR bank).
+
+TCG TPM 2.0 Library Part 3: PolicyPCR (23.7), PolicyOR (23.6), PolicyAuthorize (23.16) and
+Part 1 (19.7, PolicyUpdate). The Manager seals each group key under
+
+    PolicyOR(states_root, PolicyAuthorize(owner key, policy_ref))
+
+where `states_root` is the root of an OR tree whose leaves are the PolicyPCR digests of the
+group's permitted host PCR states. PolicyOR takes at most eight branches, so more states are
+grouped eight at a time, level by level, until one digest remains; a group of one is passed up
+unchanged. The owner approves a new state set by signing SHA-256(new states_root || policy_ref),
+which lets a locked group be opened through the PolicyAuthorize branch.
+
+Nothing here touches a TPM; the same functions serve the Manager, the owner's signing tool and
+tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vtpm.errors import ConfigError
+
+DIGEST_SIZE = 32
+ZERO = bytes(DIGEST_SIZE)
+MAX_OR_BRANCHES = 8
+MAX_PCR = 23
+
+TPM_ALG_SHA256 = 0x000B
+TPM_ALG_NULL = 0x0010
+TPM_ALG_ECDSA = 0x0018
+TPM_ALG_ECC = 0x0023
+TPM_ECC_NIST_P256 = 0x0003
+CC_POLICY_AUTHORIZE = 0x0000016A
+CC_POLICY_OR = 0x00000171
+CC_POLICY_PCR = 0x0000017F
+# sign + userWithAuth: an external key used only to verify the owner's signatures
+VERIFY_KEY_ATTRIBUTES = 0x00040040
+
+
+def _h(*parts: bytes) -> bytes:
+    return hashlib.sha256(b"".join(parts)).digest()
+
+
+def check_pcrs(pcrs: Sequence[int]) -> tuple[int, ...]:
+    """Sorted, unique PCR indices in 0..23, or ConfigError."""
+    out = tuple(sorted(set(pcrs)))
+    if not out:
+        raise ConfigError("a PCR selection needs at least one PCR")
+    if out[0] < 0 or out[-1] > MAX_PCR:
+        raise ConfigError(f"PCR indices must be in 0..{MAX_PCR}")
+    if len(out) != len(pcrs):
+        raise ConfigError("a PCR selection lists a PCR twice")
+    return out
+
+
+def pcr_selection(pcrs: Sequence[int]) -> bytes:
+    """TPML_PCR_SELECTION with one SHA-256 bank selecting `pcrs` (3-byte bitmap)."""
+    bitmap = bytearray(3)
+    for i in check_pcrs(pcrs):
+        bitmap[i // 8] |= 1 << (i % 8)
+    return struct.pack(">IHB", 1, TPM_ALG_SHA256, 3) + bytes(bitmap)
+
+
+@dataclass(frozen=True, slots=True)
+class PcrState:
+    """One permitted host PCR state: SHA-256 values of `pcrs`, in index order."""
+
+    pcrs: tuple[int, ...]
+    values: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if tuple(sorted(set(self.pcrs))) != self.pcrs:
+            raise ConfigError("a PCR state's PCRs must be sorted and unique")
+        check_pcrs(self.pcrs)
+        if len(self.values) != len(self.pcrs):
+            raise ConfigError("a PCR state needs one value per PCR")
+        for v in self.values:
+            if len(v) != DIGEST_SIZE:
+                raise ConfigError(f"a SHA-256 PCR value is {DIGEST_SIZE} bytes, not {len(v)}")
+
+    @classmethod
+    def from_values(cls, values: dict[int, bytes]) -> PcrState:
+        pcrs = tuple(sorted(values))
+        return cls(pcrs, tuple(values[i] for i in pcrs))
+
+    def as_dict(self) -> dict[int, bytes]:
+        return dict(zip(self.pcrs, self.values, strict=True))
+
+    def pcr_digest(self) -> bytes:
+        """The pcrDigest PolicyPCR compares: SHA-256 of the values concatenated."""
+        return _h(*self.values)
+
+    def policy(self) -> bytes:
+        """PolicyPCR digest of this state, from an empty policy."""
+        return _h(
+            ZERO, struct.pack(">I", CC_POLICY_PCR), pcr_selection(self.pcrs), self.pcr_digest()
+        )
+
+    def differences(self, current: dict[int, bytes]) -> list[int]:
+        """PCRs of this state whose current value differs (missing counts as differing)."""
+        return [i for i, v in zip(self.pcrs, self.values, strict=True) if current.get(i) != v]
+
+    def to_json(self) -> dict[str, object]:
+        return {"pcrs": list(self.pcrs), "values": [v.hex() for v in self.values]}
+
+    @classmethod
+    def from_json(cls, raw: object) -> PcrState:
+        try:
+            assert isinstance(raw, dict)
+            pcrs = tuple(int(i) for i in raw["pcrs"])
+            values = tuple(bytes.fromhex(str(v)) for v in raw["values"])
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise ConfigError("a PCR state must be {pcrs: [..], values: [hex..]}") from None
+        return cls(pcrs, values)
+
+
+def policy_or(branches: Sequence[bytes]) -> bytes:
+    """PolicyOR digest over 2..8 branch digests."""
+    if not 2 <= len(branches) <= MAX_OR_BRANCHES:
+        raise ValueError(f"PolicyOR takes 2..{MAX_OR_BRANCHES} branches, not {len(branches)}")
+    return _h(ZERO, struct.pack(">I", CC_POLICY_OR), *branches)
+
+
+def policy_authorize(key_name: bytes, policy_ref: bytes) -> bytes:
+    """PolicyAuthorize digest for a signing key's name and a policyRef."""
+    return _h(_h(ZERO, struct.pack(">I", CC_POLICY_AUTHORIZE), key_name), policy_ref)
+
+
+def authorization_hash(approved_policy: bytes, policy_ref: bytes) -> bytes:
+    """aHash: what the authorizing key signs to approve `approved_policy`."""
+    return _h(approved_policy, policy_ref)
+
+
+def seal_policy(states_root: bytes, authorize: bytes) -> bytes:
+    """The authPolicy of a group's sealed key: its PCR states, or an owner-approved set."""
+    return policy_or([states_root, authorize])
+
+
+@dataclass(frozen=True, slots=True)
+class OrTree:
+    """PolicyOR tree over leaf digests, eight wide."""
+
+    leaves: tuple[bytes, ...]
+
+    def __post_init__(self) -> None:
+        if not self.leaves:
+            raise ConfigError("a policy needs at least one permitted PCR state")
+
+    @classmethod
+    def of_states(cls, states: Sequence[PcrState]) -> OrTree:
+        return cls(tuple(s.policy() for s in states))
+
+    def _levels(self) -> list[list[bytes]]:
+        levels = [list(self.leaves)]
+        while len(levels[-1]) > 1:
+            cur = levels[-1]
+            nxt = []
+            for i in range(0, len(cur), MAX_OR_BRANCHES):
+                chunk = cur[i : i + MAX_OR_BRANCHES]
+                nxt.append(chunk[0] if len(chunk) == 1 else policy_or(chunk))
+            levels.append(nxt)
+        return levels
+
+    @property
+    def root(self) -> bytes:
+        return self._levels()[-1][0]
+
+    def path(self, index: int) -> list[tuple[bytes, ...]]:
+        """The branch lists to hand PolicyOR, bottom-up, after the leaf `index` is satisfied."""
+        if not 0 <= index < len(self.leaves):
+            raise IndexError(index)
+        out: list[tuple[bytes, ...]] = []
+        for level in self._levels()[:-1]:
+            start = index - index % MAX_OR_BRANCHES
+            chunk = tuple(level[start : start + MAX_OR_BRANCHES])
+            if len(chunk) > 1:
+                out.append(chunk)
+            index //= MAX_OR_BRANCHES
+        return out
+
+
+def ecc_p256_verify_public(x: bytes, y: bytes) -> bytes:
+    """TPMT_PUBLIC of an external ECC P-256 ECDSA-SHA256 verification key (marshalled)."""
+    if len(x) != 32 or len(y) != 32:
+        raise ConfigError("an ECC P-256 point has 32-byte coordinates")
+    return (
+        struct.pack(">HHI", TPM_ALG_ECC, TPM_ALG_SHA256, VERIFY_KEY_ATTRIBUTES)
+        + struct.pack(">H", 0)  # authPolicy: empty
+        + struct.pack(">H", TPM_ALG_NULL)  # symmetric: none
+        + struct.pack(">HH", TPM_ALG_ECDSA, TPM_ALG_SHA256)  # scheme
+        + struct.pack(">H", TPM_ECC_NIST_P256)
+        + struct.pack(">H", TPM_ALG_NULL)  # kdf
+        + struct.pack(">H", 32)
+        + x
+        + struct.pack(">H", 32)
+        + y
+    )
+
+
+def object_name(tpmt_public: bytes) -> bytes:
+    """TPM name of an object with a SHA-256 nameAlg: nameAlg || SHA-256(TPMT_PUBLIC)."""
+    return struct.pack(">H", TPM_ALG_SHA256) + _h(tpmt_public)

@@ -1,0 +1,598 @@
+"""The vTPM Manager IPC protocol, sans-IO, both sides.
+
+Two uses, one framing: (a) key custody between a vTPM instance process and the Manager over
+a socketpair, (b) administrator requests to the Manager over a UNIX socket.
+
+Framing: u32 big-endian length L, then L bytes: u8 message type and a body of L - 1 bytes.
+1 <= L <= max_frame (a constructor argument, default 65536, at least 1025 so that every
+custody message fits, at most 2**32 - 1). A length outside that range is refused as soon as
+its 4 bytes are in, without waiting for the body; a type byte is judged as soon as it is in.
+The receive buffer holds at most one incomplete frame plus one read of up to 256 KiB: an
+adapter drains `next_event` after each `receive_data`.
+
+Messages (type: layout; names are 1..32 of [a-z0-9_], multi-byte integers big-endian):
+  0x01 Hello         peer → manager   u8 version (must be 1) | 16-byte vTPM UUID
+  0x02 KeyGrant      manager → peer   32-byte state key | u8 n (n <= 8) |
+                                      n x (u8 name length | name | 32-byte digest),
+                                      no name twice
+  0x03 Refused       manager → peer   UTF-8 reason, 0..1024 bytes
+  0x04 StateWritten  peer → manager   u8 name length | name | u64 counter | 32-byte SHA-256
+  0x05 StateDeleted  peer → manager   u8 name length | name
+  0x06 Ack           manager → peer   empty
+  0x07 Goodbye       peer → manager   empty (orderly exit, all state stored)
+  0x08 Ready         peer → manager   empty (the instance's frontends listen)
+  0x10 AdminRequest  peer → manager   UTF-8 JSON {"args": {...}, "op": "<non-empty>"}
+  0x11 AdminReply    manager → peer   UTF-8 JSON {"ok": true, "result": ...} or
+                                      {"error": "...", "ok": false}
+  0x20..0x2f are reserved for the deep-quote exchange; today they are unknown types.
+
+JSON is sent canonically (sorted keys, no blanks, UTF-8 rather than \\u escapes) and read
+leniently as to layout, strictly as to content: exactly the keys above, no key twice in an
+object, no NaN or Infinity, integers within -2**63..2**64-1, containers nested at most 32
+deep inside "args" / "result", strings that are valid Unicode.
+
+Roles: the MANAGER receives Hello, StateWritten, StateDeleted, Goodbye, Ready and AdminRequest and
+sends KeyGrant, Refused, Ack and AdminReply; the PEER (instance or admin client) the reverse.
+The order of messages is the adapter's business; this codec only checks direction and layout.
+
+Errors: bytes that break these rules (a bad length or type, a type the role does not receive,
+a body of the wrong size or content, a frame cut by end of stream, bytes after it) raise
+`RemoteProtocolError` from `receive_data` / `next_event`. Building an invalid event, or
+sending one the role may not send or one that does not fit in max_frame, raises
+`LocalProtocolError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+import struct
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeAlias, cast
+
+from vtpm.errors import LocalProtocolError, RemoteProtocolError
+from vtpm.wire._common import CLOSED, NEED_DATA, ReceiveBuffer, Sentinel
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_MAX_FRAME: Final = 65536
+MIN_MAX_FRAME: Final = 1025  # type byte + the longest Refused reason
+MAX_LENGTH: Final = 0xFFFFFFFF
+KEY_SIZE: Final = 32
+DIGEST_SIZE: Final = 32
+MAX_DIGESTS: Final = 8
+MAX_NAME: Final = 32
+MAX_REASON: Final = 1024
+MAX_JSON_DEPTH: Final = 32
+MIN_JSON_INT: Final = -(2**63)
+MAX_JSON_INT: Final = 2**64 - 1
+RESERVED_TYPES: Final = range(0x20, 0x30)
+
+# A sans-IO buffer cannot refuse bytes it is handed, so it bounds what it holds: one
+# incomplete frame plus one read (asyncio reads at most 256 KiB at a time).
+_MAX_READ: Final = 1 << 18
+_LENGTH = struct.Struct(">I")
+_HEADER = struct.Struct(">IB")
+_COUNTER = struct.Struct(">Q")
+_NAME = re.compile(r"[a-z0-9_]{1,32}")
+
+JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 0x01
+    KEY_GRANT = 0x02
+    REFUSED = 0x03
+    STATE_WRITTEN = 0x04
+    STATE_DELETED = 0x05
+    ACK = 0x06
+    GOODBYE = 0x07
+    READY = 0x08
+    ADMIN_REQUEST = 0x10
+    ADMIN_REPLY = 0x11
+
+
+class Role(enum.Enum):
+    MANAGER = "manager"
+    PEER = "peer"
+
+
+# validation of field values ------------------------------------------------------------------
+
+
+def _check_bytes(what: str, value: object, size: int) -> None:
+    if not isinstance(value, bytes) or len(value) != size:
+        raise LocalProtocolError(f"{what} must be exactly {size} bytes")
+
+
+def _check_name(what: str, name: object) -> None:
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        raise LocalProtocolError(f"{what} {name!r} is not 1..{MAX_NAME} of [a-z0-9_]")
+
+
+def _check_text(what: str, text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"{what} is not valid Unicode") from exc
+
+
+def _check_json(what: str, value: object) -> None:
+    """Plain JSON data within the bounds, or LocalProtocolError. Iterative: depth is data."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if item is None or kind is bool:
+            continue
+        if isinstance(item, int) and kind is int:
+            if not MIN_JSON_INT <= item <= MAX_JSON_INT:
+                raise LocalProtocolError(f"{what}: integer {item} is out of range")
+        elif isinstance(item, float) and kind is float:
+            if not math.isfinite(item):
+                raise LocalProtocolError(f"{what}: {item} is not a JSON number")
+        elif isinstance(item, str) and kind is str:
+            _check_text(what, item)
+        elif isinstance(item, list | dict) and kind in (list, dict):
+            if depth >= MAX_JSON_DEPTH:
+                raise LocalProtocolError(f"{what} is nested more than {MAX_JSON_DEPTH} deep")
+            if isinstance(item, dict):
+                for key, member in item.items():
+                    if type(key) is not str:
+                        raise LocalProtocolError(f"{what}: object key {key!r} is not a string")
+                    _check_text(what, key)
+                    stack.append((member, depth + 1))
+            else:
+                stack.extend((member, depth + 1) for member in item)
+        else:
+            raise LocalProtocolError(f"{what}: {kind.__name__} is not JSON data")
+
+
+# events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """An instance introduces itself and asks for its state key."""
+
+    vtpm_uuid: uuid.UUID
+    version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vtpm_uuid, uuid.UUID):
+            raise LocalProtocolError("Hello.vtpm_uuid must be a uuid.UUID")
+        if self.version != PROTOCOL_VERSION or type(self.version) is not int:
+            raise LocalProtocolError(f"protocol version {self.version!r} is not {PROTOCOL_VERSION}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGrant:
+    """The state key and the digest of each stored state blob, by name. The key never
+    appears in the repr."""
+
+    key: bytes = field(repr=False)
+    digests: tuple[tuple[str, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_bytes("KeyGrant.key", self.key, KEY_SIZE)
+        if not isinstance(self.digests, tuple):
+            raise LocalProtocolError("KeyGrant.digests must be a tuple of (name, digest)")
+        if len(self.digests) > MAX_DIGESTS:
+            raise LocalProtocolError(f"KeyGrant carries more than {MAX_DIGESTS} digests")
+        seen: set[str] = set()
+        for entry in self.digests:
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise LocalProtocolError("KeyGrant.digests entries must be (name, digest)")
+            name, digest = entry
+            _check_name("KeyGrant name", name)
+            _check_bytes(f"KeyGrant digest of {name}", digest, DIGEST_SIZE)
+            if name in seen:
+                raise LocalProtocolError(f"KeyGrant names {name!r} twice")
+            seen.add(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The Manager will not serve this instance; the reason is for the log."""
+
+    reason: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str):
+            raise LocalProtocolError("Refused.reason must be a str")
+        _check_text("Refused.reason", self.reason)
+        if len(self.reason.encode("utf-8")) > MAX_REASON:
+            raise LocalProtocolError(f"Refused.reason is longer than {MAX_REASON} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class StateWritten:
+    """The instance stored state blob `name` at `counter` with this SHA-256 digest."""
+
+    name: str
+    counter: int
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        _check_name("StateWritten.name", self.name)
+        if type(self.counter) is not int or not 0 <= self.counter <= 0xFFFFFFFFFFFFFFFF:
+            raise LocalProtocolError(f"StateWritten.counter {self.counter!r} is not a u64")
+        _check_bytes("StateWritten.digest", self.digest, DIGEST_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class StateDeleted:
+    """The instance deleted state blob `name`."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_name("StateDeleted.name", self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The Manager recorded a StateWritten / StateDeleted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The instance exits in order, all its state stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The instance has started its TPM and its frontends listen."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    """An administrator's request: an operation name and its arguments."""
+
+    op: str
+    args: dict[str, JSONValue]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, str) or not self.op:
+            raise LocalProtocolError("AdminRequest.op must be a non-empty str")
+        _check_text("AdminRequest.op", self.op)
+        if type(self.args) is not dict:
+            raise LocalProtocolError("AdminRequest.args must be a dict")
+        _check_json("AdminRequest.args", self.args)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminReply:
+    """The Manager's answer: a result on success, an error message on failure."""
+
+    ok: bool
+    result: JSONValue = None
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        if type(self.ok) is not bool:
+            raise LocalProtocolError("AdminReply.ok must be a bool")
+        if not isinstance(self.error, str):
+            raise LocalProtocolError("AdminReply.error must be a str")
+        if self.ok and self.error:
+            raise LocalProtocolError("a successful AdminReply carries no error")
+        if not self.ok and self.result is not None:
+            raise LocalProtocolError("a failed AdminReply carries no result")
+        _check_text("AdminReply.error", self.error)
+        _check_json("AdminReply.result", self.result)
+
+
+PeerEvent: TypeAlias = Hello | StateWritten | StateDeleted | Goodbye | Ready | AdminRequest
+"""What a PEER sends and the MANAGER receives."""
+ManagerEvent: TypeAlias = KeyGrant | Refused | Ack | AdminReply
+"""What the MANAGER sends and a PEER receives."""
+Event: TypeAlias = PeerEvent | ManagerEvent
+
+# the protocol as data ------------------------------------------------------------------------
+
+_TYPE_OF: dict[type[Event], MessageType] = {
+    Hello: MessageType.HELLO,
+    KeyGrant: MessageType.KEY_GRANT,
+    Refused: MessageType.REFUSED,
+    StateWritten: MessageType.STATE_WRITTEN,
+    StateDeleted: MessageType.STATE_DELETED,
+    Ack: MessageType.ACK,
+    Goodbye: MessageType.GOODBYE,
+    Ready: MessageType.READY,
+    AdminRequest: MessageType.ADMIN_REQUEST,
+    AdminReply: MessageType.ADMIN_REPLY,
+}
+_SENDS: dict[Role, frozenset[MessageType]] = {
+    Role.MANAGER: frozenset(
+        {MessageType.KEY_GRANT, MessageType.REFUSED, MessageType.ACK, MessageType.ADMIN_REPLY}
+    ),
+    Role.PEER: frozenset(
+        {
+            MessageType.HELLO,
+            MessageType.STATE_WRITTEN,
+            MessageType.STATE_DELETED,
+            MessageType.GOODBYE,
+            MessageType.READY,
+            MessageType.ADMIN_REQUEST,
+        }
+    ),
+}
+_RECEIVES: dict[Role, frozenset[MessageType]] = {
+    Role.MANAGER: _SENDS[Role.PEER],
+    Role.PEER: _SENDS[Role.MANAGER],
+}
+
+# encoding --------------------------------------------------------------------------------------
+
+
+def _name_bytes(name: str) -> bytes:
+    raw = name.encode("ascii")
+    return bytes([len(raw)]) + raw
+
+
+def _dump_json(what: str, obj: dict[str, JSONValue]) -> bytes:
+    try:
+        text = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+        return text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as exc:  # args mutated after construction
+        raise LocalProtocolError(f"{what} cannot be encoded as JSON: {exc}") from exc
+
+
+def _encode_body(event: Event) -> bytes:
+    match event:
+        case Hello(vtpm_uuid=vtpm_uuid, version=version):
+            return bytes([version]) + vtpm_uuid.bytes
+        case KeyGrant(key=key, digests=digests):
+            parts = [key, bytes([len(digests)])]
+            for name, digest in digests:
+                parts += [_name_bytes(name), digest]
+            return b"".join(parts)
+        case Refused(reason=reason):
+            return reason.encode("utf-8")
+        case StateWritten(name=name, counter=counter, digest=digest):
+            return _name_bytes(name) + _COUNTER.pack(counter) + digest
+        case StateDeleted(name=name):
+            return _name_bytes(name)
+        case Ack() | Goodbye() | Ready():
+            return b""
+        case AdminRequest(op=op, args=args):
+            _check_json("AdminRequest.args", args)
+            return _dump_json("AdminRequest", {"args": args, "op": op})
+        case AdminReply(ok=True, result=result):
+            _check_json("AdminReply.result", result)
+            return _dump_json("AdminReply", {"ok": True, "result": result})
+        case AdminReply(error=error):
+            return _dump_json("AdminReply", {"error": error, "ok": False})
+    raise LocalProtocolError(f"cannot encode {type(event).__name__}")
+
+
+# decoding: every function here sees only peer bytes and raises only RemoteProtocolError (or
+# LocalProtocolError from an event's own checks, which `next_event` turns into the former) --
+
+
+def _expect_size(body: bytes, size: int, what: str) -> None:
+    if len(body) != size:
+        raise RemoteProtocolError(f"{what} body is {len(body)} bytes, not {size}")
+
+
+def _take_name(body: bytes, pos: int, what: str) -> tuple[str, int]:
+    """The length-prefixed name at `pos` and the position after it."""
+    if pos >= len(body):
+        raise RemoteProtocolError(f"{what} body ends before a name length")
+    end = pos + 1 + body[pos]
+    if end > len(body):
+        raise RemoteProtocolError(f"{what} body ends inside a name")
+    try:
+        name = body[pos + 1 : end].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError(f"{what} name is not ASCII") from exc
+    return name, end
+
+
+def _decode_hello(body: bytes) -> Hello:
+    _expect_size(body, 1 + 16, "Hello")
+    if body[0] != PROTOCOL_VERSION:
+        raise RemoteProtocolError(f"Hello speaks protocol version {body[0]}, not 1")
+    return Hello(uuid.UUID(bytes=body[1:]), body[0])
+
+
+def _decode_key_grant(body: bytes) -> KeyGrant:
+    if len(body) < KEY_SIZE + 1:
+        raise RemoteProtocolError(f"KeyGrant body of {len(body)} bytes has no key and count")
+    count = body[KEY_SIZE]
+    if count > MAX_DIGESTS:
+        raise RemoteProtocolError(f"KeyGrant announces {count} digests, at most {MAX_DIGESTS}")
+    digests: list[tuple[str, bytes]] = []
+    pos = KEY_SIZE + 1
+    for _ in range(count):
+        name, pos = _take_name(body, pos, "KeyGrant")
+        if pos + DIGEST_SIZE > len(body):
+            raise RemoteProtocolError("KeyGrant body ends inside a digest")
+        digests.append((name, body[pos : pos + DIGEST_SIZE]))
+        pos += DIGEST_SIZE
+    if pos != len(body):
+        raise RemoteProtocolError(f"KeyGrant body has {len(body) - pos} bytes too many")
+    return KeyGrant(body[:KEY_SIZE], tuple(digests))
+
+
+def _decode_refused(body: bytes) -> Refused:
+    if len(body) > MAX_REASON:
+        raise RemoteProtocolError(f"Refused reason of {len(body)} bytes exceeds {MAX_REASON}")
+    try:
+        return Refused(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("Refused reason is not UTF-8") from exc
+
+
+def _decode_state_written(body: bytes) -> StateWritten:
+    name, pos = _take_name(body, 0, "StateWritten")
+    _expect_size(body, pos + _COUNTER.size + DIGEST_SIZE, "StateWritten")
+    (counter,) = _COUNTER.unpack_from(body, pos)
+    return StateWritten(name, counter, body[pos + _COUNTER.size :])
+
+
+def _decode_state_deleted(body: bytes) -> StateDeleted:
+    name, pos = _take_name(body, 0, "StateDeleted")
+    _expect_size(body, pos, "StateDeleted")
+    return StateDeleted(name)
+
+
+def _decode_ack(body: bytes) -> Ack:
+    _expect_size(body, 0, "Ack")
+    return Ack()
+
+
+def _decode_goodbye(body: bytes) -> Goodbye:
+    _expect_size(body, 0, "Goodbye")
+    return Goodbye()
+
+
+def _decode_ready(body: bytes) -> Ready:
+    _expect_size(body, 0, "Ready")
+    return Ready()
+
+
+def _no_constants(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("an object names a key twice")
+    return obj
+
+
+def _load_object(body: bytes, what: str) -> dict[str, object]:
+    try:
+        value = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise RemoteProtocolError(f"{what} is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise RemoteProtocolError(f"{what} is not a JSON object")
+    return value
+
+
+def _expect_keys(obj: dict[str, object], keys: set[str], what: str) -> None:
+    if obj.keys() != keys:
+        raise RemoteProtocolError(f"{what} has keys {sorted(obj)}, not {sorted(keys)}")
+
+
+def _decode_admin_request(body: bytes) -> AdminRequest:
+    obj = _load_object(body, "AdminRequest")
+    _expect_keys(obj, {"op", "args"}, "AdminRequest")
+    op, args = obj["op"], obj["args"]
+    if not isinstance(op, str) or not op:
+        raise RemoteProtocolError("AdminRequest op is not a non-empty string")
+    if not isinstance(args, dict):
+        raise RemoteProtocolError("AdminRequest args is not an object")
+    return AdminRequest(op, args)
+
+
+def _decode_admin_reply(body: bytes) -> AdminReply:
+    obj = _load_object(body, "AdminReply")
+    ok = obj.get("ok")
+    if ok is True:
+        _expect_keys(obj, {"ok", "result"}, "AdminReply")
+        # AdminReply checks that the result is JSON data within the bounds
+        return AdminReply(True, cast("JSONValue", obj["result"]))
+    if ok is False:
+        _expect_keys(obj, {"ok", "error"}, "AdminReply")
+        error = obj["error"]
+        if not isinstance(error, str):
+            raise RemoteProtocolError("AdminReply error is not a string")
+        return AdminReply(False, error=error)
+    raise RemoteProtocolError("AdminReply ok is not true or false")
+
+
+_DECODERS: dict[MessageType, Callable[[bytes], Event]] = {
+    MessageType.HELLO: _decode_hello,
+    MessageType.KEY_GRANT: _decode_key_grant,
+    MessageType.REFUSED: _decode_refused,
+    MessageType.STATE_WRITTEN: _decode_state_written,
+    MessageType.STATE_DELETED: _decode_state_deleted,
+    MessageType.ACK: _decode_ack,
+    MessageType.GOODBYE: _decode_goodbye,
+    MessageType.READY: _decode_ready,
+    MessageType.ADMIN_REQUEST: _decode_admin_request,
+    MessageType.ADMIN_REPLY: _decode_admin_reply,
+}
+
+# the connection --------------------------------------------------------------------------------
+
+
+class IpcConnection:
+    """One end of a Manager IPC stream: `role` says which messages go which way."""
+
+    def __init__(self, role: Role, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        if not isinstance(role, Role):
+            raise LocalProtocolError(f"role must be a Role, not {role!r}")
+        if not MIN_MAX_FRAME <= max_frame <= MAX_LENGTH:
+            raise LocalProtocolError(
+                f"max_frame {max_frame} is outside {MIN_MAX_FRAME}..{MAX_LENGTH}"
+            )
+        self.role: Final = role
+        self.max_frame: Final = max_frame
+        self._buf = ReceiveBuffer(_LENGTH.size + max_frame + _MAX_READ)
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes read from the peer; b"" means the peer closed its end."""
+        self._buf.feed(data)
+
+    def next_event(self) -> Event | Sentinel:
+        buf = self._buf
+        length = buf.peek_u32()
+        if length is None:
+            if buf.eof:
+                if len(buf):
+                    raise RemoteProtocolError("connection closed inside a frame length")
+                return CLOSED
+            return NEED_DATA
+        if not 1 <= length <= self.max_frame:
+            raise RemoteProtocolError(f"frame length {length} is outside 1..{self.max_frame}")
+        head = buf.peek(_HEADER.size)
+        if head is None:
+            return self._incomplete()
+        kind = self._message_type(head[_LENGTH.size])
+        if len(buf) < _LENGTH.size + length:
+            return self._incomplete()
+        body = buf.take(_LENGTH.size + length)[_HEADER.size :]
+        try:
+            return _DECODERS[kind](body)
+        except LocalProtocolError as exc:  # the event's own checks, failed by peer bytes
+            raise RemoteProtocolError(f"bad {kind.name}: {exc}") from exc
+
+    def _message_type(self, code: int) -> MessageType:
+        if code in RESERVED_TYPES:
+            raise RemoteProtocolError(f"message type {code:#04x} is reserved, not spoken yet")
+        if code not in MessageType._value2member_map_:
+            raise RemoteProtocolError(f"unknown message type {code:#04x}")
+        kind = MessageType(code)
+        if kind not in _RECEIVES[self.role]:
+            raise RemoteProtocolError(f"the {self.role.value} does not receive {kind.name}")
+        return kind
+
+    def _incomplete(self) -> Sentinel:
+        if self._buf.eof:
+            raise RemoteProtocolError("connection closed inside a frame")
+        return NEED_DATA
+
+    def send(self, event: Event) -> bytes:
+        """The bytes of one frame carrying `event`."""
+        kind = _TYPE_OF.get(type(event))
+        if kind is None:
+            raise LocalProtocolError(f"{type(event).__name__} is not a Manager IPC event")
+        if kind not in _SENDS[self.role]:
+            raise LocalProtocolError(f"the {self.role.value} does not send {kind.name}")
+        body = _encode_body(event)
+        length = 1 + len(body)
+        if length > self.max_frame:
+            raise LocalProtocolError(f"{kind.name} frame of {length} bytes exceeds max_frame")
+        return _HEADER.pack(length, kind) + body

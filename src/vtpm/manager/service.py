@@ -188,6 +188,7 @@ class Manager:
                     self.store.forget_state(vtpm_uuid, ev.name)
                     reply = ipc.Ack()
                 elif isinstance(ev, ipc.Ready):
+                    self.supervisor.mark_ready(vtpm_uuid)
                     self._ready.setdefault(vtpm_uuid, threading.Event()).set()
                     continue
                 elif isinstance(ev, ipc.Goodbye):

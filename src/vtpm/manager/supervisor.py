@@ -7,8 +7,8 @@ the link is the `Serve` callback's business, run in a thread per child.
 
 Restart policy: a child that exits while wanted is started again after a delay that doubles from
 0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
-`MAX_QUICK_FAILURES` times in a row within seconds of starting (a refused key, a rolled-back
-state) is given up on and marked failed with the last line of its log, rather than looped.
+`MAX_QUICK_FAILURES` times in a row before it ever served (a refused key, a rolled-back state)
+is given up on and marked failed with the last line of its log, rather than looped.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 60.0
-QUICK_FAILURE = 10.0
 MAX_QUICK_FAILURES = 5
 STOP_TIMEOUT = 20.0
 
@@ -51,6 +50,7 @@ class Child:
     quick_failures: int = 0
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
+    ready: bool = False  # the current process reported that it serves
     failed: str = ""
     last_exit: int | None = None
     link_thread: threading.Thread | None = field(default=None, repr=False)
@@ -58,7 +58,7 @@ class Child:
     @property
     def state(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
-            return "running"
+            return "running" if self.ready else "starting"
         if self.failed:
             return "failed"
         if self.restart_at is not None:
@@ -104,8 +104,8 @@ class Supervisor:
         """Start (or restart) the instance of `vtpm_uuid` with `args` after `instance run`."""
         with self._lock:
             child = self._children.get(vtpm_uuid)
-            if child is not None and child.state == "running":
-                raise ManagerError(f"vTPM {vtpm_uuid} is running already")
+            if child is not None and child.state in ("running", "starting"):
+                raise ManagerError(f"vTPM {vtpm_uuid} is {child.state} already")
             child = Child(vtpm_uuid, args, log_file)
             self._children[vtpm_uuid] = child
             self._spawn(child)
@@ -135,6 +135,7 @@ class Supervisor:
             theirs.close()
         child.started = time.monotonic()
         child.restart_at = None
+        child.ready = False
         child.failed = ""
         child.link_thread = threading.Thread(
             target=self._run_link,
@@ -192,13 +193,19 @@ class Supervisor:
         with self._lock:
             self._children.pop(vtpm_uuid, None)
 
+    def mark_ready(self, vtpm_uuid: uuid.UUID) -> None:
+        with self._lock:
+            child = self._children.get(vtpm_uuid)
+            if child is not None:
+                child.ready = True
+
     def child(self, vtpm_uuid: uuid.UUID) -> Child | None:
         with self._lock:
             return self._children.get(vtpm_uuid)
 
     def running(self) -> list[uuid.UUID]:
         with self._lock:
-            return [u for u, c in self._children.items() if c.state == "running"]
+            return [u for u, c in self._children.items() if c.state in ("running", "starting")]
 
     def pids(self) -> list[int]:
         with self._lock:
@@ -236,8 +243,9 @@ class Supervisor:
         reason = last_log_line(child.log_file)
         if ran >= HEALTHY_AFTER:
             child.backoff = FIRST_BACKOFF
+        if child.ready:
             child.quick_failures = 0
-        elif ran < QUICK_FAILURE and rc != 0:
+        elif rc != 0:
             child.quick_failures += 1
         if child.quick_failures >= MAX_QUICK_FAILURES:
             child.failed = reason or f"exited with {rc}"

@@ -5,6 +5,8 @@ raw TCP connection (the data socket tpm2-tss TCTI `swtpm` uses) for TPM2_PCR_Ext
 TPM2_GetRandom(32), TPM2_Quote (ECC P-256 AK) and TPM2_Create (RSA 2048). Then the in-process
 floor: the libtpms engine alone, no transport. Prints a table with the vtpm/swtpm ratios
 (rates: higher is better; RSS and start time: lower is better); `--json` prints it as data.
+Then the Manager benchmark (bench/manager.py): create + start N vTPMs through the vTPM Manager
+beside swtpm_setup + swtpm, and the memory N of each take. `--only transport|manager` runs one.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -24,71 +24,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import manager as mgr_bench
 from bench import templates as tmpl
+from bench.common import GETRANDOM, Client, free_pair, rss_kib
+from vtpm.errors import VtpmError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RC
 
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
 EXTEND = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"\x5a" * 32})
-GETRANDOM = frames.get_random(32)
-
-
-def free_pair() -> int:
-    while True:
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        s.close()
-        if port >= 65000:
-            continue
-        t = socket.socket()
-        try:
-            t.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-        finally:
-            t.close()
-
-
-class Client:
-    """A raw TPM client over one TCP connection."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def _read(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("TPM closed the connection")
-            buf += chunk
-        return buf
-
-    def call(self, command: bytes) -> bytes:
-        self.sock.sendall(command)
-        head = self._read(10)
-        (size,) = struct.unpack_from(">I", head, 2)
-        return head + self._read(size - 10)
-
-    def call_ok(self, command: bytes) -> bytes:
-        for _ in range(10):
-            resp = self.call(command)
-            rc = frames.response_code(resp)
-            if rc == TPM_RC.RETRY:
-                continue
-            if rc != TPM_RC.SUCCESS:
-                raise RuntimeError(f"TPM answered {rc:#x}")
-            return resp
-        raise RuntimeError("TPM kept answering RETRY")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass
@@ -98,13 +45,6 @@ class Target:
     port: int
     start_s: float
     results: dict[str, float] = field(default_factory=dict)
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def first_answer(argv: list[str], port: int) -> tuple[subprocess.Popen[bytes], float]:
@@ -278,16 +218,7 @@ ROWS = (
 )
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
-    ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = ap.parse_args()
-    if shutil.which("swtpm") is None:
-        print("bench: swtpm is not installed (run ./dev install)", file=sys.stderr)
-        return 1
+def run_transport(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vtpm-bench-"))
     targets: list[Target] = []
     try:
@@ -325,22 +256,71 @@ def main() -> int:
                 "higher_is_better": higher_better,
             }
         )
-    if args.json:
-        print(json.dumps({"results": table, "engine_floor": floor}, indent=2))
-        return 0
+    return {"results": table, "engine_floor": floor}
+
+
+def print_transport(rep: dict[str, Any]) -> None:
     print(f"\n{'metric':40} {'swtpm':>12} {'vtpm':>12} {'vtpm/swtpm':>11}")
-    for row in table:
+    for row in rep["results"]:
         print(
             f"{row['label']:40} {row['swtpm']:12.1f} {row['vtpm']:12.1f} "
             f"{row['ratio_vtpm_over_swtpm']:10.2f}x"
         )
     print("\nin-process floor (libtpms engine alone, no transport):")
-    for k, v in floor.items():
+    for k, v in rep["engine_floor"].items():
         print(f"  {k:38} {v:12.1f}")
     print(
         f"\nmachine: {os.cpu_count()} cores; transport: raw TPM over one TCP connection "
         "on 127.0.0.1"
     )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--only",
+        choices=["transport", "manager"],
+        default=None,
+        help="run one benchmark: transport (one instance each, command rates, start, RSS) or "
+        "manager (create + start N vTPMs, memory with N running); default both",
+    )
+    ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
+    ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
+    mgr_bench.add_arguments(ap)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+    if shutil.which("swtpm") is None:
+        print("bench: swtpm is not installed (run ./dev install)", file=sys.stderr)
+        return 1
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(f"bench: {msg}", file=sys.stderr)
+
+    out: dict[str, Any] = {}
+    try:
+        if args.only in (None, "transport"):
+            out.update(run_transport(args))
+        if args.only in (None, "manager"):
+            out["manager"] = mgr_bench.run(args, progress)
+    except KeyboardInterrupt:
+        print("bench: interrupted; processes and temporary files removed", file=sys.stderr)
+        return 130
+    except (RuntimeError, VtpmError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        print(f"bench: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if "results" in out:
+        print_transport(out)
+    if "manager" in out:
+        mgr_bench.print_report(out["manager"])
     return 0
 
 

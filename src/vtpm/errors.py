@@ -71,3 +71,15 @@ class LabelError(VtpmError):
 
 class ManagerError(VtpmError):
     """The Manager refused or failed an operation (unknown vTPM, locked group, ...)."""
+
+
+class VerifyError(VtpmError):
+    """Evidence given to the verifier is malformed (bytes that do not parse, a bad document)."""
+
+
+class EventLogError(VerifyError):
+    """An event log does not parse (not crypto-agile, truncated, inconsistent digests)."""
+
+
+class LaunchError(VtpmError):
+    """A measured launch was refused or failed (wrong label, an extend failed, no guest)."""

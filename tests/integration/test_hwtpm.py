@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -351,6 +352,22 @@ def test_simulator_reports_a_failed_start(tmp_path: Path) -> None:
 # the TPM going away ----------------------------------------------------------------------------
 
 
+def _kill_and_wait(pid: int, port: int) -> None:
+    """SIGKILL a simulator and wait until its ports are free: the kernel closes a killed
+    process's sockets a moment after kill() returns, and the restart wants the same port."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"port {port} still busy after killing {pid}"
+            time.sleep(0.02)
+
+
 def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
     hw = HardwareTpm(sim.tcti, retries=4)
     hw.open()
@@ -362,7 +379,7 @@ def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
         authorize = Owner().authorize
         obj = hw.seal(SECRET, policy.seal_policy(tree.root, authorize))
 
-        os.kill(sim.pid, signal.SIGKILL)
+        _kill_and_wait(sim.pid, sim.port)
         started = time.monotonic()
         with pytest.raises(HwTpmError, match="unreachable"):
             hw.unseal_with_pcrs(obj, boot, tree, 0, authorize)
@@ -378,7 +395,7 @@ def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
             assert hw.primary_name == pinned
 
             # a reboot between two calls (no failed call in between) is noticed too
-            os.kill(restarted.pid, signal.SIGKILL)
+            _kill_and_wait(restarted.pid, restarted.port)
             again = Simulator(sim.state_dir)
             tcti = again.start()
             try:

@@ -87,6 +87,28 @@ def test_frame_events_validate() -> None:
         TpmResponse(bytes.fromhex("80010000000b00000000"))  # size field says 11
 
 
+def test_whole_command_fast_path() -> None:
+    ok = bytes.fromhex("80010000000a00000000")
+    conn = FrameServerConnection(max_size=4096)
+    assert conn.whole_command(STARTUP) == STARTUP
+    assert conn.whole_command(STARTUP) is None  # one command in flight
+    assert conn.respond(ok) == ok
+    with pytest.raises(LocalProtocolError):
+        conn.respond(ok)  # nothing in flight
+    # anything but exactly one valid frame goes the ordinary way, with the ordinary errors
+    for data in (STARTUP[:5], STARTUP[:11], STARTUP + STARTUP, b"\x12\x34" + STARTUP[2:]):
+        assert FrameServerConnection().whole_command(data) is None
+    assert FrameServerConnection(max_size=11).whole_command(STARTUP) is None
+    conn = FrameServerConnection()
+    conn.receive_data(STARTUP[:4])
+    assert conn.whole_command(STARTUP) is None  # bytes are buffered: order must hold
+    bad = FrameServerConnection()
+    assert bad.whole_command(b"\x12\x34" + STARTUP[2:]) is None
+    bad.receive_data(b"\x12\x34" + STARTUP[2:])
+    with pytest.raises(RemoteProtocolError, match="tag"):
+        bad.next_event()
+
+
 # mssim --------------------------------------------------------------------------------------
 
 

@@ -59,6 +59,10 @@ TABLE: list[tuple[w.Role, str, w.Event]] = [
     (MANAGER, "00000001 06", w.Ack()),
     (PEER, "00000001 07", w.Goodbye()),
     (PEER, "00000001 08", w.Ready()),
+    (PEER, "0000000c 20 0002 aabb 00000081 000b 00", w.QuoteRequest(b"\xaa\xbb", (0, 7), 0x0B, ())),
+    (MANAGER, "00000004 21 010203", w.QuoteReply(b"\x01\x02\x03")),
+    (MANAGER, "00000007 22 000b 00000003", w.PcrRequest(0x0B, (0, 1))),
+    (PEER, "00000019 23 0004 01 05" + " 11" * 20, w.PcrReply(0x04, ((5, b"\x11" * 20),))),
     # {"args":{},"op":"list"}
     (
         PEER,
@@ -181,7 +185,7 @@ def frame(kind: str, body: str) -> str:
         (MANAGER, "00000001 00", "unknown message type 0x00"),
         (MANAGER, "00000001 09", "unknown message type 0x09"),
         (PEER, "00000001 ff", "unknown message type 0xff"),
-        (MANAGER, "00000001 20", "0x20 is reserved"),
+        (MANAGER, "00000001 24", "0x24 is reserved"),
         (PEER, "00000001 2f", "0x2f is reserved"),
         (MANAGER, "00000001 02", "manager does not receive KEY_GRANT"),
         (MANAGER, "00000001 03", "manager does not receive REFUSED"),

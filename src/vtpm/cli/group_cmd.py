@@ -1,18 +1,27 @@
-"""`vtpm group ...`: groups, their owner key, and owner-signed changes."""
+"""`vtpm group ...`: groups, their owner key, owner-signed changes, and attestation (the
+provisioning bundle, credential activation)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 import uuid
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from vtpm.cli import client
 from vtpm.errors import ConfigError
-from vtpm.manager import ownerreq
 from vtpm.tpm.policy import PcrState, check_pcrs
+
+
+def _ownerreq() -> ModuleType:
+    # imported on use: every `vtpm` process, each vTPM instance among them, loads this module
+    from vtpm.manager import ownerreq  # noqa: PLC0415
+
+    return ownerreq
 
 
 def parse_pcr_list(text: str) -> list[int]:
@@ -71,6 +80,12 @@ def register(sub: Any) -> None:
         default=[],
         metavar="LABEL",
         help="permitted vTPM label (user:role:type; user may be *); repeatable",
+    )
+    new.add_argument(
+        "--ak",
+        choices=("ecc", "rsa"),
+        default="ecc",
+        help="the group's attestation key on the hardware TPM: ECC P-256 (default) or RSA 2048",
     )
     client.add_common(new)
     new.set_defaults(func=cmd_new)
@@ -168,6 +183,48 @@ def register(sub: Any) -> None:
     update.add_argument("request", type=Path)
     client.add_common(update)
     update.set_defaults(func=cmd_update)
+    _register_attestation(gsub)
+
+
+def _register_attestation(gsub: Any) -> None:
+    prov = gsub.add_parser(
+        "provision",
+        help="the group's provisioning bundle for verifiers",
+        description="Print (or write) the group's provisioning bundle: the group, its "
+        "attestation key, the hardware TPM's EK and EK certificate, and a quote by the AK of "
+        "the group's configuration. A verifier checks it once and then trusts deep quotes.",
+    )
+    prov.add_argument("group", help="name or uuid")
+    prov.add_argument(
+        "-o", "--output", type=Path, default=None, help="write the bundle here (default stdout)"
+    )
+    client.add_common(prov)
+    prov.set_defaults(func=cmd_provision)
+
+    act = gsub.add_parser(
+        "activate",
+        help="prove the group's AK and the EK share a TPM (ActivateCredential)",
+        description="Recover the secret a verifier encrypted with TPM2_MakeCredential to the "
+        "hardware TPM's EK and the group's AK name, and print it (hex).",
+    )
+    act.add_argument("group", help="name or uuid")
+    act.add_argument(
+        "--credential-blob",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="marshalled TPM2B_ID_OBJECT, or tpm2_makecredential's output file (which holds "
+        "the encrypted secret too)",
+    )
+    act.add_argument(
+        "--encrypted-secret",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="marshalled TPM2B_ENCRYPTED_SECRET",
+    )
+    client.add_common(act)
+    act.set_defaults(func=cmd_activate)
 
 
 def _describe(g: dict[str, Any]) -> str:
@@ -176,6 +233,7 @@ def _describe(g: dict[str, Any]) -> str:
         f"group {g['name']}  uuid {g['uuid']}",
         f"  status: {'unlocked' if s['unlocked'] else 'LOCKED: ' + s['reason']}",
         f"  sequence {g['seq']}, owner-approved states: {'yes' if g['owner_approved'] else 'no'}",
+        f"  attestation key: {(g.get('ak') or 'none yet (made on first need)').upper()}",
         f"  labels: {', '.join(g['labels']) or '(none)'}",
         f"  vTPMs: {g['vtpms']}",
         "  permitted host PCR states (SHA-256):",
@@ -191,14 +249,15 @@ def _describe(g: dict[str, Any]) -> str:
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    key = ownerreq.load_public_key(_read(args.owner_key, private_ok=True))
+    key = _ownerreq().load_public_key(_read(args.owner_key, private_ok=True))
     g = client.call(
         args,
         "group.new",
         name=args.name,
-        owner_pub=ownerreq.public_pem(key).decode(),
+        owner_pub=_ownerreq().public_pem(key).decode(),
         pcrs=parse_pcr_list(args.pcrs),
         labels=list(args.label),
+        ak=args.ak,
     )
     return client.emit(args, g, _describe(g))
 
@@ -209,7 +268,8 @@ def _read(path: Path, *, private_ok: bool = False) -> bytes:
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     if private_ok and b"PRIVATE KEY" in data:
-        return ownerreq.public_pem(ownerreq.load_private_key(path))
+        pem: bytes = _ownerreq().public_pem(_ownerreq().load_private_key(path))
+        return pem
     return data
 
 
@@ -241,9 +301,9 @@ def cmd_del(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    key = ownerreq.generate_private_key(args.path)
+    key = _ownerreq().generate_private_key(args.path)
     pub_path = args.path.with_name(args.path.name + ".pub")
-    pub_path.write_bytes(ownerreq.public_pem(key))
+    pub_path.write_bytes(_ownerreq().public_pem(key))
     return client.emit(
         args,
         {"private_key": str(args.path), "public_key": str(pub_path)},
@@ -252,7 +312,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    key = ownerreq.load_private_key(args.key)
+    key = _ownerreq().load_private_key(args.key)
     if args.source is not None:
         try:
             raw = json.loads(_read(args.source))
@@ -285,7 +345,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     labels += [x for x in args.add_label if x not in labels]
     if not states:
         raise ConfigError("the request would leave the group with no permitted PCR state")
-    request = ownerreq.sign_request(key, group_uuid, seq, states, labels)
+    request = _ownerreq().sign_request(key, group_uuid, seq, states, labels)
     if args.output is None:
         sys.stdout.write(request.decode() + "\n")
     else:
@@ -303,3 +363,53 @@ def cmd_update(args: argparse.Namespace) -> int:
         args, "group.update", group=args.group, request=_read(args.request).decode(errors="replace")
     )
     return client.emit(args, g, _describe(g))
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    bundle = client.call(args, "group.provision", group=args.group)
+    if args.output is not None:
+        args.output.write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
+        ek = "with" if bundle["ek"]["certificate"] else "without"
+        text = (
+            f"bundle of group {bundle['group']['name']} ({bundle['ak']['alg'].upper()} AK, "
+            f"EK {ek} certificate) written to {args.output}"
+        )
+        return client.emit(args, bundle, text)
+    return client.emit(args, bundle, json.dumps(bundle, indent=2, sort_keys=True))
+
+
+_TOOLS_MAGIC = 0xBADCC0DE  # tpm2_makecredential's output: magic, version 1, ID object, secret
+
+
+def _split_tools_credential(data: bytes) -> tuple[bytes, bytes] | None:
+    if len(data) < 8 or struct.unpack(">II", data[:8]) != (_TOOLS_MAGIC, 1):
+        return None
+    body = data[8:]
+    if len(body) < 2:
+        raise ConfigError("the credential file is truncated")
+    end = 2 + struct.unpack(">H", body[:2])[0]
+    return body[:end], body[end:]
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    blob = _read(args.credential_blob)
+    split = _split_tools_credential(blob)
+    if split is not None:
+        if args.encrypted_secret is not None:
+            raise ConfigError(
+                f"{args.credential_blob} holds the encrypted secret already; drop "
+                "--encrypted-secret"
+            )
+        blob, secret = split
+    elif args.encrypted_secret is None:
+        raise ConfigError("--encrypted-secret FILE is needed with a TPM2B_ID_OBJECT blob")
+    else:
+        secret = _read(args.encrypted_secret)
+    out = client.call(
+        args,
+        "group.activate",
+        group=args.group,
+        credential_blob=blob.hex(),
+        encrypted_secret=secret.hex(),
+    )
+    return client.emit(args, out, str(out["secret"]))

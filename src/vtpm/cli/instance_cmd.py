@@ -19,6 +19,7 @@ from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
+from vtpm.launch.record import LaunchRecord
 from vtpm.listen import Endpoint, SocketPolicy
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -144,6 +145,15 @@ def register(sub: Any) -> None:
         help="send TPM Startup(CLEAR) at start (for clients that do not)",
     )
     run.add_argument(
+        "--launch",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="measured launch record (written by `vtpm launch`): the TPM is made fresh and the "
+        "recorded kernel, command line and initrd digests are extended into PCR 4/5 after each "
+        "TPM2_Startup(CLEAR)",
+    )
+    run.add_argument(
         "--max-clients",
         type=int,
         default=32,
@@ -196,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         max_clients=args.max_clients,
         label=args.label,
         labels_file=args.labels_file,
+        launch=None if args.launch is None else LaunchRecord.load(args.launch),
     )
 
 

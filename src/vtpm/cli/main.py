@@ -12,7 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from vtpm import __version__
-from vtpm.cli import group_cmd, instance_cmd, manager_cmd, vtpm_cmd
+from vtpm.cli import (
+    group_cmd,
+    instance_cmd,
+    launch_cmd,
+    manager_cmd,
+    quote_cmd,
+    verify_cmd,
+    vtpm_cmd,
+)
 from vtpm.errors import VtpmError
 
 EXIT_ERROR = 1
@@ -39,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     manager_cmd.register(sub)
     group_cmd.register(sub)
     vtpm_cmd.register(sub)
+    quote_cmd.register(sub)
     instance_cmd.register(sub)
+    launch_cmd.register(sub)
+    verify_cmd.register(sub)
     return parser
 
 

@@ -13,7 +13,6 @@ from typing import Any
 from vtpm.cli import client
 from vtpm.errors import ConfigError
 from vtpm.manager.config import ManagerConfig
-from vtpm.manager.store import Store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -95,6 +94,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         None if args.labels is None else args.labels.resolve(),
     )
     cfg.save()
+    from vtpm.manager.store import Store  # noqa: PLC0415 - only `init` needs SQLite here
+
     store = Store(cfg.db_path)
     store.open()
     manager_uuid = store.meta("manager_uuid")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
+from vtpm.launch.record import LaunchRecord
 from vtpm.listen import Endpoint, SocketPolicy
 
 MIN_BUFFER = 2808
@@ -31,6 +32,7 @@ class InstanceConfig:
     max_clients: int = 32
     label: str | None = None  # this vTPM's security label: frontend peers are checked against it
     labels_file: Path | None = None  # uid/gid -> label map for peers the kernel does not label
+    launch: LaunchRecord | None = None  # a measured launch to apply after Startup(CLEAR)
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -49,3 +51,10 @@ class InstanceConfig:
         for ep in self.mssim:
             if ep.kind != "tcp":
                 raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")
+        if self.launch is not None:
+            if self.tpm_version is not TpmVersion.TPM20:
+                raise ConfigError("--launch: a measured launch needs a TPM 2.0 vTPM")
+            if self.launch.vtpm_uuid not in (None, self.vtpm_uuid):
+                raise ConfigError(
+                    f"--launch: the launch record is for vTPM {self.launch.vtpm_uuid}"
+                )

@@ -5,6 +5,11 @@ its current state blobs (or a refusal). It then serves as the state store's jour
 written is reported and the write completes only once the Manager acknowledges it; a deletion
 is reported the same way. When the link drops (the Manager died) the instance is told to stop:
 a write it can no longer report must not be acknowledged to its client.
+
+The instance's own requests (Hello, state writes, deep quotes) go one at a time and take their
+answer from the reader thread. The Manager may also ask the instance for its PCR values (a deep
+quote asked on the host); those requests are answered from a worker thread, never the reader,
+which must stay free to deliver the answers a TPM command in progress is waiting for.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import queue
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from vtpm.errors import ManagerError, RemoteProtocolError, StateError
+from vtpm.errors import ManagerError, RemoteProtocolError, StateError, VtpmError
 from vtpm.instance.statekey import StateKey
 from vtpm.wire import ipc
 from vtpm.wire._common import CLOSED, NEED_DATA
@@ -25,7 +30,10 @@ from vtpm.wire._common import CLOSED, NEED_DATA
 log = logging.getLogger(__name__)
 
 REPLY_TIMEOUT = 30.0
+QUOTE_TIMEOUT = 120.0
 _LOST = object()
+
+PcrReader = Callable[[int, Sequence[int]], tuple[tuple[int, bytes], ...]]
 
 
 class ManagerLink:
@@ -38,6 +46,8 @@ class ManagerLink:
         self._digests: dict[str, bytes] = {}
         self._replies: queue.Queue[object] = queue.Queue()
         self._request = threading.Lock()  # one request in flight at a time
+        self._write = threading.Lock()  # one writer on the socket at a time
+        self._pcr_reader: PcrReader | None = None
         self._lost = threading.Event()
         self._request_state = threading.Lock()  # orders _lost against a late watch()
         self._on_lost: Callable[[], None] = lambda: None
@@ -60,6 +70,10 @@ class ManagerLink:
         self._reader.start()
         return StateKey(reply.key)
 
+    def serve_pcrs(self, reader: PcrReader) -> None:
+        """Answer the Manager's PCR requests with `reader(bank, pcrs)`."""
+        self._pcr_reader = reader
+
     def watch(self, on_lost: Callable[[], None]) -> None:
         """Run `on_lost` when the link drops (at once if it already has)."""
         with self._request_state:
@@ -74,17 +88,48 @@ class ManagerLink:
         return self._digests.get(name)
 
     def written(self, name: str, counter: int, digest: bytes) -> None:
-        self._call(ipc.StateWritten(name, counter, digest), f"the write of {name}")
+        self._expect_ack(ipc.StateWritten(name, counter, digest), f"the write of {name}")
         self._digests[name] = digest
 
     def deleted(self, name: str) -> None:
-        self._call(ipc.StateDeleted(name), f"the deletion of {name}")
+        self._expect_ack(ipc.StateDeleted(name), f"the deletion of {name}")
         self._digests.pop(name, None)
+
+    # deep quotes ----------------------------------------------------------------------------
+
+    def deep_quote(
+        self,
+        nonce: bytes,
+        host_pcrs: tuple[int, ...],
+        bank: int,
+        pcrs: tuple[tuple[int, bytes], ...],
+    ) -> bytes:
+        """Evidence (compact binary) for a deep quote asked from inside the guest."""
+        reply = self._roundtrip(
+            ipc.QuoteRequest(nonce, host_pcrs, bank, pcrs), "the deep quote", QUOTE_TIMEOUT
+        )
+        if isinstance(reply, ipc.Refused):
+            raise ManagerError(f"the Manager refused the deep quote: {reply.reason}")
+        if not isinstance(reply, ipc.QuoteReply):
+            raise ManagerError(f"the Manager answered a deep quote with {type(reply).__name__}")
+        return reply.evidence
+
+    def _answer_pcrs(self, req: ipc.PcrRequest) -> None:
+        reader = self._pcr_reader
+        values: tuple[tuple[int, bytes], ...] = ()
+        try:
+            if reader is not None:
+                values = reader(req.bank, req.pcrs)
+        except (VtpmError, ValueError) as e:  # e.g. the guest has not started the TPM yet
+            log.warning("the Manager asked for PCR values that cannot be read: %s", e)
+        try:
+            self._send(ipc.PcrReply(req.bank, values))  # empty: could not read them
+        except OSError as e:
+            log.error("answering the Manager's PCR request failed: %s", e)
 
     def ready(self) -> None:
         """Tell the Manager the instance serves (its frontends listen)."""
-        with self._request:
-            self._send(ipc.Ready())
+        self._send(ipc.Ready())
 
     # end ------------------------------------------------------------------------------------
 
@@ -107,7 +152,8 @@ class ManagerLink:
     # plumbing -------------------------------------------------------------------------------
 
     def _send(self, event: ipc.PeerEvent) -> None:
-        self._sock.sendall(self._codec.send(event))
+        with self._write:
+            self._sock.sendall(self._codec.send(event))
 
     def _read_one(self) -> object:
         """Read until one event arrives (before the reader thread runs)."""
@@ -128,7 +174,12 @@ class ManagerLink:
         try:
             while True:
                 ev = self._read_one()
-                self._replies.put(ev)
+                if isinstance(ev, ipc.PcrRequest):
+                    threading.Thread(
+                        target=self._answer_pcrs, args=(ev,), name="pcr-request", daemon=True
+                    ).start()
+                else:
+                    self._replies.put(ev)
         except (ManagerError, RemoteProtocolError) as e:
             log.error("link to the Manager lost: %s", e)
         finally:
@@ -138,7 +189,7 @@ class ManagerLink:
             self._replies.put(_LOST)
             on_lost()
 
-    def _call(self, event: ipc.PeerEvent, what: str) -> None:
+    def _roundtrip(self, event: ipc.PeerEvent, what: str, timeout: float) -> object:
         with self._request:
             if self._lost.is_set():
                 raise StateError(f"{what} cannot be recorded: the link to the Manager is lost")
@@ -147,13 +198,17 @@ class ManagerLink:
             except OSError as e:
                 raise StateError(f"{what} cannot be recorded: {e.strerror}") from None
             try:
-                reply = self._replies.get(timeout=REPLY_TIMEOUT)
+                reply = self._replies.get(timeout=timeout)
             except queue.Empty:
-                raise StateError(f"the Manager did not acknowledge {what}") from None
+                raise StateError(f"the Manager did not answer {what}") from None
             if reply is _LOST:
                 self._replies.put(_LOST)  # later callers see it too
                 raise StateError(f"{what} cannot be recorded: the link to the Manager is lost")
-            if isinstance(reply, ipc.Refused):
-                raise StateError(f"the Manager refused {what}: {reply.reason}")
-            if not isinstance(reply, ipc.Ack):
-                raise StateError(f"the Manager answered {what} with {type(reply).__name__}")
+            return reply
+
+    def _expect_ack(self, event: ipc.PeerEvent, what: str) -> None:
+        reply = self._roundtrip(event, what, REPLY_TIMEOUT)
+        if isinstance(reply, ipc.Refused):
+            raise StateError(f"the Manager refused {what}: {reply.reason}")
+        if not isinstance(reply, ipc.Ack):
+            raise StateError(f"the Manager answered {what} with {type(reply).__name__}")

@@ -17,11 +17,15 @@ import logging
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vtpm.engine.engine import BLOB_NAMES, Engine, NvramBackend, StateType, TpmVersion
 from vtpm.errors import TpmError, VtpmError
+from vtpm.instance import vendor
 from vtpm.tpm.constants import TPM_FAIL, TPM_RC, TPM_ST, TPM_TAG12
+
+if TYPE_CHECKING:
+    from vtpm.instance.launch import Launch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Device:
         self._power = threading.RLock()
         self._failure = failure_response(version)
         self.engine = Engine(version, store)
+        self.deep_quote: vendor.Quote | None = None  # set when a Manager holds this vTPM
+        self.launch: Launch | None = None  # set when a measured launch is armed
         if buffer_size:
             self.engine.set_buffer_size(buffer_size)
 
@@ -90,11 +96,24 @@ class Device:
     def close(self) -> None:
         """Orderly shutdown and release of the engine (state stored)."""
         with self._power:
+            if self.launch is not None:
+                self.launch.end()  # a later run must not resume the launch's PCRs
             self.engine.close()
 
     # commands -------------------------------------------------------------------------------
 
     def execute(self, command: bytes, locality: int | None = None) -> bytes:
+        if self.launch is not None:
+            # a measured launch is armed (vtpm.instance.launch): commands are serialized with
+            # power changes, so nothing runs between a TPM2_Startup(CLEAR) and its extends
+            with self._power:
+                return self.launch.execute(command, locality)
+        return self.process(command, locality)
+
+    def process(self, command: bytes, locality: int | None = None) -> bytes:
+        """One command to the TPM, without a launch's interposition."""
+        if vendor.is_deep_quote(command):  # answered here, not by libtpms
+            return vendor.handle(command, self.execute, self.deep_quote)
         try:
             return self.engine.process(command, locality)
         except TpmError as e:

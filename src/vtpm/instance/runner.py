@@ -11,18 +11,20 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vtpm import labels as lbl
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import LabelError, TpmError
-from vtpm.instance import identity
+from vtpm.instance import identity, vendor
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.device import Device
 from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
 from vtpm.instance.frontends.raw import serve_frames
+from vtpm.instance.launch import Launch
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
 from vtpm.listen import Endpoint, Handler, PeerCheck, Server, bind
@@ -54,10 +56,13 @@ class Instance:
         try:
             self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size)
             self.device.power_on()
+            if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
+                Launch(self.device, cfg.launch).arm()
             if cfg.startup_clear:
                 self._startup_clear()
             self._listen()
             if self.link is not None:
+                self._serve_manager(self.link, self.device)
                 self.link.watch(on_lost=self.stop)
         except BaseException:
             self.close()
@@ -70,6 +75,19 @@ class Instance:
             ", ".join(f"{s.name} {s.endpoint}" for s in self.servers),
         )
         return ident
+
+    @staticmethod
+    def _serve_manager(link: ManagerLink, device: Device) -> None:
+        """Deep quotes: the guest's vendor command goes to the Manager; the Manager's requests
+        for this vTPM's PCR values are read through the engine."""
+        device.deep_quote = link.deep_quote
+
+        def pcrs(bank: int, indices: Sequence[int]) -> tuple[tuple[int, bytes], ...]:
+            if bank != vendor.SHA256:
+                raise TpmError("only the SHA-256 bank is read for deep quotes")
+            return vendor.read_pcrs(device.execute, indices)
+
+        link.serve_pcrs(pcrs)
 
     def _startup_clear(self) -> None:
         assert self.device is not None

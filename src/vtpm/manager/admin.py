@@ -17,7 +17,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vtpm.errors import ConfigError, RemoteProtocolError, VtpmError
+from vtpm.launch.record import LaunchRecord
 from vtpm.listen import peer_credentials
+from vtpm.manager import launch
 from vtpm.manager.store import GroupRecord, VtpmRecord
 from vtpm.tpm.policy import check_pcrs
 from vtpm.wire import ipc
@@ -80,6 +82,7 @@ def group_view(m: Manager, g: GroupRecord) -> dict[str, ipc.JSONValue]:
         "labels": list(g.labels),
         "pcr_states": [s.to_json() for s in g.pcr_states],  # type: ignore[misc]
         "owner_approved": bool(g.approval),
+        "ak": g.ak_alg or None,
         "vtpms": len(m.store.vtpms(g.uuid)),
         "status": st.to_json(),  # type: ignore[dict-item]
     }
@@ -144,8 +147,30 @@ def op_group_new(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
         _int_list(args, "pcrs") or list(range(8)),
         _str_list(args, "labels"),
         actor,
+        _str(args, "ak", "ecc"),
     )
     return group_view(m, g)
+
+
+def _hex(args: Args, key: str) -> bytes:
+    try:
+        return bytes.fromhex(_str(args, key))
+    except ValueError:
+        raise ConfigError(f"argument {key!r} must be hex") from None
+
+
+def op_group_provision(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
+    return m.provision(_str(args, "group")).to_json()
+
+
+def op_group_activate(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
+    secret = m.activate_credential(
+        _str(args, "group"),
+        _hex(args, "credential_blob"),
+        _hex(args, "encrypted_secret"),
+        actor=actor,
+    )
+    return {"secret": secret.hex()}
 
 
 def op_group_list(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
@@ -216,6 +241,38 @@ def op_vtpm_del(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
     return None
 
 
+def op_vtpm_launch(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
+    rec = m.vtpm(_str(args, "uuid"))
+    label = args.get("label")
+    if label is not None and not isinstance(label, str):
+        raise ConfigError("argument 'label' must be a string")
+    record = LaunchRecord.from_json(args.get("record"))
+    placed = launch.launch(m, rec.uuid, record, label=label, actor=actor)
+    return {
+        "vtpm": vtpm_view(m, m.vtpm(str(rec.uuid))),
+        "launch_file": str(launch.record_path(m, rec.uuid)),
+        "record": placed.to_json(),  # type: ignore[dict-item]
+    }
+
+
+def op_vtpm_launch_cancel(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
+    rec = m.vtpm(_str(args, "uuid"))
+    launch.cancel(m, rec.uuid, actor=actor)
+    return vtpm_view(m, m.vtpm(str(rec.uuid)))
+
+
+def op_quote_deep(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
+    rec = m.vtpm(_str(args, "uuid"))
+    try:
+        nonce = bytes.fromhex(_str(args, "nonce"))
+    except ValueError:
+        raise ConfigError("argument 'nonce' must be hex") from None
+    host = tuple(check_pcrs(_int_list(args, "pcrs"))) if args.get("pcrs") else ()
+    mine = tuple(check_pcrs(_int_list(args, "vtpm_pcrs"))) if args.get("vtpm_pcrs") else ()
+    ev = m.deep_quote_host(rec.uuid, nonce, host, mine)
+    return ev.to_json()
+
+
 def op_audit(m: Manager, args: Args, actor: str) -> ipc.JSONValue:
     limit = _opt_int(args, "limit") or 50
     return [
@@ -240,13 +297,18 @@ OPS: dict[str, Op] = {
     "group.show": op_group_show,
     "group.update": op_group_update,
     "group.del": op_group_del,
+    "group.provision": op_group_provision,
+    "group.activate": op_group_activate,
     "vtpm.new": op_vtpm_new,
     "vtpm.list": op_vtpm_list,
     "vtpm.show": op_vtpm_show,
     "vtpm.start": op_vtpm_start,
     "vtpm.stop": op_vtpm_stop,
     "vtpm.del": op_vtpm_del,
+    "vtpm.launch": op_vtpm_launch,
+    "vtpm.launch.cancel": op_vtpm_launch_cancel,
     "audit": op_audit,
+    "quote.deep": op_quote_deep,
 }
 
 

@@ -26,6 +26,7 @@ class ManagerConfig:
     tcti: str | None = None
     admin_gid: int | None = None
     labels_file: Path | None = None
+    quote_window: float = 0.02  # seconds a deep quote waits for others to share its quote
 
     @property
     def db_path(self) -> Path:
@@ -55,6 +56,7 @@ class ManagerConfig:
             "tcti": self.tcti,
             "admin_gid": self.admin_gid,
             "labels_file": None if self.labels_file is None else str(self.labels_file),
+            "quote_window": self.quote_window,
         }
 
     def save(self) -> None:
@@ -92,4 +94,7 @@ class ManagerConfig:
             raise ConfigError(f"{path}: admin_gid must be a number")
         if labels is not None and not isinstance(labels, str):
             raise ConfigError(f"{path}: labels_file must be a path")
-        return cls(data_dir, tcti, gid, None if labels is None else Path(labels))
+        window = raw.get("quote_window", 0.02)
+        if not isinstance(window, int | float) or isinstance(window, bool) or not 0 <= window <= 5:
+            raise ConfigError(f"{path}: quote_window must be 0..5 seconds")
+        return cls(data_dir, tcti, gid, None if labels is None else Path(labels), float(window))

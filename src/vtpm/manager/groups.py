@@ -12,6 +12,9 @@ start, and again before every key release, the Manager reads the host PCRs:
   the reason (which PCRs differ from the closest permitted state, their current values) is kept
   for `status`. Nothing is lost: the sealed key and every vTPM stay as they are.
 vTPM state keys are stored wrapped (AES-256-GCM) under a key derived from the group key.
+
+Each group also has an attestation key (AK) on the hardware TPM (`vtpm.manager.attestation`),
+made with the group; a group from before AKs existed gets one the first time it needs it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from vtpm.errors import ConfigError, HwTpmError, ManagerError, SealError, VtpmError
 from vtpm.labels import Label
 from vtpm.manager import ownerreq
+from vtpm.manager.attestation import AK_ALGS, DEFAULT_AK_ALG, AttestationTpm
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.manager.store import GroupRecord, Store
 from vtpm.tpm.policy import OrTree, PcrState, check_pcrs, seal_policy
@@ -86,6 +90,7 @@ class GroupKeys:
     def __init__(self, store: Store, hw: HardwareTpm) -> None:
         self._store = store
         self._hw = hw
+        self.attestation = AttestationTpm(hw)
         self._keys: dict[uuid.UUID, bytes] = {}
         self._status: dict[uuid.UUID, GroupStatus] = {}
         self._lock = threading.RLock()
@@ -188,11 +193,19 @@ class GroupKeys:
     # administration -------------------------------------------------------------------------
 
     def create(
-        self, name: str, owner_pem: bytes, pcrs: Sequence[int], labels: Sequence[str]
+        self,
+        name: str,
+        owner_pem: bytes,
+        pcrs: Sequence[int],
+        labels: Sequence[str],
+        ak_alg: str = DEFAULT_AK_ALG,
     ) -> GroupRecord:
-        """A new group permitting the host's current values of `pcrs`, unlocked at once."""
+        """A new group permitting the host's current values of `pcrs`, unlocked at once, with a
+        new attestation key of `ak_alg` ("ecc" or "rsa")."""
         if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("a group name is 1..64 letters, digits, '-' or '_'")
+        if ak_alg not in AK_ALGS:
+            raise ConfigError(f"attestation key {ak_alg!r}: use one of {', '.join(AK_ALGS)}")
         pub = ownerreq.load_public_key(owner_pem)
         for text in labels:
             Label.parse(text)
@@ -202,6 +215,7 @@ class GroupKeys:
             key = secrets.token_bytes(KEY_SIZE)
             root = OrTree.of_states([state]).root
             sealed = self._hw.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, gid)))
+            ak = self.attestation.create_ak(ak_alg)
             rec = GroupRecord(
                 uuid=gid,
                 name=name,
@@ -214,6 +228,9 @@ class GroupKeys:
                 sealed_root=root,
                 approval=b"",
                 created=time.time(),
+                ak_alg=ak_alg,
+                ak_public=ak.public,
+                ak_private=ak.private,
             )
             self._store.add_group(rec)
             self._keys[gid] = key
@@ -245,6 +262,30 @@ class GroupKeys:
                 return new
             self._refresh_one(new, current)
             return self._store.group(str(g.uuid)) or new
+
+    def ensure_ak(self, g: GroupRecord) -> GroupRecord:
+        """`g` with its attestation key, made (ECC) and stored now if it has none yet."""
+        if g.ak_public:
+            return g
+        with self._lock:
+            current = self._store.group(str(g.uuid))
+            if current is None:
+                raise ManagerError(f"group {g.uuid} does not exist")
+            if current.ak_public:  # another thread made it meanwhile
+                return current
+            ak = self.attestation.create_ak(DEFAULT_AK_ALG)
+            self._store.set_group_ak(g.uuid, DEFAULT_AK_ALG, ak.public, ak.private)
+            log.info("group %s (%s): made its attestation key", g.name, g.uuid)
+            return replace(
+                current, ak_alg=DEFAULT_AK_ALG, ak_public=ak.public, ak_private=ak.private
+            )
+
+    @staticmethod
+    def ak(g: GroupRecord) -> SealedObject:
+        """The group's attestation key blobs (call `ensure_ak` first)."""
+        if not g.ak_public:
+            raise ManagerError(f"group {g.name} has no attestation key yet")
+        return SealedObject(g.ak_public, g.ak_private)
 
     def forget(self, group_uuid: uuid.UUID) -> None:
         with self._lock:

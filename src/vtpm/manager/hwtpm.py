@@ -162,7 +162,7 @@ class HardwareTpm:
 
     def open(self) -> None:
         """Connect (retrying with backoff); raises HwTpmError when the TPM cannot be reached."""
-        self._run("connecting", lambda _e: None)
+        self.run("connecting", lambda _e: None)
 
     def close(self) -> None:
         with self._lock:
@@ -269,9 +269,14 @@ class HardwareTpm:
         firmware = f"{fw1 >> 16}.{fw1 & 0xFFFF}.{fw2 >> 16}.{fw2 & 0xFFFF}"
         return f"manufacturer {maker.decode('ascii', 'replace') or '?'}, fw {firmware}"
 
-    # the retry loop --------------------------------------------------------------------------
+    # the retry loop: also the door for modules that add operations (vtpm.manager.attestation)
 
-    def _run(
+    @property
+    def primary(self) -> Any:
+        """ESYS handle of the storage primary; valid only inside an `op` given to `run`."""
+        return self._primary
+
+    def run(
         self, what: str, op: Callable[[Any], T], refused: Callable[[], Exception] | None = None
     ) -> T:
         """Run `op` on a connected context; retry and reconnect as `_classify` says.
@@ -309,7 +314,7 @@ class HardwareTpm:
         return HwTpmError(f"the hardware TPM failed while {what}: {e}")
 
     @contextlib.contextmanager
-    def _flushing(self, ectx: Any) -> Iterator[list[Any]]:
+    def flushing(self, ectx: Any) -> Iterator[list[Any]]:
         """Collect handles to flush when the block ends, however it ends."""
         handles: list[Any] = []
         try:
@@ -321,7 +326,7 @@ class HardwareTpm:
                 except TSS2_Exception as e:  # the TPM is gone or rebooted: nothing to flush
                     log.debug("flushing a handle failed: %s", e)
 
-    def _salted_session(self, ectx: Any, kind: Any, attributes: Any) -> Any:
+    def salted_session(self, ectx: Any, kind: Any, attributes: Any) -> Any:
         """A session salted to the storage primary, with AES-128-CFB parameter encryption."""
         session = ectx.start_auth_session(
             self._primary, ESYS_TR.NONE, kind, TPMT_SYM_DEF.parse("aes128cfb"), TPM2_ALG.SHA256
@@ -350,7 +355,7 @@ class HardwareTpm:
                     chunk = [c for c in chunk if c not in out]
             return out
 
-        return self._run("reading PCRs", op)
+        return self.run("reading PCRs", op)
 
     def seal(self, secret: bytes, auth_policy: bytes) -> SealedObject:
         """Seal `secret` (1..128 bytes) to be released only through `auth_policy`."""
@@ -368,15 +373,15 @@ class HardwareTpm:
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
 
         def op(ectx: Any) -> SealedObject:
-            with self._flushing(ectx) as handles:
-                session = self._salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
+            with self.flushing(ectx) as handles:
+                session = self.salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
                 handles.append(session)
                 private, public, *_ = ectx.create(
                     self._primary, sensitive, TPM2B_PUBLIC(template), session1=session
                 )
             return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
 
-        return self._run("sealing", op, lambda: SealError("sealing failed"))
+        return self.run("sealing", op, lambda: SealError("sealing failed"))
 
     def unseal_with_pcrs(
         self,
@@ -447,8 +452,8 @@ class HardwareTpm:
             raise SealError("unsealing failed") from None
 
         def op(ectx: Any) -> bytes:
-            with self._flushing(ectx) as handles:
-                session = self._salted_session(ectx, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
+            with self.flushing(ectx) as handles:
+                session = self.salted_session(ectx, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
                 handles.append(session)
                 steps(ectx, session, handles)
                 item = ectx.load(self._primary, private, public)
@@ -456,7 +461,7 @@ class HardwareTpm:
                 data = ectx.unseal(item, session1=session)
             return bytes(data)
 
-        return self._run("unsealing", op, lambda: SealError("unsealing failed"))
+        return self.run("unsealing", op, lambda: SealError("unsealing failed"))
 
 
 def _path(tree: OrTree, state: PcrState, index: int) -> list[tuple[bytes, ...]]:

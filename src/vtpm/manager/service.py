@@ -15,8 +15,10 @@ acknowledged; the recorded digests decide, at the next start, which blob is curr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -34,7 +36,9 @@ from vtpm.errors import (
     VtpmError,
 )
 from vtpm.listen import Endpoint, Handler, Server, SocketPolicy, bind
+from vtpm.manager import provision
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
+from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm
 from vtpm.manager.simulator import Simulator
@@ -42,12 +46,18 @@ from vtpm.manager.store import GroupRecord, Store, VtpmRecord
 from vtpm.manager.supervisor import Supervisor, last_log_line
 from vtpm.wire import ipc
 from vtpm.wire._common import CLOSED, NEED_DATA
+from vtpm.wire.deepquote import DeepQuoteInfo
+from vtpm.wire.evidence import Bundle, Evidence, SignedQuote, encode_evidence
 
 log = logging.getLogger(__name__)
 
 TPM_VERSIONS = ("2.0", "1.2")
 FRONTEND_KINDS = ("ctrl", "server", "mssim")
 READY_TIMEOUT = 30.0
+ADMIN_CLIENTS = 256  # admin connections served at once (deep quotes wait for their batch)
+PCR_TIMEOUT = 10.0
+SHA256 = 0x000B
+ALL_PCRS = tuple(range(24))
 
 
 def parse_frontend(spec: str) -> tuple[str, Endpoint]:
@@ -63,6 +73,35 @@ def parse_frontend(spec: str) -> tuple[str, Endpoint]:
     return kind, ep
 
 
+class InstanceLink:
+    """The Manager's end of one instance's key-custody link. The link thread reads; any thread
+    may write (one at a time), and PCR values the instance sends back are queued here."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.codec = ipc.IpcConnection(ipc.Role.MANAGER)
+        self._write = threading.Lock()
+        self._pcr_lock = threading.Lock()  # one PCR request in flight
+        self.pcr_replies: queue.Queue[ipc.PcrReply | None] = queue.Queue()
+
+    def send(self, event: ipc.ManagerEvent) -> None:
+        with self._write:
+            self.sock.sendall(self.codec.send(event))
+
+    def read_pcrs(self, pcrs: tuple[int, ...]) -> tuple[tuple[int, bytes], ...]:
+        with self._pcr_lock:
+            try:
+                self.send(ipc.PcrRequest(SHA256, pcrs))
+                reply = self.pcr_replies.get(timeout=PCR_TIMEOUT)
+            except (OSError, queue.Empty):
+                reply = None
+            if reply is None or tuple(i for i, _ in reply.pcrs) != pcrs:
+                raise ManagerError(
+                    "the vTPM could not report its PCR values (has its TPM been started?)"
+                )
+            return reply.pcrs
+
+
 class Manager:
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
@@ -76,6 +115,8 @@ class Manager:
         self.started = time.time()
         self._stop = threading.Event()
         self._open: set[uuid.UUID] = set()
+        self._links: dict[uuid.UUID, InstanceLink] = {}
+        self._quoter: DeepQuoter | None = None
         self._ready: dict[uuid.UUID, threading.Event] = {}
         self._lock = threading.RLock()
 
@@ -114,6 +155,7 @@ class Manager:
             self.hw.open()
             self._groups = GroupKeys(self.store, self.hw)
             self._groups.refresh()
+            self._quoter = DeepQuoter(self.host_quote, self.config.quote_window)
         except BaseException:
             self.close()
             raise
@@ -130,7 +172,7 @@ class Manager:
         cfg = self.config
         policy = SocketPolicy(0o660 if cfg.admin_gid is not None else 0o600, None, cfg.admin_gid)
         ep = Endpoint("unix", path=str(cfg.admin_socket))
-        self.admin_server = Server("admin", bind(ep, policy), admin, policy, 16, ep)
+        self.admin_server = Server("admin", bind(ep, policy), admin, policy, ADMIN_CLIENTS, ep)
         self.admin_server.start()
         log.info("admin socket %s", cfg.admin_socket)
 
@@ -151,6 +193,9 @@ class Manager:
 
     def close(self) -> None:
         self.supervisor.stop_all()
+        if self._quoter is not None:
+            self._quoter.close()
+            self._quoter = None
         if self.admin_server is not None:
             self.admin_server.close()
             self.admin_server = None
@@ -166,7 +211,8 @@ class Manager:
     # key custody ----------------------------------------------------------------------------
 
     def _serve_link(self, vtpm_uuid: uuid.UUID, sock: socket.socket) -> None:
-        codec = ipc.IpcConnection(ipc.Role.MANAGER)
+        link = InstanceLink(sock)
+        codec = link.codec
         granted = False
         try:
             while True:
@@ -177,34 +223,107 @@ class Manager:
                 if ev is CLOSED:
                     return
                 if isinstance(ev, ipc.Hello):
-                    reply: ipc.ManagerEvent = self._grant(vtpm_uuid, ev, granted)
-                    granted = granted or isinstance(reply, ipc.KeyGrant)
+                    reply: ipc.ManagerEvent | None = self._grant(vtpm_uuid, ev, granted)
+                    if isinstance(reply, ipc.KeyGrant):
+                        granted = True
+                        self._links[vtpm_uuid] = link
                 elif not granted:
                     reply = ipc.Refused("say Hello first")
-                elif isinstance(ev, ipc.StateWritten):
-                    self.store.record_state(vtpm_uuid, ev.name, ev.counter, ev.digest)
-                    reply = ipc.Ack()
-                elif isinstance(ev, ipc.StateDeleted):
-                    self.store.forget_state(vtpm_uuid, ev.name)
-                    reply = ipc.Ack()
-                elif isinstance(ev, ipc.Ready):
-                    self.supervisor.mark_ready(vtpm_uuid)
-                    self._ready.setdefault(vtpm_uuid, threading.Event()).set()
-                    continue
-                elif isinstance(ev, ipc.Goodbye):
-                    log.info("vTPM %s: instance stopped in order", vtpm_uuid)
-                    continue
                 else:
-                    raise RemoteProtocolError(f"{type(ev).__name__} on a key-custody link")
-                sock.sendall(codec.send(reply))
+                    reply = self._on_link_event(vtpm_uuid, link, ev)
+                if reply is None:
+                    continue
+                link.send(reply)
         except RemoteProtocolError as e:
             log.error("vTPM %s: key-custody link dropped: %s", vtpm_uuid, e)
         except OSError as e:
             log.info("vTPM %s: key-custody link closed: %s", vtpm_uuid, e.strerror)
         finally:
+            link.pcr_replies.put(None)
             if granted:
                 with self._lock:
                     self._open.discard(vtpm_uuid)
+                    if self._links.get(vtpm_uuid) is link:
+                        del self._links[vtpm_uuid]
+
+    def _on_link_event(
+        self, vtpm_uuid: uuid.UUID, link: InstanceLink, ev: ipc.Event
+    ) -> ipc.ManagerEvent | None:
+        """What an instance said after its Hello; the answer, if one is due now."""
+        if isinstance(ev, ipc.StateWritten):
+            self.store.record_state(vtpm_uuid, ev.name, ev.counter, ev.digest)
+            return ipc.Ack()
+        if isinstance(ev, ipc.StateDeleted):
+            self.store.forget_state(vtpm_uuid, ev.name)
+            return ipc.Ack()
+        if isinstance(ev, ipc.QuoteRequest):  # answered from its own thread when quoted
+            threading.Thread(
+                target=self._guest_quote,
+                args=(vtpm_uuid, link, ev),
+                name=f"quote-{vtpm_uuid}",
+                daemon=True,
+            ).start()
+        elif isinstance(ev, ipc.PcrReply):
+            link.pcr_replies.put(ev)
+        elif isinstance(ev, ipc.Ready):
+            self.supervisor.mark_ready(vtpm_uuid)
+            self._ready.setdefault(vtpm_uuid, threading.Event()).set()
+        elif isinstance(ev, ipc.Goodbye):
+            log.info("vTPM %s: instance stopped in order", vtpm_uuid)
+        else:
+            raise RemoteProtocolError(f"{type(ev).__name__} on a key-custody link")
+        return None
+
+    # deep quotes ----------------------------------------------------------------------------
+
+    def _guest_quote(self, vtpm_uuid: uuid.UUID, link: InstanceLink, req: ipc.QuoteRequest) -> None:
+        try:
+            ev = self.deep_quote(vtpm_uuid, req.nonce, req.host_pcrs, req.bank, req.pcrs)
+            reply: ipc.ManagerEvent = ipc.QuoteReply(encode_evidence(ev))
+            self.store.audit("guest", "quote.deep", str(vtpm_uuid), "ok", {"batch": ev.batch_size})
+        except VtpmError as e:
+            log.warning("vTPM %s: deep quote for the guest refused: %s", vtpm_uuid, e)
+            reply = ipc.Refused(str(e)[:1000])
+        with contextlib.suppress(OSError):
+            link.send(reply)
+
+    def deep_quote(
+        self,
+        vtpm_uuid: uuid.UUID,
+        nonce: bytes,
+        host_pcrs: tuple[int, ...],
+        bank: int,
+        values: tuple[tuple[int, bytes], ...],
+    ) -> Evidence:
+        """One deep quote (batched with whatever else is asked at the same time)."""
+        rec = self.vtpm(str(vtpm_uuid))
+        g = self.group(str(rec.group_uuid))
+        st = self.groups.status(g.uuid)
+        if not st.unlocked:
+            raise ManagerError(f"group {g.name} is locked: {st.reason}")
+        if not host_pcrs:
+            host_pcrs = g.pcr_states[0].pcrs
+        try:
+            info = DeepQuoteInfo(nonce, rec.uuid, g.uuid, rec.label, bank, values)
+        except ValueError as e:
+            raise ConfigError(f"deep quote: {e}") from None
+        if self._quoter is None:
+            raise ManagerError("the Manager is not open")
+        return self._quoter.request(g.uuid, info, tuple(sorted(set(host_pcrs))))
+
+    def deep_quote_host(
+        self,
+        vtpm_uuid: uuid.UUID,
+        nonce: bytes,
+        host_pcrs: tuple[int, ...],
+        vtpm_pcrs: tuple[int, ...],
+    ) -> Evidence:
+        """A deep quote asked on the host: the running instance reports its PCR values."""
+        link = self._links.get(vtpm_uuid)
+        if link is None:
+            raise ManagerError(f"vTPM {vtpm_uuid} is not running: start it to quote it")
+        values = link.read_pcrs(vtpm_pcrs) if vtpm_pcrs else ()
+        return self.deep_quote(vtpm_uuid, nonce, host_pcrs, SHA256, values)
 
     def _grant(self, vtpm_uuid: uuid.UUID, hello: ipc.Hello, granted: bool) -> ipc.ManagerEvent:
         why = self._refusal(vtpm_uuid, hello, granted)
@@ -321,7 +440,10 @@ class Manager:
             args += ["--labels-file", str(self.config.labels_file)]
         return args
 
-    def start_vtpm(self, vtpm_uuid: uuid.UUID, *, wait: bool = True, actor: str) -> None:
+    def start_vtpm(
+        self, vtpm_uuid: uuid.UUID, *, wait: bool = True, actor: str, once: Sequence[str] = ()
+    ) -> None:
+        """Start the vTPM's instance; `once`: extra arguments for this process, not restarts."""
         rec = self.vtpm(str(vtpm_uuid))
         g = self.group(str(rec.group_uuid))
         self.groups.refresh()
@@ -334,7 +456,7 @@ class Manager:
         ready = threading.Event()
         self._ready[rec.uuid] = ready
         log_file = self.config.log_dir / f"{rec.uuid}.log"
-        child = self.supervisor.start(rec.uuid, self.instance_args(rec), log_file)
+        child = self.supervisor.start(rec.uuid, self.instance_args(rec), log_file, once)
         self.store.set_wanted_running(rec.uuid, True)
         self.store.audit(actor, "vtpm.start", str(rec.uuid), "ok", {})
         if not wait:
@@ -370,15 +492,21 @@ class Manager:
     # groups ---------------------------------------------------------------------------------
 
     def new_group(
-        self, name: str, owner_pem: bytes, pcrs: Sequence[int], labels: Sequence[str], actor: str
+        self,
+        name: str,
+        owner_pem: bytes,
+        pcrs: Sequence[int],
+        labels: Sequence[str],
+        actor: str,
+        ak_alg: str = "ecc",
     ) -> GroupRecord:
-        g = self.groups.create(name, owner_pem, pcrs, labels)
+        g = self.groups.create(name, owner_pem, pcrs, labels, ak_alg)
         self.store.audit(
             actor,
             "group.new",
             str(g.uuid),
             "ok",
-            {"name": name, "pcrs": list(pcrs), "labels": list(labels)},
+            {"name": name, "pcrs": list(pcrs), "labels": list(labels), "ak": ak_alg},
         )
         return g
 
@@ -403,6 +531,37 @@ class Manager:
         self.store.delete_group(g.uuid)
         self.groups.forget(g.uuid)
         self.store.audit(actor, "group.del", str(g.uuid), "ok", {"name": g.name})
+
+    # group attestation (vtpm.manager.attestation, vtpm.manager.provision) ----------------------
+
+    def provision(self, group_ref: str) -> Bundle:
+        """The group's provisioning bundle (its AK is made now if it has none yet)."""
+        g = self.groups.ensure_ak(self.group(group_ref))
+        manager_uuid = self.store.meta("manager_uuid") or ""
+        return provision.build_bundle(g, self.groups.attestation, manager_uuid)
+
+    def host_quote(
+        self, group_uuid: uuid.UUID, qualifying_data: bytes, pcrs: Sequence[int]
+    ) -> SignedQuote:
+        """TPM2_Quote of the host `pcrs` by the group's AK (thread-safe)."""
+        g = self.groups.ensure_ak(self.group(str(group_uuid)))
+        return self.groups.attestation.quote(self.groups.ak(g), qualifying_data, pcrs)
+
+    def activate_credential(
+        self, group_ref: str, credential_blob: bytes, encrypted_secret: bytes, *, actor: str
+    ) -> bytes:
+        """The secret a verifier sealed to the EK and the group's AK name (MakeCredential);
+        SealError, opaque, when the TPM refuses."""
+        g = self.groups.ensure_ak(self.group(group_ref))
+        try:
+            secret = self.groups.attestation.activate_credential(
+                self.groups.ak(g), credential_blob, encrypted_secret
+            )
+        except VtpmError as e:
+            self.store.audit(actor, "group.activate", str(g.uuid), "refused", {"why": str(e)})
+            raise
+        self.store.audit(actor, "group.activate", str(g.uuid), "ok", {})
+        return secret
 
     def vtpm_state(self, rec: VtpmRecord) -> dict[str, object]:
         child = self.supervisor.child(rec.uuid)

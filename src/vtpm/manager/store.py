@@ -1,14 +1,16 @@
 """The Manager's store: one SQLite database (WAL, synchronous FULL) in the data directory.
 
 What it holds: groups (owner key, sequence number, permitted PCR states and labels, the group
-key as a hardware-TPM sealed object), vTPMs (group, label, TPM version, frontends, the state key
-as AES-GCM ciphertext under the group key), each vTPM's recorded state-blob digests (which blob
-is current: the rollback check), and an audit log of every administrative change, accepted or
-refused. Nothing secret is stored in the clear: the group key exists only sealed by the
-hardware TPM, state keys only wrapped under a group key.
+key as a hardware-TPM sealed object, the group's attestation key as hardware-TPM blobs), vTPMs
+(group, label, TPM version, frontends, the state key as AES-GCM ciphertext under the group key),
+each vTPM's recorded state-blob digests (which blob is current: the rollback check), and an
+audit log of every administrative change, accepted or refused. Nothing secret is stored in
+the clear: the group key exists only sealed by the hardware TPM, state keys only wrapped under a
+group key.
 
-The schema is versioned (`meta.schema_version`); `open()` creates or upgrades it. All methods
-are thread-safe (one connection, one lock); each write is one transaction.
+The schema is versioned (`meta.schema_version`); `open()` creates or upgrades it, one migration
+per version in one transaction (v2: groups gain their attestation key). All methods are
+thread-safe (one connection, one lock); each write is one transaction.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from uuid import UUID
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.tpm.policy import PcrState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,11 +78,18 @@ CREATE TABLE audit (
 );
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1}
+# v2: each group's attestation key; empty in groups made before it (one is made on first need)
+_SCHEMA_V2 = """
+ALTER TABLE groups ADD COLUMN ak_alg TEXT NOT NULL DEFAULT '';
+ALTER TABLE groups ADD COLUMN ak_public BLOB NOT NULL DEFAULT x'';
+ALTER TABLE groups ADD COLUMN ak_private BLOB NOT NULL DEFAULT x''
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 # column lists are constants: the f-strings below build no query from input
 _GROUP_COLS = (
     "uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, sealed_private, "
-    "sealed_root, approval, created"
+    "sealed_root, approval, created, ak_alg, ak_public, ak_private"
 )
 _VTPM_COLS = (
     "uuid, group_uuid, label, tpm, owner_uid, owner_gid, frontends, wrapped_key, "
@@ -101,6 +110,9 @@ class GroupRecord:
     sealed_root: bytes  # the states root the sealed key's policy was built from
     approval: bytes  # the owner's TPM approval of pcr_states (empty until the owner signs one)
     created: float = 0.0
+    ak_alg: str = ""  # "ecc" or "rsa"; "" while the group has no attestation key yet
+    ak_public: bytes = b""  # the AK as the hardware TPM returned it: TPM2B_PUBLIC
+    ak_private: bytes = b""  # ... and TPM2B_PRIVATE (useless off that TPM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +236,8 @@ class Store:
 
     @staticmethod
     def _group(row: Any) -> GroupRecord:
-        (u, name, pub, seq, states, labels, spub, spriv, root, approval, created) = row
+        (u, name, pub, seq, states, labels, spub, spriv, root, approval, created, *ak) = row
+        ak_alg, ak_public, ak_private = ak
         return GroupRecord(
             uuid=uuid.UUID(str(u)),
             name=str(name),
@@ -237,6 +250,9 @@ class Store:
             sealed_root=bytes(root),
             approval=bytes(approval),
             created=float(created),
+            ak_alg=str(ak_alg),
+            ak_public=bytes(ak_public),
+            ak_private=bytes(ak_private),
         )
 
     def add_group(self, g: GroupRecord) -> None:
@@ -244,7 +260,7 @@ class Store:
             if tx.execute("SELECT 1 FROM groups WHERE name=?", (g.name,)).fetchone():
                 raise ConfigError(f"a group named {g.name!r} exists already")
             tx.execute(
-                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     str(g.uuid),
                     g.name,
@@ -257,6 +273,9 @@ class Store:
                     g.sealed_root,
                     g.approval,
                     g.created or time.time(),
+                    g.ak_alg,
+                    g.ak_public,
+                    g.ak_private,
                 ),
             )
 
@@ -279,6 +298,16 @@ class Store:
             )
             if cur.rowcount != 1:
                 raise ManagerError(f"group {g.uuid} does not exist")
+
+    def set_group_ak(self, group_uuid: uuid.UUID, alg: str, public: bytes, private: bytes) -> None:
+        """Record a group's attestation key (the only write of the ak_* columns)."""
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE groups SET ak_alg=?, ak_public=?, ak_private=? WHERE uuid=?",
+                (alg, public, private, str(group_uuid)),
+            )
+            if cur.rowcount != 1:
+                raise ManagerError(f"group {group_uuid} does not exist")
 
     def group(self, ref: str) -> GroupRecord | None:
         """A group by uuid or by name."""

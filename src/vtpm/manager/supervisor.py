@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,10 @@ class Child:
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
     ready: bool = False  # the current process reported that it serves
+    # poll() has handled the current process's exit; its returncode cannot tell, since any
+    # proc.poll() (`state`, a `vtpm show`) reaps the process and sets it
+    exit_handled: bool = False
+    once: list[str] = field(default_factory=list)  # arguments for the next process only
     failed: str = ""
     last_exit: int | None = None
     link_thread: threading.Thread | None = field(default=None, repr=False)
@@ -100,13 +104,17 @@ class Supervisor:
 
     # control --------------------------------------------------------------------------------
 
-    def start(self, vtpm_uuid: uuid.UUID, args: list[str], log_file: Path) -> Child:
-        """Start (or restart) the instance of `vtpm_uuid` with `args` after `instance run`."""
+    def start(
+        self, vtpm_uuid: uuid.UUID, args: list[str], log_file: Path, once: Sequence[str] = ()
+    ) -> Child:
+        """Start (or restart) the instance of `vtpm_uuid` with `args` after `instance run`;
+        `once` goes to this first process only, not to restarts (a measured launch's
+        `--launch FILE` must not outlive the instance it was given to)."""
         with self._lock:
             child = self._children.get(vtpm_uuid)
             if child is not None and child.state in ("running", "starting"):
                 raise ManagerError(f"vTPM {vtpm_uuid} is {child.state} already")
-            child = Child(vtpm_uuid, args, log_file)
+            child = Child(vtpm_uuid, args, log_file, once=list(once))
             self._children[vtpm_uuid] = child
             self._spawn(child)
             return child
@@ -114,7 +122,9 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = [*self.instance_argv(), *child.argv, "--manager-fd", str(theirs.fileno())]
+            argv = [*self.instance_argv(), *child.argv, *child.once]
+            child.once = []
+            argv += ["--manager-fd", str(theirs.fileno())]
             argv += ["--log-file", str(child.log_file)]
             child.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with child.log_file.open("ab") as errlog:
@@ -136,6 +146,7 @@ class Supervisor:
         child.started = time.monotonic()
         child.restart_at = None
         child.ready = False
+        child.exit_handled = False
         child.failed = ""
         child.link_thread = threading.Thread(
             target=self._run_link,
@@ -223,7 +234,8 @@ class Supervisor:
         with self._lock:
             for child in self._children.values():
                 proc = child.proc
-                if proc is not None and proc.returncode is None and proc.poll() is not None:
+                if proc is not None and not child.exit_handled and proc.poll() is not None:
+                    child.exit_handled = True
                     self._exited(child, now)
                 if child.wanted and child.restart_at is not None and now >= child.restart_at:
                     child.restarts += 1

@@ -117,6 +117,35 @@ def parse_pcr_read(response: bytes) -> list[bytes]:
     return out
 
 
+TPM_CAP_PCRS = 0x00000005
+
+
+def get_capability_pcrs() -> bytes:
+    """TPM2_GetCapability(TPM_CAP_PCRS): the PCR banks and which PCRs each has allocated."""
+    return command(TPM_CC.GetCapability, struct.pack(">III", TPM_CAP_PCRS, 0, 1))
+
+
+def parse_pcr_allocation(response: bytes) -> dict[int, frozenset[int]]:
+    """{bank: allocated PCR indices} from a TPM2_GetCapability(TPM_CAP_PCRS) response."""
+    rc = response_code(response)
+    if rc != TPM_RC.SUCCESS:
+        raise ValueError(f"GetCapability(PCRS) failed with TPM_RC {rc:#x}")
+    off = HEADER_SIZE + 1  # moreData
+    cap, count = struct.unpack_from(">II", response, off)
+    if cap != TPM_CAP_PCRS:
+        raise ValueError(f"GetCapability(PCRS) answered capability {cap:#x}")
+    off += 8
+    banks: dict[int, frozenset[int]] = {}
+    for _ in range(count):
+        alg, size = struct.unpack_from(">HB", response, off)
+        bitmap = response[off + 3 : off + 3 + size]
+        if len(bitmap) != size:
+            raise ValueError("GetCapability(PCRS) response is truncated")
+        banks[alg] = frozenset(i for i in range(size * 8) if bitmap[i // 8] >> (i % 8) & 1)
+        off += 3 + size
+    return banks
+
+
 def parse_get_random(response: bytes) -> bytes:
     rc = response_code(response)
     if rc != TPM_RC.SUCCESS:

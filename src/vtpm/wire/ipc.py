@@ -24,7 +24,13 @@ Messages (type: layout; names are 1..32 of [a-z0-9_], multi-byte integers big-en
   0x10 AdminRequest  peer → manager   UTF-8 JSON {"args": {...}, "op": "<non-empty>"}
   0x11 AdminReply    manager → peer   UTF-8 JSON {"ok": true, "result": ...} or
                                       {"error": "...", "ok": false}
-  0x20..0x2f are reserved for the deep-quote exchange; today they are unknown types.
+  0x20 QuoteRequest  peer → manager   u16 nonce length (1..64) | nonce | u32 host PCR mask |
+                                      PCR values (a deep quote asked from inside the guest)
+  0x21 QuoteReply    manager → peer   the evidence, compact binary (`vtpm.wire.evidence`)
+  0x22 PcrRequest    manager → peer   u16 bank | u32 PCR mask (the vTPM's PCRs, please)
+  0x23 PcrReply      peer → manager   PCR values
+  PCR values: u16 bank (TPM_ALG_ID) | u8 n (<= 24) | n x (u8 index | digest of the bank's
+  size), indices strictly increasing. 0x24..0x2f are reserved.
 
 JSON is sent canonically (sorted keys, no blanks, UTF-8 rather than \\u escapes) and read
 leniently as to layout, strictly as to content: exactly the keys above, no key twice in an
@@ -69,7 +75,9 @@ MAX_REASON: Final = 1024
 MAX_JSON_DEPTH: Final = 32
 MIN_JSON_INT: Final = -(2**63)
 MAX_JSON_INT: Final = 2**64 - 1
-RESERVED_TYPES: Final = range(0x20, 0x30)
+RESERVED_TYPES: Final = range(0x24, 0x30)
+BANK_SIZES: Final = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
+MAX_NONCE: Final = 64
 
 # A sans-IO buffer cannot refuse bytes it is handed, so it bounds what it holds: one
 # incomplete frame plus one read (asyncio reads at most 256 KiB at a time).
@@ -93,6 +101,10 @@ class MessageType(enum.IntEnum):
     READY = 0x08
     ADMIN_REQUEST = 0x10
     ADMIN_REPLY = 0x11
+    QUOTE_REQUEST = 0x20
+    QUOTE_REPLY = 0x21
+    PCR_REQUEST = 0x22
+    PCR_REPLY = 0x23
 
 
 class Role(enum.Enum):
@@ -243,6 +255,73 @@ class Goodbye:
     """The instance exits in order, all its state stored."""
 
 
+def _check_mask(what: str, pcrs: object) -> None:
+    if not isinstance(pcrs, tuple) or any(type(i) is not int for i in pcrs):
+        raise LocalProtocolError(f"{what} must be a tuple of PCR indices")
+    if list(pcrs) != sorted(set(pcrs)) or (pcrs and not 0 <= pcrs[0] <= pcrs[-1] <= 23):
+        raise LocalProtocolError(f"{what} must be increasing PCR indices in 0..23")
+
+
+def _check_values(what: str, bank: object, values: object) -> None:
+    if type(bank) is not int or bank not in BANK_SIZES:
+        raise LocalProtocolError(f"{what}: unknown PCR bank {bank!r}")
+    if not isinstance(values, tuple):
+        raise LocalProtocolError(f"{what} must be a tuple of (index, digest)")
+    _check_mask(what, tuple(v[0] if isinstance(v, tuple) and v else -1 for v in values))
+    for entry in values:
+        if len(entry) != 2:
+            raise LocalProtocolError(f"{what} entries are (index, digest)")
+        _check_bytes(f"{what} digest", entry[1], BANK_SIZES[bank])
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteRequest:
+    """A deep quote asked for from inside the guest: the vTPM's own PCR values come along."""
+
+    nonce: bytes
+    host_pcrs: tuple[int, ...]
+    bank: int
+    pcrs: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, bytes) or not 1 <= len(self.nonce) <= MAX_NONCE:
+            raise LocalProtocolError(f"QuoteRequest.nonce must be 1..{MAX_NONCE} bytes")
+        _check_mask("QuoteRequest.host_pcrs", self.host_pcrs)
+        _check_values("QuoteRequest.pcrs", self.bank, self.pcrs)
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteReply:
+    """The deep-quote evidence (compact binary) or, when empty, a refusal."""
+
+    evidence: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.evidence, bytes):
+            raise LocalProtocolError("QuoteReply.evidence must be bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class PcrRequest:
+    """The Manager asks an instance for its current PCR values."""
+
+    bank: int
+    pcrs: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check_values("PcrRequest", self.bank, ())
+        _check_mask("PcrRequest.pcrs", self.pcrs)
+
+
+@dataclass(frozen=True, slots=True)
+class PcrReply:
+    bank: int
+    pcrs: tuple[tuple[int, bytes], ...]
+
+    def __post_init__(self) -> None:
+        _check_values("PcrReply.pcrs", self.bank, self.pcrs)
+
+
 @dataclass(frozen=True, slots=True)
 class Ready:
     """The instance has started its TPM and its frontends listen."""
@@ -285,9 +364,11 @@ class AdminReply:
         _check_json("AdminReply.result", self.result)
 
 
-PeerEvent: TypeAlias = Hello | StateWritten | StateDeleted | Goodbye | Ready | AdminRequest
+PeerEvent: TypeAlias = (
+    Hello | StateWritten | StateDeleted | Goodbye | Ready | AdminRequest | QuoteRequest | PcrReply
+)
 """What a PEER sends and the MANAGER receives."""
-ManagerEvent: TypeAlias = KeyGrant | Refused | Ack | AdminReply
+ManagerEvent: TypeAlias = KeyGrant | Refused | Ack | AdminReply | QuoteReply | PcrRequest
 """What the MANAGER sends and a PEER receives."""
 Event: TypeAlias = PeerEvent | ManagerEvent
 
@@ -304,10 +385,21 @@ _TYPE_OF: dict[type[Event], MessageType] = {
     Ready: MessageType.READY,
     AdminRequest: MessageType.ADMIN_REQUEST,
     AdminReply: MessageType.ADMIN_REPLY,
+    QuoteRequest: MessageType.QUOTE_REQUEST,
+    QuoteReply: MessageType.QUOTE_REPLY,
+    PcrRequest: MessageType.PCR_REQUEST,
+    PcrReply: MessageType.PCR_REPLY,
 }
 _SENDS: dict[Role, frozenset[MessageType]] = {
     Role.MANAGER: frozenset(
-        {MessageType.KEY_GRANT, MessageType.REFUSED, MessageType.ACK, MessageType.ADMIN_REPLY}
+        {
+            MessageType.KEY_GRANT,
+            MessageType.REFUSED,
+            MessageType.ACK,
+            MessageType.ADMIN_REPLY,
+            MessageType.QUOTE_REPLY,
+            MessageType.PCR_REQUEST,
+        }
     ),
     Role.PEER: frozenset(
         {
@@ -317,6 +409,8 @@ _SENDS: dict[Role, frozenset[MessageType]] = {
             MessageType.GOODBYE,
             MessageType.READY,
             MessageType.ADMIN_REQUEST,
+            MessageType.QUOTE_REQUEST,
+            MessageType.PCR_REPLY,
         }
     ),
 }
@@ -326,6 +420,37 @@ _RECEIVES: dict[Role, frozenset[MessageType]] = {
 }
 
 # encoding --------------------------------------------------------------------------------------
+
+
+def _mask(pcrs: tuple[int, ...]) -> int:
+    return sum(1 << i for i in pcrs)
+
+
+def _unmask(mask: int, what: str) -> tuple[int, ...]:
+    if mask >> 24:
+        raise RemoteProtocolError(f"{what} selects PCRs above 23")
+    return tuple(i for i in range(24) if mask >> i & 1)
+
+
+def _values_bytes(bank: int, pcrs: tuple[tuple[int, bytes], ...]) -> bytes:
+    return struct.pack(">HB", bank, len(pcrs)) + b"".join(bytes([i]) + d for i, d in pcrs)
+
+
+def _take_values(body: bytes, pos: int, what: str) -> tuple[int, tuple[tuple[int, bytes], ...]]:
+    if pos + 3 > len(body):
+        raise RemoteProtocolError(f"{what} ends before its PCR values")
+    bank, count = struct.unpack_from(">HB", body, pos)
+    size = BANK_SIZES.get(bank)
+    if size is None:
+        raise RemoteProtocolError(f"{what}: unknown PCR bank {bank:#06x}")
+    pos += 3
+    if pos + count * (1 + size) != len(body):
+        raise RemoteProtocolError(f"{what}: {count} PCR values do not fill the body")
+    values = tuple(
+        (body[pos + k * (1 + size)], body[pos + k * (1 + size) + 1 : pos + (k + 1) * (1 + size)])
+        for k in range(count)
+    )
+    return bank, values
 
 
 def _name_bytes(name: str) -> bytes:
@@ -368,6 +493,15 @@ def _encode_body(event: Event) -> bytes:
             return _dump_json("AdminReply", {"ok": True, "result": result})
         case AdminReply(error=error):
             return _dump_json("AdminReply", {"error": error, "ok": False})
+        case QuoteRequest(nonce=nonce, host_pcrs=host, bank=bank, pcrs=pcrs):
+            head = struct.pack(">H", len(nonce)) + nonce + struct.pack(">I", _mask(host))
+            return head + _values_bytes(bank, pcrs)
+        case QuoteReply(evidence=evidence):
+            return evidence
+        case PcrRequest(bank=bank, pcrs=pcrs):
+            return struct.pack(">HI", bank, _mask(pcrs))
+        case PcrReply(bank=bank, pcrs=pcrs):
+            return _values_bytes(bank, pcrs)
     raise LocalProtocolError(f"cannot encode {type(event).__name__}")
 
 
@@ -452,6 +586,33 @@ def _decode_goodbye(body: bytes) -> Goodbye:
     return Goodbye()
 
 
+def _decode_quote_request(body: bytes) -> QuoteRequest:
+    if len(body) < 2:
+        raise RemoteProtocolError("QuoteRequest body has no nonce length")
+    (n,) = struct.unpack_from(">H", body)
+    if len(body) < 2 + n + 4:
+        raise RemoteProtocolError("QuoteRequest body ends inside its nonce or PCR mask")
+    nonce = body[2 : 2 + n]
+    (mask,) = struct.unpack_from(">I", body, 2 + n)
+    bank, values = _take_values(body, 2 + n + 4, "QuoteRequest")
+    return QuoteRequest(nonce, _unmask(mask, "QuoteRequest"), bank, values)
+
+
+def _decode_quote_reply(body: bytes) -> QuoteReply:
+    return QuoteReply(body)
+
+
+def _decode_pcr_request(body: bytes) -> PcrRequest:
+    _expect_size(body, 6, "PcrRequest")
+    bank, mask = struct.unpack(">HI", body)
+    return PcrRequest(bank, _unmask(mask, "PcrRequest"))
+
+
+def _decode_pcr_reply(body: bytes) -> PcrReply:
+    bank, values = _take_values(body, 0, "PcrReply")
+    return PcrReply(bank, values)
+
+
 def _decode_ready(body: bytes) -> Ready:
     _expect_size(body, 0, "Ready")
     return Ready()
@@ -521,6 +682,10 @@ _DECODERS: dict[MessageType, Callable[[bytes], Event]] = {
     MessageType.ACK: _decode_ack,
     MessageType.GOODBYE: _decode_goodbye,
     MessageType.READY: _decode_ready,
+    MessageType.QUOTE_REQUEST: _decode_quote_request,
+    MessageType.QUOTE_REPLY: _decode_quote_reply,
+    MessageType.PCR_REQUEST: _decode_pcr_request,
+    MessageType.PCR_REPLY: _decode_pcr_reply,
     MessageType.ADMIN_REQUEST: _decode_admin_request,
     MessageType.ADMIN_REPLY: _decode_admin_reply,
 }

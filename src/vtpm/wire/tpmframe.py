@@ -108,6 +108,25 @@ class FrameServerConnection(_FrameReader):
         self._pending = True
         return TpmCommand(frame)
 
+    def whole_command(self, data: bytes) -> bytes | None:
+        """The fast path for the usual read: if nothing is buffered or in flight and `data` is
+        exactly one valid command, take it as the command in flight and return its bytes;
+        otherwise None (then `receive_data(data)` and `next_event` as usual)."""
+        if self._pending or len(self._buf) or len(data) < HEADER_SIZE:
+            return None
+        tag, size, _code = HEADER.unpack_from(data)
+        if size != len(data) or tag not in VALID_TAGS or size > self._max:
+            return None
+        self._pending = True
+        return data
+
+    def respond(self, response: bytes) -> bytes:
+        """`send` for a response the engine produced (already a well-formed frame)."""
+        if not self._pending:
+            raise LocalProtocolError("no command is waiting for a response")
+        self._pending = False
+        return response
+
     def send(self, event: TpmResponse) -> bytes:
         if not isinstance(event, TpmResponse):
             raise LocalProtocolError(f"a server sends TpmResponse, not {type(event).__name__}")

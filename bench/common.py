@@ -1,0 +1,84 @@
+"""What the benchmarks share: free TCP port pairs, a raw TPM client, process memory."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from pathlib import Path
+
+from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_RC
+
+GETRANDOM = frames.get_random(32)
+
+
+def free_pair() -> int:
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        s.close()
+        if port >= 65000:
+            continue
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+
+
+class Client:
+    """A raw TPM client over one TCP connection."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _read(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("TPM closed the connection")
+            buf += chunk
+        return buf
+
+    def call(self, command: bytes) -> bytes:
+        self.sock.sendall(command)
+        head = self._read(10)
+        (size,) = struct.unpack_from(">I", head, 2)
+        return head + self._read(size - 10)
+
+    def call_ok(self, command: bytes) -> bytes:
+        for _ in range(10):
+            resp = self.call(command)
+            rc = frames.response_code(resp)
+            if rc == TPM_RC.RETRY:
+                continue
+            if rc != TPM_RC.SUCCESS:
+                raise RuntimeError(f"TPM answered {rc:#x}")
+            return resp
+        raise RuntimeError("TPM kept answering RETRY")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _status_kib(pid: int, path: str, key: str) -> int:
+    for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    return 0
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    return _status_kib(pid, "status", "VmRSS:")
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size (shared pages divided among their users), in KiB."""
+    return _status_kib(pid, "smaps_rollup", "Pss:")

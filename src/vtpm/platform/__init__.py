@@ -1,0 +1,1 @@
+"""Platform files: xl-style guest configuration (.cfg) parsing."""

@@ -28,8 +28,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import deepquote as dq_bench
 from bench import manager as mgr_bench
 from bench import templates as tmpl
+from bench import verify as verify_bench
 from bench.common import GETRANDOM, Client, free_pair, rss_kib
 from vtpm.errors import VtpmError
 from vtpm.tpm import frames
@@ -279,15 +281,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--only",
-        choices=["transport", "manager"],
+        choices=["transport", "manager", "deepquote", "verify"],
         default=None,
-        help="run one benchmark: transport (one instance each, command rates, start, RSS) or "
-        "manager (create + start N vTPMs, memory with N running); default both",
+        help="run one benchmark: transport (one instance each, command rates, start, RSS), "
+        "manager (create + start N vTPMs, memory with N running), deepquote (batched vs "
+        "unbatched deep quotes on a slowed hardware quote) or verify (deep quotes verified per "
+        "second on one core); default all",
     )
     ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
     ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median kept)")
     mgr_bench.add_arguments(ap)
+    dq_bench.add_arguments(ap)
+    verify_bench.add_arguments(ap)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     if shutil.which("swtpm") is None:
@@ -304,6 +310,10 @@ def main() -> int:
             out.update(run_transport(args))
         if args.only in (None, "manager"):
             out["manager"] = mgr_bench.run(args, progress)
+        if args.only in (None, "deepquote"):
+            out["deepquote"] = dq_bench.run_args(args, progress)
+        if args.only in (None, "verify"):
+            out["verify"] = verify_bench.run(args, progress)
     except KeyboardInterrupt:
         print("bench: interrupted; processes and temporary files removed", file=sys.stderr)
         return 130
@@ -321,6 +331,10 @@ def main() -> int:
         print_transport(out)
     if "manager" in out:
         mgr_bench.print_report(out["manager"])
+    if "deepquote" in out:
+        dq_bench.print_report(out["deepquote"])
+    if "verify" in out:
+        verify_bench.print_report(out["verify"])
     return 0
 
 

@@ -2,14 +2,17 @@
 
 Each trial a writer thread stores an increasing counter in an NV index (TPM2_NV_Write, raw frames
 over the vTPM's TCP port), noting the last value the vTPM acknowledged and the one in flight.
-After a seeded random delay the instance or the Manager is killed with SIGKILL, and only what
-was killed is started again. Then the NV index must hold the acknowledged value or the one in
-flight, never anything else; the permall digest the Manager records must be that of
-`permall.blob`; and no `.next` (a write the Manager has not recorded) or `.tmp` file may be left
-once the vTPM serves and is idle: load settles both, and a running instance's writes complete.
+After a seeded random delay (0-150 ms of writing) the instance or the Manager is killed with
+SIGKILL, half and half, and only what was killed is started again: the Manager by running it
+again (it starts the vTPM that was running), the instance by `vtpm start` or, one time in four,
+by the supervisor's own restart. Then the NV index must hold the acknowledged value or the one in
+flight, never anything else; the Manager must record exactly the blobs in the state directory,
+with their digests; and no `.next` (a write the Manager has not recorded) or `.tmp` file may be
+left once the vTPM serves and is idle: load settles both, and a serving instance's writes
+complete.
 
-The seed is printed and named in every failure; VTPM_CRASH_SEED=N replays a run.
-"""
+The seed is printed and named in every failure; VTPM_CRASH_SEED=N replays a run's choices (the
+timing of the processes is not replayed)."""
 
 from __future__ import annotations
 

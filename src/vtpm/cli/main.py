@@ -6,22 +6,25 @@ Only this package calls `sys.exit`. Every action returns an exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from vtpm import __version__
-from vtpm.cli import (
-    group_cmd,
-    instance_cmd,
-    launch_cmd,
-    manager_cmd,
-    quote_cmd,
-    verify_cmd,
-    vtpm_cmd,
-)
 from vtpm.errors import VtpmError
+
+# command modules, in `vtpm --help` order; each has register(subparsers)
+COMMANDS = {
+    "manager": "vtpm.cli.manager_cmd",
+    "group": "vtpm.cli.group_cmd",
+    "vtpm": "vtpm.cli.vtpm_cmd",
+    "quote": "vtpm.cli.quote_cmd",
+    "instance": "vtpm.cli.instance_cmd",
+    "launch": "vtpm.cli.launch_cmd",
+    "verify": "vtpm.cli.verify_cmd",
+}
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -36,7 +39,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that command module's (a vTPM instance process loads
+    only what `vtpm instance` needs, which makes it start faster)."""
     parser = _Parser(
         prog="vtpm",
         description="Virtual TPMs for Linux guests, rooted in the host's hardware TPM.",
@@ -44,19 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vtpm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    manager_cmd.register(sub)
-    group_cmd.register(sub)
-    vtpm_cmd.register(sub)
-    quote_cmd.register(sub)
-    instance_cmd.register(sub)
-    launch_cmd.register(sub)
-    verify_cmd.register(sub)
+    for name, module in COMMANDS.items():
+        if only is None or only == name:
+            importlib.import_module(module).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser("instance" if words[:1] == ["instance"] else None)
+    args = parser.parse_args(words)
     as_json = bool(getattr(args, "json", False))
     try:
         code = int(args.func(args))

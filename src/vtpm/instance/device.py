@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vtpm.engine.engine import BLOB_NAMES, Engine, NvramBackend, StateType, TpmVersion
-from vtpm.errors import TpmError, VtpmError
+from vtpm.errors import VtpmError
 from vtpm.instance import vendor
 from vtpm.tpm.constants import TPM_FAIL, TPM_RC, TPM_ST, TPM_TAG12
 
@@ -116,7 +116,7 @@ class Device:
             return vendor.handle(command, self.execute, self.deep_quote)
         try:
             return self.engine.process(command, locality)
-        except TpmError as e:
+        except VtpmError as e:  # the engine, or a state write the Manager did not record
             if self.engine.running:
                 log.error("TPM command failed: %s", e)
             return self._failure

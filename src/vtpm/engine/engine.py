@@ -204,7 +204,8 @@ class Engine:
             if locality is not None:
                 self.locality = locality
             rc, resp = self._lib.process(command)
-            self._raise_callback_error()
+            if self._callback_error is not None:  # inline: this is the per-command path
+                self._raise_callback_error()
             if rc != TPM_SUCCESS:
                 raise TpmError(f"libtpms could not process the command (result {rc:#x})")
             return resp

@@ -103,16 +103,17 @@ class Device:
     # commands -------------------------------------------------------------------------------
 
     def execute(self, command: bytes, locality: int | None = None) -> bytes:
-        if self.launch is not None:
+        if self.launch is not None and not vendor.is_deep_quote(command):
             # a measured launch is armed (vtpm.instance.launch): commands are serialized with
-            # power changes, so nothing runs between a TPM2_Startup(CLEAR) and its extends
+            # power changes, so nothing runs between a TPM2_Startup(CLEAR) and its extends (a
+            # deep quote, which waits for the Manager, is not held; its PCR reads come here)
             with self._power:
                 return self.launch.execute(command, locality)
         return self.process(command, locality)
 
     def process(self, command: bytes, locality: int | None = None) -> bytes:
         """One command to the TPM, without a launch's interposition."""
-        if vendor.is_deep_quote(command):  # answered here, not by libtpms
+        if command[6:10] == vendor.CODE_BYTES:  # the deep-quote command: answered here
             return vendor.handle(command, self.execute, self.deep_quote)
         try:
             return self.engine.process(command, locality)

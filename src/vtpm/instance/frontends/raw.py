@@ -19,6 +19,7 @@ def serve_frames(device: Device, conn: socket.socket, peer: str, max_size: int) 
     """Answer TPM commands on `conn` until the peer closes or breaks the framing."""
     codec = FrameServerConnection(max_size=max_size)
     inbox = bytearray(READ_SIZE)  # reused: a fresh 64 KiB bytes per read costs more
+    view = memoryview(inbox)
     execute = device.execute
     try:
         while True:
@@ -27,7 +28,7 @@ def serve_frames(device: Device, conn: socket.socket, peer: str, max_size: int) 
             except OSError as e:
                 log.info("raw %s: connection lost: %s", peer, e.strerror)
                 return
-            data = bytes(inbox[:n])
+            data = bytes(view[:n])  # one copy
             command = codec.whole_command(data)  # the usual case: one read, one command
             if command is not None:
                 if not _answer(conn, codec, execute(command), peer):

@@ -131,3 +131,18 @@ def test_garbage_raises_only_event_log_errors(data: bytes) -> None:
     for candidate in (data, SEABIOS_LOG[:100] + data):
         with contextlib.suppress(EventLogError):
             eventlog.parse(candidate)
+
+
+def test_a_bank_we_do_not_hash_still_parses() -> None:
+    """Firmware may log SM3_256 (0x0012) too: parse it, replay the banks we know."""
+    sm3 = 0x0012
+    spec = eventlog.SPEC_ID_SIGNATURE + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 2)
+    spec += struct.pack("<HHHH", TPM_ALG_SHA256, 32, sm3, 32) + b"\x00"
+    header = struct.pack("<II", 0, EventType.EV_NO_ACTION) + bytes(20)
+    header += struct.pack("<I", len(spec)) + spec
+    event = struct.pack("<III", 4, EventType.EV_IPL, 2) + struct.pack("<H", TPM_ALG_SHA256)
+    event += b"\x11" * 32 + struct.pack("<H", sm3) + b"\x22" * 32 + struct.pack("<I", 1) + b"k"
+    log = eventlog.parse(header + event)
+    assert log.banks == (TPM_ALG_SHA256, sm3)
+    want = hashlib.sha256(bytes(32) + b"\x11" * 32).digest()
+    assert eventlog.replay(log.events, TPM_ALG_SHA256) == {4: want}

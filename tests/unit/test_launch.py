@@ -68,7 +68,7 @@ def test_missing_files_are_config_errors(tmp_path: Path) -> None:
 
 
 def test_record_round_trip_and_strictness(files: digests.GuestFiles, tmp_path: Path) -> None:
-    rec = digests.record(files)
+    rec = LaunchRecord(digests.measure(files))
     path = tmp_path / "r.json"
     rec.save(path)
     assert LaunchRecord.load(path) == rec

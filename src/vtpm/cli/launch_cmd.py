@@ -25,6 +25,7 @@ from vtpm.cli import client
 from vtpm.errors import ConfigError, LaunchError, VtpmError
 from vtpm.launch import digests, guest
 from vtpm.launch.record import LaunchRecord, Measurement, banks_of, digests_json, write_atomic
+from vtpm.manager.launch import label_refusal
 from vtpm.platform import xlcfg
 from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA256
 from vtpm.verify.eventlog import policy_entry
@@ -219,6 +220,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         )
         guest.check(spec)
         view = client.call(args, "vtpm.show", uuid=str(vtpm_uuid))
+        why = label_refusal(vtpm_uuid, view["label"], args.vtpm_label)
+        if why:  # first, before any other complaint; the Manager checks again
+            raise LaunchError(f"launch refused: {why}")
         spec = dataclasses.replace(spec, ctrl_socket=_ctrl_socket(view))
     elif args.qemu:
         raise ConfigError("--qemu makes no sense with --no-guest")

@@ -43,17 +43,14 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
 
 from vtpm.engine.engine import StateType, TpmVersion
 from vtpm.errors import LaunchError, VtpmError
+from vtpm.instance.device import Device, failure_response
 from vtpm.launch import eventlog as launch_log
 from vtpm.launch.record import LaunchRecord
 from vtpm.tpm import frames
-from vtpm.tpm.constants import HEADER_SIZE, TPM_RC, TPM_ST, TPM_SU
-
-if TYPE_CHECKING:
-    from vtpm.instance.device import Device
+from vtpm.tpm.constants import TPM_RC, TPM_SU
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,7 @@ class Launch:
         self._record = record
         self.failed = ""
         self.applied = 0  # how many times the launch was applied (guest boots)
-        self._failure = struct.pack(">HII", TPM_ST.NO_SESSIONS, HEADER_SIZE, TPM_RC.FAILURE)
+        self._failure = failure_response(TpmVersion.TPM20)
 
     # start ----------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm.errors import ConfigError
-from vtpm.launch.record import LaunchRecord, Measurement, banks_of
+from vtpm.launch.record import Measurement, banks_of
 from vtpm.tpm import eventlog
 from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA1, TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512
 
@@ -76,10 +76,6 @@ def measure(files: GuestFiles) -> tuple[Measurement, ...]:
     if files.initrd is not None:
         out.append(Measurement("initrd", f"initrd {files.initrd.name}", file_digests(files.initrd)))
     return tuple(out)
-
-
-def record(files: GuestFiles) -> LaunchRecord:
-    return LaunchRecord(measure(files))
 
 
 def expected_pcrs(

@@ -103,16 +103,14 @@ def qemu_argv(spec: GuestSpec, pidfile: Path | None = None) -> list[str]:
     return argv + list(spec.extra)
 
 
-def check(spec: GuestSpec) -> str:
-    """Everything that can be checked before the vTPM is touched; the QEMU binary's path."""
-    qemu = shutil.which(spec.qemu)
-    if qemu is None:
+def check(spec: GuestSpec) -> None:
+    """What can be checked before the vTPM is touched: QEMU and its firmware are there."""
+    if shutil.which(spec.qemu) is None:
         raise ConfigError(f"{spec.qemu} is not installed (Debian: qemu-system-x86)")
     if spec.firmware is not None and "-bios" not in spec.extra and not spec.firmware.is_file():
         raise ConfigError(
             f"firmware {spec.firmware} is missing (Debian: qemu-system-data ships qboot)"
         )
-    return qemu
 
 
 def start(spec: GuestSpec, timeout: float = START_TIMEOUT) -> tuple[int, list[str]]:

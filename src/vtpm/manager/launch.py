@@ -22,6 +22,7 @@ from vtpm.launch.record import LaunchRecord
 
 if TYPE_CHECKING:
     from vtpm.manager.service import Manager
+    from vtpm.manager.store import VtpmRecord
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,29 @@ def event_log_path(m: Manager, vtpm_uuid: uuid.UUID) -> Path:
     return m.config.data_dir / "vtpms" / f"{vtpm_uuid}.eventlog"
 
 
+def label_refusal(vtpm_uuid: object, label: str, wanted: str | None) -> str:
+    """Why a launch that names the label `wanted` is refused for a vTPM labelled `label`."""
+    if wanted is not None and wanted != label:
+        return f"vTPM {vtpm_uuid} has label {label}, not {wanted}"
+    return ""
+
+
 def _running(m: Manager, vtpm_uuid: uuid.UUID) -> bool:
     child = m.supervisor.child(vtpm_uuid)
     return child is not None and child.state in ("running", "starting")
+
+
+def _refusal(m: Manager, rec: VtpmRecord, label: str | None) -> str:
+    """Why the vTPM cannot take a launch (checked before anything is touched), or ""."""
+    why = label_refusal(rec.uuid, rec.label, label)
+    if why:
+        return why
+    if rec.tpm != "2.0":
+        return f"vTPM {rec.uuid} is a TPM {rec.tpm}; a measured launch needs TPM 2.0"
+    g = m.group(str(rec.group_uuid))
+    m.groups.refresh()
+    st = m.groups.status(g.uuid)
+    return "" if st.unlocked else f"group {g.name} is locked: {st.reason}"
 
 
 def launch(
@@ -45,17 +66,7 @@ def launch(
     """Arm `record` on a fresh instance of the vTPM; the record as placed, or LaunchError."""
     rec = m.vtpm(str(vtpm_uuid))
     target = str(rec.uuid)
-    why = ""
-    if label is not None and label != rec.label:
-        why = f"vTPM {rec.uuid} has label {rec.label}, not {label}"
-    elif rec.tpm != "2.0":
-        why = f"vTPM {rec.uuid} is a TPM {rec.tpm}; a measured launch needs TPM 2.0"
-    else:
-        g = m.group(str(rec.group_uuid))
-        m.groups.refresh()
-        st = m.groups.status(g.uuid)
-        if not st.unlocked:
-            why = f"group {g.name} is locked: {st.reason}"
+    why = _refusal(m, rec, label)
     if why:
         m.store.audit(actor, "vtpm.launch", target, "refused", {"why": why})
         raise LaunchError(f"launch refused: {why}")
@@ -63,7 +74,10 @@ def launch(
     placed = record.with_place(rec.uuid, event_log_path(m, rec.uuid))
     path = record_path(m, rec.uuid)
     was_running = _running(m, rec.uuid)
-    placed.save(path)
+    try:
+        placed.save(path)
+    except OSError as e:
+        raise LaunchError(f"cannot write the launch record {path}: {e.strerror}") from None
     m.supervisor.stop(rec.uuid)
     try:
         m.start_vtpm(rec.uuid, actor=actor, once=("--launch", str(path)))
@@ -88,10 +102,18 @@ def cancel(m: Manager, vtpm_uuid: uuid.UUID, *, actor: str) -> None:
     """Withdraw a launch (its guest did not start): the instance runs again without it."""
     rec = m.vtpm(str(vtpm_uuid))
     m.supervisor.stop(rec.uuid)
-    record_path(m, rec.uuid).unlink(missing_ok=True)
-    event_log_path(m, rec.uuid).unlink(missing_ok=True)
+    forget(m, rec.uuid)
     m.store.audit(actor, "vtpm.launch.cancel", str(rec.uuid), "ok", {})
     _restore(m, rec.uuid, True, actor)
+
+
+def forget(m: Manager, vtpm_uuid: uuid.UUID) -> None:
+    """Remove the vTPM's launch record and event log (a withdrawn launch, a deleted vTPM)."""
+    for path in (record_path(m, vtpm_uuid), event_log_path(m, vtpm_uuid)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            log.error("vTPM %s: cannot remove %s: %s", vtpm_uuid, path, e.strerror)
 
 
 def _restore(m: Manager, vtpm_uuid: uuid.UUID, was_running: bool, actor: str) -> None:

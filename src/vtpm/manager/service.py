@@ -36,7 +36,7 @@ from vtpm.errors import (
     VtpmError,
 )
 from vtpm.listen import Endpoint, Handler, Server, SocketPolicy, bind
-from vtpm.manager import provision
+from vtpm.manager import launch, provision
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.groups import GroupKeys
@@ -486,6 +486,7 @@ class Manager:
         self.supervisor.forget(rec.uuid)
         state_dir = self.config.vtpm_dir(rec.uuid)
         shutil.rmtree(state_dir, ignore_errors=True)
+        launch.forget(self, rec.uuid)
         self.store.delete_vtpm(rec.uuid)
         self.store.audit(actor, "vtpm.del", str(rec.uuid), "ok", {"group": str(rec.group_uuid)})
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vtpm.errors import EventLogError
@@ -85,7 +85,7 @@ class Event:
         if not 0 <= self.pcr <= MAX_PCR:
             raise ValueError(f"PCR {self.pcr} is not in 0..{MAX_PCR}")
         for alg, digest in self.digests:
-            if DIGEST_SIZES.get(alg) != len(digest):
+            if DIGEST_SIZES.get(alg, len(digest)) != len(digest):
                 raise ValueError(f"a digest of {len(digest)} bytes for algorithm {alg:#06x}")
 
     def digest(self, alg: int) -> bytes | None:
@@ -275,7 +275,3 @@ def replay(events: Sequence[Event], alg: int) -> dict[int, bytes]:
             old = starting_value(events, ev.pcr, alg)
         values[ev.pcr] = extend_value(alg, old, digest)
     return values
-
-
-def replay_all(events: Sequence[Event], algs: Iterable[int]) -> Mapping[int, dict[int, bytes]]:
-    return {alg: replay(events, alg) for alg in algs}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import signal
 import socket
-import sys
 import uuid
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vtpm.cli import logs
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.instance.config import InstanceConfig
@@ -21,8 +20,6 @@ from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
 from vtpm.launch.record import LaunchRecord
 from vtpm.listen import Endpoint, SocketPolicy
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def register(sub: Any) -> None:
@@ -159,13 +156,7 @@ def register(sub: Any) -> None:
         default=32,
         help="connections served at once per socket (default 32)",
     )
-    run.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default info",
-    )
-    run.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    logs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
     keygen = isub.add_parser(
@@ -177,16 +168,6 @@ def register(sub: Any) -> None:
     keygen.add_argument("path", type=Path)
     keygen.add_argument("--json", action="store_true", help="machine-readable output")
     keygen.set_defaults(func=cmd_keygen)
-
-
-def _setup_logging(level: str, path: Path | None) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def config_from_args(args: argparse.Namespace) -> InstanceConfig:
@@ -211,10 +192,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        _setup_logging(args.log_level, args.log_file)
-    except OSError as e:
-        raise ConfigError(f"cannot open log file {args.log_file}: {e.strerror}") from None
+    logs.setup(args)
     cfg = config_from_args(args)
     link: ManagerLink | None = None
     if cfg.manager_fd is not None:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from vtpm.cli import client
+from vtpm.cli import client, logs
 from vtpm.errors import ConfigError
 from vtpm.manager.config import ManagerConfig
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def register(sub: Any) -> None:
@@ -65,13 +61,7 @@ def register(sub: Any) -> None:
         "start the vTPMs that were running. On SIGTERM every instance stores its state first.",
     )
     client.add_common(run, json_output=False)
-    run.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="default info",
-    )
-    run.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    logs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
     status = msub.add_parser(
@@ -108,26 +98,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     )
 
 
-def _setup_logging(level: str, path: Path | None) -> None:
-    try:
-        handler: logging.Handler = (
-            logging.FileHandler(path) if path is not None else logging.StreamHandler(sys.stderr)
-        )
-    except OSError as e:
-        raise ConfigError(f"cannot open log file {path}: {e.strerror}") from None
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     # imported here, not at the top: every `vtpm` process (each vTPM instance among them) would
     # otherwise load tpm2-pytss, which only the Manager uses
     from vtpm.manager.admin import AdminHandler  # noqa: PLC0415
     from vtpm.manager.service import Manager  # noqa: PLC0415
 
-    _setup_logging(args.log_level, args.log_file)
+    logs.setup(args)
     cfg = ManagerConfig.load(client.data_dir(args).resolve())
     manager = Manager(cfg)
 

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from vtpm.errors import ConfigError, VerifyError, VtpmError
+from vtpm.files import read_limited
 from vtpm.tpm.attest import HASH_BY_NAME, TPM_GENERATED_VALUE, hash_name, parse_public
 from vtpm.verify.bundle import verify_bundle
 from vtpm.verify.deepquote import compare_pcrs, verify_deep_quote
@@ -87,14 +88,7 @@ def register(sub: Any) -> None:
 
 
 def _read(path: Path, what: str, limit: int = MAX_FILE) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(data) > limit:
-        raise VerifyError(f"{what} {path} is larger than {limit} bytes")
-    return data
+    return read_limited(path, what, limit)
 
 
 def _json(path: Path, what: str) -> object:

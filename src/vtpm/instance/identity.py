@@ -7,13 +7,13 @@ Kept in `instance.json` beside the encrypted blobs so that a restart with a forg
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError, StateError
+from vtpm.files import write_atomic
 
 FILENAME = "instance.json"
 
@@ -36,21 +36,8 @@ def read(state_dir: Path) -> Identity | None:
 
 
 def write(state_dir: Path, ident: Identity) -> None:
-    path = state_dir / FILENAME
-    tmp = state_dir / (FILENAME + ".tmp")
     data = json.dumps({"uuid": str(ident.vtpm_uuid), "tpm": ident.tpm_version.value}) + "\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(state_dir / FILENAME, data.encode())
 
 
 def resolve(state_dir: Path, wanted_uuid: uuid.UUID | None, version: TpmVersion) -> Identity:

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError
+from vtpm.files import fsync_dir as _fsync_dir
 from vtpm.instance.statekey import StateKey
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,6 @@ class BlobInfo:
     name: str
     counter: int
     digest: bytes  # SHA-256 of the file as written
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StateStore:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm.errors import ConfigError
+from vtpm.files import read_limited
 from vtpm.tpm.eventlog import Event, EventType
 from vtpm.tpm.frames import DIGEST_SIZES, HASH_NAMES
 
@@ -171,14 +172,8 @@ class LaunchRecord:
 
     @classmethod
     def load(cls, path: Path) -> LaunchRecord:
+        data = read_limited(path, "launch record", MAX_RECORD_BYTES)
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_RECORD_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"cannot read launch record {path}: {e.strerror}") from None
-        try:
-            if len(data) > MAX_RECORD_BYTES:
-                raise ConfigError(f"it is larger than {MAX_RECORD_BYTES} bytes")
             try:
                 raw = json.loads(data)
             except (UnicodeDecodeError, ValueError) as e:

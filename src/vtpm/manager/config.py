@@ -9,11 +9,11 @@ Everything else lives in the database beside it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm.errors import ConfigError
+from vtpm.files import write_atomic
 
 CONFIG_NAME = "manager.json"
 DEFAULT_DATA_DIR = Path("/var/lib/vtpm")
@@ -61,15 +61,8 @@ class ManagerConfig:
 
     def save(self) -> None:
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = self.data_dir / CONFIG_NAME
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, (json.dumps(self.to_json(), indent=2) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        data = json.dumps(self.to_json(), indent=2) + "\n"
+        write_atomic(self.data_dir / CONFIG_NAME, data.encode())
 
     @classmethod
     def load(cls, data_dir: Path) -> ManagerConfig:

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from vtpm.errors import HwTpmError
+from vtpm.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,6 @@ def _write_local_ca(ca_dir: Path) -> None:
     finally:
         os.close(fd)
     (ca_dir / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Simulator:
@@ -395,15 +388,4 @@ class Simulator:
         return pid, port
 
     def _write_record(self) -> None:
-        data = json.dumps({"pid": self.pid, "port": self.port}).encode()
-        tmp = self.record_path.with_name(f".{RECORD_NAME}.{os.getpid()}.tmp")
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.record_path)
-        _fsync_dir(self.state_dir)
+        write_atomic(self.record_path, json.dumps({"pid": self.pid, "port": self.port}).encode())

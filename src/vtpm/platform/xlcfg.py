@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from vtpm.errors import ConfigError
+from vtpm.files import read_limited
 
 MAX_CONFIG_BYTES = 1 << 20
 VTPM_KEYS = frozenset({"backend", "uuid"})
@@ -218,13 +219,7 @@ def _vtpm(settings: dict[str, Value], where: str) -> uuid.UUID | None:
 
 def load(path: Path) -> GuestConfig:
     """Read a guest configuration file."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read guest config {path}: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"guest config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    data = read_limited(path, "guest config", MAX_CONFIG_BYTES)
     try:
         text = data.decode()
     except UnicodeDecodeError:

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from vtpm.errors import ConfigError
+from vtpm.files import read_limited
 from vtpm.tpm.attest import HASH_BY_NAME
 
 FORMAT = "vtpm-verify-policy/1"
@@ -85,13 +86,7 @@ class Expected:
     @classmethod
     def load(cls, path: Path) -> Expected:
         """Read a policy file; ConfigError naming the file and the problem."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_POLICY_BYTES + 1)
-        except OSError as e:
-            raise ConfigError(f"cannot read verify policy {path}: {e.strerror}") from None
-        if len(data) > MAX_POLICY_BYTES:
-            raise ConfigError(f"verify policy {path} is larger than {MAX_POLICY_BYTES} bytes")
+        data = read_limited(path, "verify policy", MAX_POLICY_BYTES)
         try:
             raw = json.loads(data)
         except (UnicodeDecodeError, ValueError) as e:

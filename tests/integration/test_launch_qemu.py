@@ -45,17 +45,15 @@ echo "PCR5=$(/bin/busybox cat /sys/class/tpm/tpm0/pcr-sha256/5)"
 """
 
 
-@pytest.fixture(scope="module")
-def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A busybox initrd whose /init prints PCR 4 and 5 as the guest's TPM driver reads them."""
+def build_initrd(work: Path, init: str) -> Path:
+    """A busybox initrd (newc cpio) in `work` whose /init is the script `init`."""
     if MISSING:
         pytest.skip(f"needs {', '.join(MISSING)} (installed by ./dev install)")
-    work = tmp_path_factory.mktemp("initrd")
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys"):
         (root / d).mkdir(parents=True)
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    (root / "init").write_text(INIT)
+    (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     files = subprocess.run(
         ["find", "."], cwd=root, capture_output=True, check=True, text=True
@@ -72,6 +70,12 @@ def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A busybox initrd whose /init prints PCR 4 and 5 as the guest's TPM driver reads them."""
+    return build_initrd(tmp_path_factory.mktemp("initrd"), INIT)
+
+
 @pytest.fixture
 def mgr() -> Iterator[ManagerProc]:
     data = Path(tempfile.mkdtemp(prefix="vtpm-qemu-", dir="/tmp"))  # short UNIX socket paths
@@ -82,7 +86,7 @@ def mgr() -> Iterator[ManagerProc]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
+def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not Path(f"/proc/{pid}").exists():
@@ -118,7 +122,7 @@ def test_guest_reads_the_launch_measurements_from_its_tpm(
     pid = out["guest"]["pid"]
     assert out["expected_pcrs"]["sha256"] == expected
     try:
-        booted = _wait_gone(pid, BOOT_TIMEOUT)
+        booted = wait_gone(pid, BOOT_TIMEOUT)
     finally:
         if Path(f"/proc/{pid}").exists():
             os.kill(pid, 9)  # the QEMU this test started

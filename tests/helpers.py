@@ -41,6 +41,24 @@ def free_port_pair() -> int:
     raise RuntimeError("no free port pair")
 
 
+def stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    """Signal `proc`, wait for it (killing it after `timeout`, then raising), close its
+    stderr pipe, and return its exit code."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise
+    finally:
+        if proc.stderr:
+            proc.stderr.close()
+    return proc.returncode
+
+
 def wait_connectable(
     addr: str | tuple[str, int], proc: subprocess.Popen[bytes], timeout: float = 20.0
 ) -> None:
@@ -84,20 +102,7 @@ class RunningInstance:
         return f"mssim:host=127.0.0.1,port={self.port + 2}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-            finally:
-                if self.proc.stderr:
-                    self.proc.stderr.close()
-        elif self.proc.stderr:
-            self.proc.stderr.close()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
     def log(self) -> str:
         return self.log_file.read_text() if self.log_file and self.log_file.exists() else ""

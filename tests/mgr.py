@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import VTPM, free_port_pair, wait_connectable
+from tests.helpers import VTPM, free_port_pair, stop_process, wait_connectable
 
 GUEST1 = "guest1_u:vm_r:vtpm_t"
 GUEST2 = "guest2_u:vm_r:vtpm_t"
@@ -58,17 +58,7 @@ class ManagerProc:
         return vtpm_json(self.data_dir, *args)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise
-        if self.proc.stderr:
-            self.proc.stderr.close()
-        return self.proc.returncode
+        return stop_process(self.proc, sig, timeout)
 
 
 def init_manager(data_dir: Path, *extra: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launch_qemu import BOOT_TIMEOUT, KERNELS, build_initrd, wait_gone
+from tests.integration.test_launch_qemu import BOOT_TIMEOUT, build_initrd, launch_guest, wait_gone
 from tests.mgr import GUEST1, ManagerProc, manager, new_group, owner_key, wait_state
 from vtpm.instance import vendor
 from vtpm.wire.evidence import decode_evidence
@@ -81,24 +81,7 @@ def test_guest_asks_its_vtpm_for_a_deep_quote_through_dev_tpm0(
     u = v["uuid"]
     bundle = tmp_path / "bundle.json"
     mgr.cli("group", "provision", "guests", "-o", str(bundle))
-    cfg = tmp_path / "guest.cfg"
-    cfg.write_text(
-        f'name = "deepquote-{os.getpid()}"\n'
-        "memory = 256\n"
-        f'kernel = "{KERNELS[-1]}"\n'
-        f'ramdisk = "{initrd}"\n'
-        'extra = "console=ttyS0 panic=-1 quiet"\n'
-        f'vtpm = ["backend=vtpmmgr,uuid={u}"]\n'
-    )
-    reference_file = tmp_path / "reference.json"
-    mgr.cli("launch", "reference", "--config", str(cfg), "-o", str(reference_file))
-    reference = json.loads(reference_file.read_text())["vtpm_pcrs"]["sha256"]
-
-    serial = tmp_path / "serial.log"
-    out = mgr.json(
-        "launch", "--config", str(cfg), "--vtpm-label", GUEST1,
-        "--qemu", f"-accel tcg -no-reboot -serial file:{serial}",
-    )  # fmt: skip
+    out, reference, serial = launch_guest(mgr, tmp_path, u, initrd, "deepquote")
     pid = out["guest"]["pid"]
     try:
         booted = wait_gone(pid, BOOT_TIMEOUT)

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,30 +96,38 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def launch_guest(
+    mgr: ManagerProc, work: Path, vtpm_uuid: str, initrd: Path, name: str
+) -> tuple[dict[str, Any], dict[str, str], Path]:
+    """`vtpm launch --config` of Debian's kernel with `initrd` on vTPM `vtpm_uuid`, serial
+    console to a file: (launch output, the offline reference PCR 4/5, the console file)."""
+    cfg = work / "guest.cfg"
+    cfg.write_text(
+        f'name = "{name}-{os.getpid()}"\n'
+        "memory = 256\n"
+        f'kernel = "{KERNELS[-1]}"\n'
+        f'ramdisk = "{initrd}"\n'
+        'extra = "console=ttyS0 panic=-1 quiet"\n'
+        f'vtpm = ["backend=vtpmmgr,uuid={vtpm_uuid}"]\n'
+    )
+    reference_file = work / "reference.json"
+    mgr.cli("launch", "reference", "--config", str(cfg), "-o", str(reference_file))
+    reference = json.loads(reference_file.read_text())["vtpm_pcrs"]["sha256"]
+    serial = work / "serial.log"
+    out = mgr.json(
+        "launch", "--config", str(cfg), "--vtpm-label", GUEST1,
+        "--qemu", f"-accel tcg -no-reboot -serial file:{serial}",
+    )  # fmt: skip
+    return out, reference, serial
+
+
 def test_guest_reads_the_launch_measurements_from_its_tpm(
     tmp_path: Path, mgr: ManagerProc, initrd: Path
 ) -> None:
     new_group(mgr, "guests", owner_key(tmp_path))
     v = mgr.json("new", "--group", "guests", "--label", GUEST1, "--start")
     u = v["uuid"]
-    cfg = tmp_path / "guest.cfg"
-    cfg.write_text(
-        f'name = "measured-{os.getpid()}"\n'
-        "memory = 256\n"
-        f'kernel = "{KERNELS[-1]}"\n'
-        f'ramdisk = "{initrd}"\n'
-        'extra = "console=ttyS0 panic=-1 quiet"\n'
-        f'vtpm = ["backend=vtpmmgr,uuid={u}"]\n'
-    )
-    expected_file = tmp_path / "expected.json"
-    mgr.cli("launch", "reference", "--config", str(cfg), "-o", str(expected_file))
-    expected = json.loads(expected_file.read_text())["vtpm_pcrs"]["sha256"]
-
-    serial = tmp_path / "serial.log"
-    out = mgr.json(
-        "launch", "--config", str(cfg), "--vtpm-label", GUEST1,
-        "--qemu", f"-accel tcg -no-reboot -serial file:{serial}",
-    )  # fmt: skip
+    out, expected, serial = launch_guest(mgr, tmp_path, u, initrd, "measured")
     pid = out["guest"]["pid"]
     assert out["expected_pcrs"]["sha256"] == expected
     try:

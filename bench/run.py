@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import signal
 import statistics
@@ -258,7 +259,9 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
                 "higher_is_better": higher_better,
             }
         )
-    return {"results": table, "engine_floor": floor}
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    python = f"CPython {platform.python_version()} ({base})"
+    return {"results": table, "engine_floor": floor, "python": python}
 
 
 def print_transport(rep: dict[str, Any]) -> None:
@@ -273,7 +276,7 @@ def print_transport(rep: dict[str, Any]) -> None:
         print(f"  {k:38} {v:12.1f}")
     print(
         f"\nmachine: {os.cpu_count()} cores; transport: raw TPM over one TCP connection "
-        "on 127.0.0.1"
+        f"on 127.0.0.1; vtpm runs on {rep['python']}"
     )
 
 

@@ -162,3 +162,22 @@ def test_tpm12_startup_getrandom_extend() -> None:
         assert frames.response_code(resp) == 0
         assert resp[10:30] == hashlib.sha1(bytes(20) + digest).digest()
     assert "permall" in nv.blobs
+
+
+def test_locality_reaches_the_tpm_and_returns_to_zero(tpm2: tuple[Engine, MemoryNvram]) -> None:
+    # PCR 21 may be reset only at locality 2, PCR 16 at any locality but 4 (PC Client
+    # attributes in libtpms); the engine drops its locality callback at locality 0
+    eng, _ = tpm2
+    reset21, reset16 = frames.pcr_reset(21), frames.pcr_reset(16)
+    assert frames.response_code(eng.process(reset21)) == TPM_RC.LOCALITY
+    assert frames.response_code(eng.process(reset21, 2)) == TPM_RC.SUCCESS
+    assert eng.locality == 2
+    assert frames.response_code(eng.process(reset21)) == TPM_RC.SUCCESS  # the locality stays
+    eng.locality = 0
+    assert frames.response_code(eng.process(reset21)) == TPM_RC.LOCALITY
+    assert frames.response_code(eng.process(reset16)) == TPM_RC.SUCCESS
+    eng.locality = 4
+    assert frames.response_code(eng.process(reset16)) == TPM_RC.LOCALITY
+    eng.reset_established(3)  # borrows locality 3 and gives 4 back
+    assert eng.locality == 4
+    assert frames.response_code(eng.process(reset16)) == TPM_RC.LOCALITY

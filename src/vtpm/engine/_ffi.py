@@ -1,8 +1,11 @@
 """The ctypes boundary to libtpms: the only module of the project that imports ctypes.
 
-Every symbol is declared with argtypes and restype. Memory libtpms hands back (response buffers,
-state blobs, info strings) is copied into `bytes` and released with libc `free` in one place,
-`_take`. No ctypes object leaves this module; callers see ints, bytes and str.
+Every symbol is declared with argtypes and restype; TPMLIB_Process is also called through a
+second handle without argtypes, with arguments built once of exactly the declared types (see
+`Libtpms.process`). Memory libtpms hands back (state blobs, info strings) is copied into
+`bytes` and released with libc `free` in one place, `_take`; the response buffer, which libtpms
+keeps between commands, is copied out and freed at `close`. No ctypes object leaves this
+module; callers see ints, bytes and str.
 
 Facts this follows (libtpms 0.9 `tpm_library.h`): one TPM per process (global state), calls are
 not thread-safe except `TPMLIB_CancelCommand`; the NVRAM load callback hands libtpms a buffer it
@@ -62,6 +65,7 @@ DeleteFn = Callable[[str, bool], int]  # name, must_exist -> result
 LocalityFn = Callable[[], int]
 
 TPM_SUCCESS: Final = 0
+CMD_BUFFER_SIZE: Final = 8192  # commands up to this size are copied into one reused buffer
 TPM_FAIL: Final = 9
 
 
@@ -129,7 +133,23 @@ class Libtpms:
         self._resp = _u8p()
         self._resp_len = ctypes.c_uint32(0)
         self._resp_cap = ctypes.c_uint32(0)
+        self._reset_view()
+        self._resp_ref = ctypes.byref(self._resp)
+        self._resp_len_ref = ctypes.byref(self._resp_len)
+        self._resp_cap_ref = ctypes.byref(self._resp_cap)
+        # the address libtpms stored in self._resp, read without building a pointer object
+        self._resp_addr = ctypes.c_void_p.from_buffer(self._resp)
+        self._cmd = (ctypes.c_uint8 * CMD_BUFFER_SIZE)()
+        self._cmd_view = memoryview(self._cmd).cast("B")
+        fast = lib["TPMLIB_Process"]  # a second handle to the symbol: no argtypes, see process()
+        fast.restype = ctypes.c_uint32
+        self._process_fast = fast
         self._callbacks: _Callbacks | None = None
+        self._callbacks_loc0: _Callbacks | None = None
+
+    def _reset_view(self) -> None:
+        self._view = memoryview(b"")
+        self._view_addr: int | None = None
 
     @property
     def version_string(self) -> str:
@@ -151,8 +171,9 @@ class Libtpms:
         """Release the persistent response buffer."""
         if self._resp:
             self._libc.free(ctypes.cast(self._resp, ctypes.c_void_p))
-            self._resp = _u8p()
+            self._resp_addr.value = None
             self._resp_cap.value = 0
+            self._reset_view()
 
     # callbacks ------------------------------------------------------------------------------
 
@@ -194,17 +215,29 @@ class Libtpms:
             pp[0] = 0
             return TPM_SUCCESS
 
-        cbs = _Callbacks(
+        fields = (
             ctypes.sizeof(_Callbacks),
             _NvramInit(lambda: TPM_SUCCESS),
             _NvramLoad(c_load),
             _NvramStore(c_store),
             _NvramDelete(c_delete),
             _IoInit(lambda: TPM_SUCCESS),
-            _IoLocality(c_locality),
-            _IoPresence(c_presence),
         )
-        self._callbacks = cbs  # libtpms keeps pointers to these: keep them alive
+        # libtpms copies the structure (a plain memcpy, so it may be swapped between commands)
+        # but keeps the function pointers: both variants stay referenced here
+        self._callbacks = _Callbacks(*fields, _IoLocality(c_locality), _IoPresence(c_presence))
+        self._callbacks_loc0 = _Callbacks(*fields, _IoLocality(), _IoPresence(c_presence))
+        rc: int = self._lib.TPMLIB_RegisterCallbacks(ctypes.byref(self._callbacks))
+        return rc
+
+    def locality_callback(self, enabled: bool) -> int:
+        """Register the locality callback, or none (TPM 2.0 then runs every command at
+        locality 0). libtpms asks for the locality before every command; a Python callback
+        there costs more than the rest of a short command, so the engine drops it while the
+        locality is 0. Not for TPM 1.2, whose library prints to stdout without a callback."""
+        cbs = self._callbacks if enabled else self._callbacks_loc0
+        if cbs is None:
+            raise RuntimeError("register_callbacks() first")
         rc: int = self._lib.TPMLIB_RegisterCallbacks(ctypes.byref(cbs))
         return rc
 
@@ -222,16 +255,29 @@ class Libtpms:
         self._lib.TPMLIB_Terminate()
 
     def process(self, command: bytes) -> tuple[int, bytes]:
-        rc: int = self._lib.TPMLIB_Process(
-            ctypes.byref(self._resp),
-            ctypes.byref(self._resp_len),
-            ctypes.byref(self._resp_cap),
-            _in(command),
-            len(command),
-        )
-        if rc != TPM_SUCCESS or not self._resp:
+        """TPMLIB_Process, the per-command path. Costs are kept out of it: the command is
+        copied into a buffer made once, the call goes through `_process_fast` with ctypes
+        objects of exactly the declared types built once (ctypes' argument conversion would
+        cost more than a short TPM command), and the response buffer libtpms allocates (and
+        keeps, at its maximum size) is read through a view made once per allocation."""
+        n = len(command)
+        if n <= CMD_BUFFER_SIZE:
+            self._cmd_view[:n] = command
+            cmd = self._cmd
+        else:
+            cmd = _in(command)
+        rc: int = self._process_fast(self._resp_ref, self._resp_len_ref, self._resp_cap_ref, cmd, n)
+        if rc != TPM_SUCCESS:
             return rc, b""
-        return rc, ctypes.string_at(self._resp, self._resp_len.value)
+        size = self._resp_len.value
+        addr = self._resp_addr.value
+        if addr != self._view_addr or size > len(self._view):
+            if not addr:
+                return rc, b""
+            cap = max(self._resp_cap.value, size)
+            self._view = memoryview((ctypes.c_uint8 * cap).from_address(addr)).cast("B")
+            self._view_addr = addr
+        return rc, self._view[:size].tobytes()
 
     def volatile_store(self) -> tuple[int, bytes]:
         buf = _u8p()

@@ -77,6 +77,8 @@ class Engine:
         )
         self._check(rc, "registering callbacks")
         self._check(self._lib.choose_version(version is TpmVersion.TPM20), "choosing TPM version")
+        if version is TpmVersion.TPM20:  # locality 0: no per-command callback (_use_locality)
+            self._check(self._lib.locality_callback(False), "registering callbacks")
 
     # context management -------------------------------------------------------------------
 
@@ -192,17 +194,28 @@ class Engine:
 
     @locality.setter
     def locality(self, value: int) -> None:
+        with self._lock:
+            self._use_locality(value)
+
+    def _use_locality(self, value: int) -> None:
+        """Set the locality libtpms sees (caller holds the lock: libtpms must not be running a
+        command while its callbacks are swapped). For TPM 2.0 the per-command locality
+        callback is registered only while the locality is not 0 (without it libtpms uses 0)."""
         if not 0 <= value <= 4:
             raise TpmError(f"locality {value} is out of range 0..4")
+        if value == self._locality:
+            return
         self._locality = value
+        if self.version is TpmVersion.TPM20:
+            self._check(self._lib.locality_callback(value != 0), "registering callbacks")
 
     def process(self, command: bytes, locality: int | None = None) -> bytes:
         """Run one TPM command; the TPM's own errors come back inside the response."""
         with self._lock:
             if not self._running:
                 raise TpmError("the TPM is not running")
-            if locality is not None:
-                self.locality = locality
+            if locality is not None and locality != self._locality:
+                self._use_locality(locality)
             rc, resp = self._lib.process(command)
             if self._callback_error is not None:  # inline: this is the per-command path
                 self._raise_callback_error()
@@ -248,11 +261,11 @@ class Engine:
     def reset_established(self, locality: int) -> None:
         with self._lock:
             old = self._locality
-            self._locality = locality
+            self._use_locality(locality)
             try:
                 self._check(self._lib.established_reset(), "resetting the TPM-established flag")
             finally:
-                self._locality = old
+                self._use_locality(old)
 
     # state blobs ----------------------------------------------------------------------------
 

@@ -103,6 +103,7 @@ class TPM_RC(enum.IntEnum):  # noqa: N801
     CANCELED = 0x909
     TESTING = 0x90A
     RETRY = 0x922
+    LOCALITY = 0x907
     YIELDED = 0x908
     LOCKOUT = 0x921
     NV_UNAVAILABLE = 0x923

@@ -84,6 +84,12 @@ def pcr_extend(pcr: int, digests: dict[int, bytes]) -> bytes:
     return command(TPM_CC.PCR_Extend, body, TPM_ST.SESSIONS)
 
 
+def pcr_reset(pcr: int) -> bytes:
+    """TPM2_PCR_Reset, empty password auth (allowed only at the PCR's reset localities)."""
+    body = struct.pack(">I", pcr) + _password_session()
+    return command(TPM_CC.PCR_Reset, body, TPM_ST.SESSIONS)
+
+
 def pcr_select(alg: int, pcrs: list[int]) -> bytes:
     bitmap = bytearray(3)
     for p in pcrs:

@@ -4,7 +4,8 @@ For each: process start -> first answer, idle RSS, and round-trip rates over one
 raw TCP connection (the data socket tpm2-tss TCTI `swtpm` uses) for TPM2_PCR_Extend,
 TPM2_GetRandom(32), TPM2_Quote (ECC P-256 AK) and TPM2_Create (RSA 2048). Then the in-process
 floor: the libtpms engine alone, no transport. Prints a table with the vtpm/swtpm ratios
-(rates: higher is better; RSS and start time: lower is better); `--json` prints it as data.
+(rates: higher is better; RSS and start time: lower is better; a rate's ratio is the median
+of back-to-back slice ratios, see `measure`); `--json` prints it as data.
 Then the Manager benchmark (bench/manager.py): create + start N vTPMs through the vTPM Manager
 beside swtpm_setup + swtpm, and the memory N of each take. `--only transport|manager` runs one.
 """
@@ -153,22 +154,36 @@ class Session:
         self.client.close()
 
 
-def measure(targets: list[Target], seconds: float, creates: int, rounds: int) -> None:
-    """Each metric: targets take turns, `rounds` times; the median is kept (drift and noise
-    hit both alike)."""
+SLICES_PER_ROUND = 5
+
+
+def measure(targets: list[Target], seconds: float, creates: int, rounds: int) -> dict[str, float]:
+    """Each rate: the targets take turns in short slices (`rounds` x 5 slices of seconds/5 per
+    target for the fast commands, `rounds` turns for Create), the one going first alternating.
+    Each target's rate is the median of its slices; the vtpm/swtpm ratio returned is the median
+    of the ratios of back-to-back slices, so drift in the machine's speed (which on a shared
+    machine moves both rates by tens of percent within seconds) cancels out of it."""
     sessions = [Session(t) for t in targets]
+    ratios: dict[str, float] = {}
     try:
         for metric, _label, _ in ROWS[:4]:
             samples: dict[str, list[float]] = {t.name: [] for t in targets}
-            for _ in range(rounds):
-                for s in sessions:
-                    if metric == "create_rsa2048_per_s":
+            pair_ratios: list[float] = []
+            create = metric == "create_rsa2048_per_s"
+            turns = rounds if create else rounds * SLICES_PER_ROUND
+            for i in range(turns):
+                pair: dict[str, float] = {}
+                for s in sessions if i % 2 == 0 else sessions[::-1]:
+                    if create:
                         value = s.rate(metric, 0.0, creates)
                     else:
-                        value = s.rate(metric, seconds, 3)
+                        value = s.rate(metric, seconds / SLICES_PER_ROUND, 3)
                     samples[s.target.name].append(value)
+                    pair[s.target.name] = value
+                pair_ratios.append(pair["vtpm"] / pair["swtpm"])
             for t in targets:
                 t.results[metric] = statistics.median(samples[t.name])
+            ratios[metric] = statistics.median(pair_ratios)
     finally:
         for s in sessions:
             s.close()
@@ -176,6 +191,7 @@ def measure(targets: list[Target], seconds: float, creates: int, rounds: int) ->
     for t in targets:
         t.results["idle_rss_kib"] = rss_kib(t.proc.pid)
         t.results["start_to_first_answer_ms"] = t.start_s * 1000
+    return ratios
 
 
 def stop(target: Target) -> None:
@@ -224,6 +240,7 @@ ROWS = (
 def run_transport(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vtpm-bench-"))
     targets: list[Target] = []
+    paired: dict[str, float] = {}
     try:
         for start in (start_swtpm, start_vtpm):
             targets.append(start(work))
@@ -232,7 +249,7 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
                 f"bench: measuring swtpm and vtpm, {args.rounds} alternating rounds ...",
                 file=sys.stderr,
             )
-        measure(targets, args.seconds, args.creates, args.rounds)
+        paired = measure(targets, args.seconds, args.creates, args.rounds)
     finally:
         for t in targets:
             stop(t)
@@ -248,7 +265,8 @@ def run_transport(args: argparse.Namespace) -> dict[str, Any]:
     sw, vt = targets[0].results, targets[1].results
     table = []
     for key, label, higher_better in ROWS:
-        ratio = vt[key] / sw[key] if sw[key] else float("nan")
+        plain = vt[key] / sw[key] if sw[key] else float("nan")
+        ratio = paired.get(key, plain)
         table.append(
             {
                 "metric": key,

@@ -28,7 +28,7 @@ from tests.helpers import (
 )
 from tests.mgr import GUEST1, GUEST2, ManagerProc, manager, new_group, new_vtpm, owner_key
 from vtpm.launch import digests
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 from vtpm.tpm import frames
 from vtpm.wire import ctrl
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from vtpm.errors import ConfigError
+from vtpm.instance import launchlog as launch_log
 from vtpm.launch import digests, guest
-from vtpm.launch import eventlog as launch_log
-from vtpm.launch.record import LaunchRecord, Measurement
+from vtpm.launchrecord import LaunchRecord, Measurement
 from vtpm.platform import xlcfg
 from vtpm.tpm import eventlog
 from vtpm.tpm.frames import DIGEST_SIZES, TPM_ALG_SHA1, TPM_ALG_SHA256

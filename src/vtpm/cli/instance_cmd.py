@@ -18,7 +18,7 @@ from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import Endpoint, SocketPolicy
 
 

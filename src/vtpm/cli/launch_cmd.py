@@ -24,7 +24,7 @@ from typing import Any
 from vtpm.cli import client
 from vtpm.errors import ConfigError, LaunchError, VtpmError
 from vtpm.launch import digests, guest
-from vtpm.launch.record import LaunchRecord, Measurement, banks_of, digests_json, write_atomic
+from vtpm.launchrecord import LaunchRecord, Measurement, banks_of, digests_json, write_atomic
 from vtpm.manager.launch import label_refusal
 from vtpm.platform import xlcfg
 from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA256

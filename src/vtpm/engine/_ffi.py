@@ -65,8 +65,9 @@ DeleteFn = Callable[[str, bool], int]  # name, must_exist -> result
 LocalityFn = Callable[[], int]
 
 TPM_SUCCESS: Final = 0
-CMD_BUFFER_SIZE: Final = 8192  # commands up to this size are copied into one reused buffer
 TPM_FAIL: Final = 9
+
+CMD_BUFFER_SIZE: Final = 8192  # commands up to this size are copied into one reused buffer
 
 
 def _declare(lib: ctypes.CDLL) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import Endpoint, SocketPolicy
 
 MIN_BUFFER = 2808

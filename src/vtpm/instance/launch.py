@@ -46,9 +46,9 @@ import struct
 
 from vtpm.engine.engine import StateType, TpmVersion
 from vtpm.errors import LaunchError, VtpmError
+from vtpm.instance import launchlog as launch_log
 from vtpm.instance.device import Device, failure_response
-from vtpm.launch import eventlog as launch_log
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_SU
 

@@ -1,2 +1,3 @@
-"""Measured launch: digests of a guest's kernel, command line and initrd, the launch record, its
-TCG event log, and the guest's start (QEMU) on its freshly measured vTPM."""
+"""Measured launch: digests of a guest's kernel, command line and initrd, and the guest's start
+(QEMU) on its freshly measured vTPM. The launch record they produce is `vtpm.launchrecord`;
+the instance writes the TCG event log (`vtpm.instance.launchlog`)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtpm.errors import ConfigError
-from vtpm.launch.record import Measurement, banks_of
+from vtpm.launchrecord import Measurement, banks_of
 from vtpm.tpm import eventlog
 from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA1, TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512
 

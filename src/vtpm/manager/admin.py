@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vtpm.errors import ConfigError, RemoteProtocolError, VtpmError
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import peer_credentials
 from vtpm.manager import launch
 from vtpm.manager.store import GroupRecord, VtpmRecord

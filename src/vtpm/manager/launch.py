@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vtpm.errors import LaunchError, VtpmError
-from vtpm.launch.record import LaunchRecord
+from vtpm.launchrecord import LaunchRecord
 
 if TYPE_CHECKING:
     from vtpm.manager.service import Manager

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vtpm.launch.record import Measurement, write_atomic
+from vtpm.launchrecord import Measurement, write_atomic
 from vtpm.tpm import eventlog
 from vtpm.tpm.frames import DIGEST_SIZES
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from vtpm.errors import VerifyError
 from vtpm.manager.simulator import Simulator
-from vtpm.tpm.attest import parse_public
+from vtpm.tpm.attest import parse_attest, parse_public
 from vtpm.verify.bundle import make_credential, verify_bundle
 from vtpm.verify.deepquote import verify_deep_quote
 from vtpm.verify.expected import Expected
@@ -227,6 +227,21 @@ def test_replay_of_an_older_quote(rig: Rig) -> None:
     v = check(old, old_sig, rig.ecc, rig.tpm.pcrs(HOST_PCRS), previous=rsa_quote)
     assert v.failed_ids() == {"quote.clock"}
     assert "another signer" in v.failed()[0].reason
+
+
+def test_two_quotes_in_one_millisecond_are_not_a_replay(rig: Rig) -> None:
+    """The TPM clock counts milliseconds: two quotes taken within one have the same clock, and
+    the later one is not a replay of the earlier (its nonce differs)."""
+    for i in range(500):
+        first, _ = rig.tpm.quote(rig.ecc, HOST_PCRS, b"first %d" % i)
+        attest, sig = rig.tpm.quote(rig.ecc, HOST_PCRS, NONCE)
+        if parse_attest(first).clock_info == parse_attest(attest).clock_info:
+            break
+    else:
+        pytest.skip("the TPM took over a millisecond for every quote: no two shared a clock value")
+    v = check(attest, sig, rig.ecc, rig.tpm.pcrs(HOST_PCRS), previous=first)
+    assert v.ok, v.failed()
+    assert "+0 ms" in {c.id: c for c in v.checks}["quote.clock"].reason
 
 
 def test_a_reset_moves_reset_count_forward(tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ def register(sub: Any) -> None:
         type=Path,
         metavar="FILE",
         help="an earlier evidence (deep) or attestation (plain) by the same AK, to check the "
-        "TPM clock moved forward",
+        "TPM clock did not go back (a replayed older quote fails)",
     )
     p.add_argument("--ak-public", type=Path, metavar="FILE", help="AK: TPM2B_PUBLIC or PEM")
     p.add_argument(

@@ -12,7 +12,8 @@ Each check has a stable id and says what differed when it fails:
     quote.pcr_selection  the signed PCR selection is exactly the bank and indices of the PCR
                          values supplied: nothing missing, nothing extra, no other bank
     quote.pcr_digest     the signed pcrDigest is the hash of the supplied values, index order
-    quote.clock          against an earlier quote by the same AK (only when one is given)
+    quote.clock          against an earlier quote by the same AK (only when one is given): the
+                         clock did not go back in the same boot, and it is not that quote
 
 The checks are independent: one tampered field fails its own check. Digest and selection are
 judged separately on purpose: a quote over PCR 23 whose value is presented as PCR 10 has a
@@ -294,12 +295,14 @@ def clock_problem(att: Attest, prev: Attest) -> str:
     restarts = (now.restart_count - then.restart_count) % (1 << 32)
     if restarts >= _HALF:
         return f"restartCount went back by {(1 << 32) - restarts} (replay of an older quote?)"
-    if now.clock <= then.clock:
+    if now.clock < then.clock:
         return (
-            f"clock {now.clock} ms is not after the earlier quote's {then.clock} ms in the same "
+            f"clock {now.clock} ms is before the earlier quote's {then.clock} ms in the same "
             "boot (replay of an older quote?)"
         )
-    return ""
+    if now.clock == then.clock and att == prev:
+        return "this is the earlier quote itself (replay?)"
+    return ""  # an equal clock: two different quotes within the clock's millisecond
 
 
 def check_clock(att: Attest, prev: Attest) -> Check:
@@ -307,8 +310,10 @@ def check_clock(att: Attest, prev: Attest) -> Check:
     if problem:
         return Check("quote.clock", False, problem)
     delta = att.clock_info.clock - prev.clock_info.clock
+    if att.clock_info.reset_count != prev.clock_info.reset_count:
+        return Check("quote.clock", True, "resetCount moved forward since the earlier quote")
     return Check(
-        "quote.clock", True, f"clock moved forward ({delta:+d} ms since the earlier quote)"
+        "quote.clock", True, f"clock did not go back ({delta:+d} ms since the earlier quote)"
     )
 
 

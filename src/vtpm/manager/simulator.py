@@ -327,7 +327,9 @@ class Simulator:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 return f"swtpm exited with status {proc.returncode}; {self._log_tail()}"
-            if _answers(port, timeout=0.2):
+            # both ports (tcti-swtpm uses the control port too), and still our process: a
+            # swtpm that lost a port to another program exits, and something else may answer
+            if _answers(port, timeout=0.2) and _answers(port + 1, 0.2) and proc.poll() is None:
                 self._proc = proc
                 self._set(proc.pid, port)
                 return ""

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -215,6 +216,9 @@ def test_wrong_signer(rig: Rig) -> None:
 def test_replay_of_an_older_quote(rig: Rig) -> None:
     old, old_sig = rig.tpm.quote(rig.ecc, HOST_PCRS, NONCE)
     new, _ = rig.tpm.quote(rig.ecc, HOST_PCRS, b"later")
+    while parse_attest(new).clock_info.clock == parse_attest(old).clock_info.clock:
+        time.sleep(0.001)  # the same millisecond is no order: wait for the clock to move
+        new, _ = rig.tpm.quote(rig.ecc, HOST_PCRS, b"later")
     v = check(old, old_sig, rig.ecc, rig.tpm.pcrs(HOST_PCRS), previous=new)
     assert v.failed_ids() == {"quote.clock"}
     assert "replay" in v.failed()[0].reason
@@ -419,6 +423,7 @@ def test_deep_host_state_moved(rig: Rig) -> None:
 
 
 def test_deep_replay_against_a_newer_previous(rig: Rig, deep: Deep) -> None:
+    time.sleep(0.002)  # the TPM clock counts milliseconds: make "newer" a later one
     newer = build_deep(rig, rig.ecc)
     fresh = newer.evidence[0]
     v = verify_deep_quote(fresh, newer.bundle, nonce=NONCE, previous=deep.evidence[0])

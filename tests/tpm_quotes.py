@@ -28,7 +28,6 @@ from tpm2_pytss import (
     TPM2_ALG,
     TPM2_ECC,
     TPM2_SE,
-    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PUBLIC,
@@ -40,6 +39,7 @@ from tpm2_pytss import (
     TPMT_SYM_DEF,
 )
 
+from vtpm.manager import attestation
 from vtpm.tpm import policy
 from vtpm.tpm.policy import PcrState
 from vtpm.wire import deepquote
@@ -55,8 +55,6 @@ AK_ATTRIBUTES = (
     | TPMA_OBJECT.SIGN_ENCRYPT
 )
 UNRESTRICTED_ATTRIBUTES = AK_ATTRIBUTES & ~TPMA_OBJECT.RESTRICTED
-EK_ATTRIBUTES = 0x000300B2
-EK_POLICY = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
 
 
 @dataclass
@@ -94,20 +92,9 @@ def rsa_template(attributes: Any = AK_ATTRIBUTES) -> TPM2B_PUBLIC:
 
 
 def ek_template() -> TPM2B_PUBLIC:
-    """TCG EK Credential Profile template L-1 (RSA-2048, AES-128-CFB, PolicyA)."""
-    t = TPMT_PUBLIC(
-        type=TPM2_ALG.RSA,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=TPMA_OBJECT(EK_ATTRIBUTES),
-        authPolicy=TPM2B_DIGEST(EK_POLICY),
-    )
-    d = t.parameters.rsaDetail
-    d.symmetric = TPMT_SYM_DEF.parse("aes128cfb")
-    d.scheme.scheme = TPM2_ALG.NULL
-    d.keyBits = 2048
-    d.exponent = 0
-    t.unique.rsa = bytes(256)
-    return TPM2B_PUBLIC(t)
+    """The Manager's EK template (TCG EK Credential Profile L-1), as pytss wants it."""
+    public, _ = TPMT_PUBLIC.unmarshal(attestation.ek_template())
+    return TPM2B_PUBLIC(public)
 
 
 def selection(pcrs: Sequence[int]) -> Any:

@@ -40,7 +40,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    write_new(tmp, data, mode)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Create `path` (it must not exist) holding `data`, on disk (fsync) when this returns;
+    a failure removes it. The first step of an atomic replace: rename it over the target."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
         while view:
@@ -49,8 +57,6 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            path.unlink()
         raise
     os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError
 from vtpm.files import fsync_dir as _fsync_dir
+from vtpm.files import write_new
 from vtpm.instance.statekey import StateKey
 
 log = logging.getLogger(__name__)
@@ -241,18 +242,7 @@ class StateStore:
             body = self._aead.encrypt(nonce, data, self._aad(name, counter))
             raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
             tmp = path.with_name(path.name + TMP_SUFFIX)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(raw)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-            os.close(fd)
+            write_new(tmp, raw, 0o600)
             digest = hashlib.sha256(raw).digest()
             if self.journal is None:
                 os.replace(tmp, path)

@@ -63,20 +63,6 @@ CREDENTIAL = b"verifier's challenge 0123456789"
 
 
 @pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Simulator]:
-    s = Simulator(tmp_path / "hwtpm")
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def hw(sim: Simulator) -> Iterator[HardwareTpm]:
-    with HardwareTpm(sim.tcti, retries=3) as tpm:
-        yield tpm
-
-
-@pytest.fixture
 def att(hw: HardwareTpm) -> AttestationTpm:
     return AttestationTpm(hw)
 

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,20 +48,6 @@ SECRET = bytes(range(32))
 
 
 # fixtures and helpers --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sim(tmp_path: Path) -> Iterator[Simulator]:
-    s = Simulator(tmp_path / "hwtpm")
-    s.start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def hw(sim: Simulator) -> Iterator[HardwareTpm]:
-    with HardwareTpm(sim.tcti, retries=3) as tpm:
-        yield tpm
 
 
 class Owner:

@@ -1,11 +1,19 @@
-"""What the benchmarks share: free TCP port pairs, a raw TPM client, process memory."""
+"""What the benchmarks share: free TCP port pairs, a raw TPM client, process memory, and the
+entry point of a benchmark run alone."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import socket
 import struct
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from vtpm.errors import VtpmError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC
 
@@ -82,3 +90,46 @@ def rss_kib(pid: int) -> int:
 def pss_kib(pid: int) -> int:
     """Proportional set size (shared pages divided among their users), in KiB."""
     return _status_kib(pid, "smaps_rollup", "Pss:")
+
+
+Report = dict[str, Any]
+
+
+def standalone_main(
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace, Callable[[str], None]], Report],
+    print_report: Callable[[Report], None],
+    *,
+    interrupted: str = "bench: interrupted",
+    passed: Callable[[Report], bool] = lambda _rep: True,
+) -> int:
+    """`main` of one benchmark module run alone: its options plus --json, progress on stderr,
+    one-line errors (exit 1), the report as a table or JSON; exit 1 too when `passed` says the
+    benchmark missed its target."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(ap)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args()
+
+    def progress(msg: str) -> None:
+        if not args.json:
+            print(f"bench: {msg}", file=sys.stderr)
+
+    try:
+        rep = run(args, progress)
+    except (RuntimeError, VtpmError) as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as e:
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        print(f"bench: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print_report(rep)
+    return 0 if passed(rep) else 1

@@ -11,7 +11,6 @@ runs use the Manager's own `DeepQuoter` and the simulator's real quotes, in one 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -22,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import standalone_main
 from vtpm.manager.attestation import AttestationTpm
 from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
@@ -175,16 +177,13 @@ def print_report(rep: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    rep = run_args(args, lambda msg: None if args.json else print(msg, file=sys.stderr))
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print_report(rep)
-    return 0 if rep["batched_in_quote_times"] <= 3 else 1
+    return standalone_main(
+        __doc__,
+        add_arguments,
+        run_args,
+        print_report,
+        passed=lambda rep: bool(rep["batched_in_quote_times"] <= 3),
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import GETRANDOM, Client, free_pair, pss_kib, rss_kib
+from bench.common import GETRANDOM, Client, free_pair, pss_kib, rss_kib, standalone_main
 from vtpm.cli import client
-from vtpm.errors import ManagerError, VtpmError
+from vtpm.errors import ManagerError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC
 
@@ -579,32 +579,13 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = ap.parse_args()
-
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(f"bench: {msg}", file=sys.stderr)
-
-    try:
-        rep = run(args, progress)
-    except (RuntimeError, VtpmError) as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
-        print(f"bench: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; processes and temporary files removed", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print_report(rep)
-    return 0
+    return standalone_main(
+        __doc__,
+        add_arguments,
+        run,
+        print_report,
+        interrupted="bench: interrupted; processes and temporary files removed",
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from tests.tpm_quotes import (
     vtpm_info,
 )
 
-from vtpm.errors import VtpmError
+from bench.common import standalone_main
 from vtpm.manager.simulator import Simulator
 from vtpm.tpm.attest import parse_public
 from vtpm.verify.bundle import verify_bundle
@@ -197,28 +197,7 @@ def print_report(rep: dict[str, Any]) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = ap.parse_args()
-
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(f"bench: {msg}", file=sys.stderr)
-
-    try:
-        rep = run(args, progress)
-    except (RuntimeError, VtpmError) as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print_report(rep)
-    return 0
+    return standalone_main(__doc__, add_arguments, run, print_report)
 
 
 if __name__ == "__main__":

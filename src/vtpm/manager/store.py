@@ -115,6 +115,19 @@ class GroupRecord:
     ak_private: bytes = b""  # ... and TPM2B_PRIVATE (useless off that TPM)
 
 
+def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
+    """The columns `update_group` may change, in `_GROUP_COLS` order (seq .. approval)."""
+    return (
+        g.seq,
+        json.dumps([s.to_json() for s in g.pcr_states]),
+        json.dumps(list(g.labels)),
+        g.sealed_public,
+        g.sealed_private,
+        g.sealed_root,
+        g.approval,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class VtpmRecord:
     uuid: UUID
@@ -265,13 +278,7 @@ class Store:
                     str(g.uuid),
                     g.name,
                     g.owner_pub,
-                    g.seq,
-                    json.dumps([s.to_json() for s in g.pcr_states]),
-                    json.dumps(list(g.labels)),
-                    g.sealed_public,
-                    g.sealed_private,
-                    g.sealed_root,
-                    g.approval,
+                    *_mutable_group_fields(g),
                     g.created or time.time(),
                     g.ak_alg,
                     g.ak_public,
@@ -285,16 +292,7 @@ class Store:
             cur = tx.execute(
                 "UPDATE groups SET seq=?, pcr_states=?, labels=?, sealed_public=?, "
                 "sealed_private=?, sealed_root=?, approval=? WHERE uuid=?",
-                (
-                    g.seq,
-                    json.dumps([s.to_json() for s in g.pcr_states]),
-                    json.dumps(list(g.labels)),
-                    g.sealed_public,
-                    g.sealed_private,
-                    g.sealed_root,
-                    g.approval,
-                    str(g.uuid),
-                ),
+                (*_mutable_group_fields(g), str(g.uuid)),
             )
             if cur.rowcount != 1:
                 raise ManagerError(f"group {g.uuid} does not exist")

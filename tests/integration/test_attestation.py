@@ -38,24 +38,17 @@ from tpm2_pytss import (
     ESYS_TR,
     TPM2_ALG,
     TPM2B_PUBLIC,
-    TPMA_OBJECT,
     TPMS_ATTEST,
     TPMT_SIGNATURE,
 )
 from tpm2_pytss.utils import make_credential
 
+from tests.tpm_quotes import AK_ATTRIBUTES
+
 pytestmark = pytest.mark.integration
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-AK_ATTRIBUTES = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.USERWITHAUTH
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.SIGN_ENCRYPT
-)
 CREDENTIAL = b"verifier's challenge 0123456789"
 
 

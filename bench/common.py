@@ -104,9 +104,9 @@ def standalone_main(
     interrupted: str = "bench: interrupted",
     passed: Callable[[Report], bool] = lambda _rep: True,
 ) -> int:
-    """`main` of one benchmark module run alone: its options plus --json, progress on stderr,
-    one-line errors (exit 1), the report as a table or JSON; exit 1 too when `passed` says the
-    benchmark missed its target."""
+    """`main` of a benchmark script (bench/run.py, or one module run alone): its options plus
+    --json, progress on stderr, one-line errors (exit 1), the report as a table or JSON; exit 1
+    too when `passed` says the benchmark missed its target."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_arguments(ap)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -34,8 +34,7 @@ from bench import deepquote as dq_bench
 from bench import manager as mgr_bench
 from bench import templates as tmpl
 from bench import verify as verify_bench
-from bench.common import GETRANDOM, Client, free_pair, rss_kib
-from vtpm.errors import VtpmError
+from bench.common import GETRANDOM, Client, free_pair, rss_kib, standalone_main
 from vtpm.tpm import frames
 
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
@@ -298,8 +297,7 @@ def print_transport(rep: dict[str, Any]) -> None:
     )
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--only",
         choices=["transport", "manager", "deepquote", "verify"],
@@ -315,39 +313,24 @@ def main() -> int:
     mgr_bench.add_arguments(ap)
     dq_bench.add_arguments(ap)
     verify_bench.add_arguments(ap)
-    ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = ap.parse_args()
+
+
+def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
     if shutil.which("swtpm") is None:
-        print("bench: swtpm is not installed (run ./dev install)", file=sys.stderr)
-        return 1
-
-    def progress(msg: str) -> None:
-        if not args.json:
-            print(f"bench: {msg}", file=sys.stderr)
-
+        raise RuntimeError("swtpm is not installed (run ./dev install)")
     out: dict[str, Any] = {}
-    try:
-        if args.only in (None, "transport"):
-            out.update(run_transport(args))
-        if args.only in (None, "manager"):
-            out["manager"] = mgr_bench.run(args, progress)
-        if args.only in (None, "deepquote"):
-            out["deepquote"] = dq_bench.run_args(args, progress)
-        if args.only in (None, "verify"):
-            out["verify"] = verify_bench.run(args, progress)
-    except KeyboardInterrupt:
-        print("bench: interrupted; processes and temporary files removed", file=sys.stderr)
-        return 130
-    except (RuntimeError, VtpmError) as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    except subprocess.CalledProcessError as e:
-        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
-        print(f"bench: {' '.join(map(str, e.cmd))} failed: {err}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+    if args.only in (None, "transport"):
+        out.update(run_transport(args))
+    if args.only in (None, "manager"):
+        out["manager"] = mgr_bench.run(args, progress)
+    if args.only in (None, "deepquote"):
+        out["deepquote"] = dq_bench.run_args(args, progress)
+    if args.only in (None, "verify"):
+        out["verify"] = verify_bench.run(args, progress)
+    return out
+
+
+def print_report(out: dict[str, Any]) -> None:
     if "results" in out:
         print_transport(out)
     if "manager" in out:
@@ -356,7 +339,16 @@ def main() -> int:
         dq_bench.print_report(out["deepquote"])
     if "verify" in out:
         verify_bench.print_report(out["verify"])
-    return 0
+
+
+def main() -> int:
+    return standalone_main(
+        __doc__,
+        add_arguments,
+        run,
+        print_report,
+        interrupted="bench: interrupted; processes and temporary files removed",
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vtpm.tpm.constants import TPM_ALG
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import deepquote as dq_bench
@@ -38,7 +40,7 @@ from bench.common import GETRANDOM, Client, free_pair, rss_kib, standalone_main
 from vtpm.tpm import frames
 
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
-EXTEND = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"\x5a" * 32})
+EXTEND = frames.pcr_extend(16, {TPM_ALG.SHA256: b"\x5a" * 32})
 
 
 @dataclass
@@ -213,7 +215,7 @@ class Mem:
     def store(self, n, data): self.d[n] = data
     def delete(self, n, m): return self.d.pop(n, None) is not None
 seconds = float(sys.argv[1])
-ext = frames.pcr_extend(16, {frames.TPM_ALG_SHA256: b"Z" * 32})
+ext = frames.pcr_extend(16, {TPM_ALG.SHA256: b"Z" * 32})
 rnd = frames.get_random(32)
 out = {}
 with Engine(TpmVersion.TPM20, Mem()) as e:

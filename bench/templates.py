@@ -6,11 +6,11 @@ from __future__ import annotations
 import struct
 
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_CC, TPM_ST
+from vtpm.tpm.constants import TPM_ALG, TPM_CC, TPM_ST
 
 TPM_RH_OWNER = 0x40000001
 ALG_RSA, ALG_ECC, ALG_AES, ALG_CFB, ALG_NULL, ALG_ECDSA = 0x1, 0x23, 0x6, 0x43, 0x10, 0x18
-SHA256 = frames.TPM_ALG_SHA256
+SHA256 = TPM_ALG.SHA256
 NIST_P256 = 0x3
 
 FIXED_TPM, FIXED_PARENT, SENSITIVE_ORIGIN, USER_AUTH = 1 << 1, 1 << 4, 1 << 5, 1 << 6

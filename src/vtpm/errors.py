@@ -13,7 +13,12 @@ class VtpmError(Exception):
 
 
 class ConfigError(VtpmError):
-    """Invalid configuration or command-line input."""
+    """Invalid local configuration or command-line input (what the operator wrote)."""
+
+
+class RequestError(VtpmError):
+    """A peer's request is well-formed on the wire but asks for something invalid (an
+    argument out of range, a uuid that is not one). Its message goes back to that peer."""
 
 
 class RemoteProtocolError(VtpmError):
@@ -26,6 +31,14 @@ class LocalProtocolError(VtpmError):
 
 class TpmError(VtpmError):
     """The TPM engine failed (library load, init, state handling)."""
+
+
+class TpmResponseError(TpmError):
+    """A TPM answered a command with an error code, or with a response that does not parse."""
+
+
+class DeviceError(VtpmError):
+    """A vTPM control operation is not possible in the device's current state."""
 
 
 class EngineLoadError(TpmError):

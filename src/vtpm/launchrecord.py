@@ -33,8 +33,8 @@ from pathlib import Path
 
 from vtpm.errors import ConfigError
 from vtpm.files import read_limited
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
 from vtpm.tpm.eventlog import Event, EventType
-from vtpm.tpm.frames import DIGEST_SIZES, HASH_NAMES
 
 FORMAT = "vtpm-launch/1"
 KIND_PCRS = {"kernel": 4, "cmdline": 5, "initrd": 5}

@@ -47,7 +47,7 @@ from tests.mgr import (
 from vtpm.cli import client
 from vtpm.errors import ManagerError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_CC, TPM_RC, TPM_ST
+from vtpm.tpm.constants import TPM_ALG, TPM_CC, TPM_RC, TPM_ST
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ def _owner_password_session() -> bytes:
 
 def nv_define_space(index: int, size: int) -> bytes:
     public = struct.pack(
-        ">IHIHH", index, frames.TPM_ALG_SHA256, TPMA_NV_OWNERWRITE | TPMA_NV_OWNERREAD, 0, size
+        ">IHIHH", index, TPM_ALG.SHA256, TPMA_NV_OWNERWRITE | TPMA_NV_OWNERREAD, 0, size
     )
     body = struct.pack(">I", TPM_RH_OWNER) + _owner_password_session()
     body += struct.pack(">H", 0) + struct.pack(">H", len(public)) + public

@@ -30,6 +30,7 @@ from tests.mgr import GUEST1, GUEST2, ManagerProc, manager, new_group, new_vtpm,
 from vtpm.launch import digests
 from vtpm.launchrecord import LaunchRecord
 from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_ALG
 from vtpm.wire import ctrl
 
 pytestmark = pytest.mark.integration
@@ -37,8 +38,8 @@ pytestmark = pytest.mark.integration
 SECRET = b"disk key of the guest booted from kernel A"
 PRIMARY = "0x81000001"
 CMDLINE = "console=ttyS0 root=/dev/vda1 ro"
-BANKS = {"sha1": frames.TPM_ALG_SHA1, "sha256": frames.TPM_ALG_SHA256}
-BANKS |= {"sha384": frames.TPM_ALG_SHA384, "sha512": frames.TPM_ALG_SHA512}
+BANKS = {"sha1": TPM_ALG.SHA1, "sha256": TPM_ALG.SHA256}
+BANKS |= {"sha384": TPM_ALG.SHA384, "sha512": TPM_ALG.SHA512}
 
 
 def tcti(port: int) -> str:
@@ -206,7 +207,7 @@ def test_launch_binds_secrets_to_kernel_cmdline_and_initrd(
     # a guest reboot (QEMU: ctrl INIT, then the firmware's Startup): measured again
     power_cycle_ctrl(port)
     tpm2("startup", "-c", tcti=t)
-    assert read_pcrs(port, frames.TPM_ALG_SHA256, [4, 5]) == {
+    assert read_pcrs(port, TPM_ALG.SHA256, [4, 5]) == {
         int(k): bytes.fromhex(x) for k, x in expected["vtpm_pcrs"]["sha256"].items()
     }
     assert unseal(work, t).stdout == SECRET
@@ -252,7 +253,7 @@ def test_launch_binds_secrets_to_kernel_cmdline_and_initrd(
     res = tpm2("startup", tcti=t, check=False)  # no Startup(STATE) into the launch's PCRs
     assert res.returncode != 0
     tpm2("startup", "-c", tcti=t)
-    assert read_pcrs(port, frames.TPM_ALG_SHA256, [4, 5]) == {4: bytes(32), 5: bytes(32)}
+    assert read_pcrs(port, TPM_ALG.SHA256, [4, 5]) == {4: bytes(32), 5: bytes(32)}
     audit = mgr.json("audit", "--limit", "50")
     assert sum(1 for e in audit if e["action"] == "vtpm.launch" and e["outcome"] == "ok") == 4
 
@@ -282,7 +283,7 @@ def test_wrong_label_is_refused_and_touches_nothing(
     u, t = v["uuid"], tcti(port)
     tpm2("startup", "-c", tcti=t)
     tpm2("pcrextend", f"16:sha256={'cd' * 32}", tcti=t)
-    pcr16 = read_pcrs(port, frames.TPM_ALG_SHA256, [16])
+    pcr16 = read_pcrs(port, TPM_ALG.SHA256, [16])
     before = mgr.json("show", u)
     marker = f"vtpm-test-{os.getpid()}-{tmp_path.name}"
     res = mgr.cli(
@@ -299,7 +300,7 @@ def test_wrong_label_is_refused_and_touches_nothing(
     after = mgr.json("show", u)
     assert after["run"]["pid"] == before["run"]["pid"]  # not restarted
     assert after["state_blobs"] == before["state_blobs"]
-    assert read_pcrs(port, frames.TPM_ALG_SHA256, [16]) == pcr16  # the same TPM session
+    assert read_pcrs(port, TPM_ALG.SHA256, [16]) == pcr16  # the same TPM session
     assert not (mgr.data_dir / "vtpms" / f"{u}.launch.json").exists()
 
     # without a guest to start, the Manager refuses (and audits it); --json: as data
@@ -314,7 +315,7 @@ def test_wrong_label_is_refused_and_touches_nothing(
         "error": f"launch refused: vTPM {u} has label {GUEST1}, not {GUEST2}",
     }
     assert mgr.json("show", u)["run"]["pid"] == before["run"]["pid"]
-    assert read_pcrs(port, frames.TPM_ALG_SHA256, [16]) == pcr16
+    assert read_pcrs(port, TPM_ALG.SHA256, [16]) == pcr16
     refused = [e for e in mgr.json("audit") if e["action"] == "vtpm.launch"]
     assert [e["outcome"] for e in refused] == ["refused"]
 
@@ -354,7 +355,7 @@ def _record(files: dict[str, Path], keep: set[int]) -> LaunchRecord:
 def test_an_extend_that_fails_refuses_or_disables_the_tpm(
     tmp_path: Path, guest_files: dict[str, Path]
 ) -> None:
-    sha1_256 = {frames.TPM_ALG_SHA1, frames.TPM_ALG_SHA256}
+    sha1_256: set[int] = {TPM_ALG.SHA1, TPM_ALG.SHA256}
     rec = tmp_path / "launch.json"
     log = tmp_path / "launch.eventlog"
     LaunchRecord(_record(guest_files, sha1_256).measurements, None, log).save(rec)
@@ -367,7 +368,7 @@ def test_an_extend_that_fails_refuses_or_disables_the_tpm(
         tpm2("startup", "-c", tcti=t)
         tpm2("pcrextend", f"8:sha256={'ef' * 32}", tcti=t)
         assert inst.port is not None
-        pcr8 = read_pcrs(inst.port, frames.TPM_ALG_SHA256, [8])
+        pcr8 = read_pcrs(inst.port, TPM_ALG.SHA256, [8])
     with pytest.raises(RuntimeError) as err:
         start_instance(state, key, mssim=False, extra=["--launch", str(rec)])
     assert "the sha384 bank is active but the launch has no sha384 digest of the kernel" in str(
@@ -377,7 +378,7 @@ def test_an_extend_that_fails_refuses_or_disables_the_tpm(
     with instance(state, key, mssim=False) as inst:
         tpm2("startup", tcti=inst.tcti_swtpm)  # STATE: resumes
         assert inst.port is not None
-        assert read_pcrs(inst.port, frames.TPM_ALG_SHA256, [8]) == pcr8
+        assert read_pcrs(inst.port, TPM_ALG.SHA256, [8]) == pcr8
         # only sha1 and sha256 from the next TPM reset on
         tpm2("pcrallocate", "sha1:all+sha256:all+sha384:none+sha512:none", tcti=inst.tcti_swtpm)
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import free_port_pair, instance, raw_call
 from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_ALG
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 def read_pcrs(port: int, pcrs: list[int]) -> list[bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        return frames.parse_pcr_read(raw_call(s, frames.pcr_read(frames.TPM_ALG_SHA256, pcrs)))
+        return frames.parse_pcr_read(raw_call(s, frames.pcr_read(TPM_ALG.SHA256, pcrs)))
 
 
 @pytest.mark.skipif(

@@ -13,6 +13,7 @@ import pytest
 
 from tests.helpers import instance, raw_call
 from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_ALG
 
 pytestmark = pytest.mark.integration
 
@@ -76,7 +77,7 @@ def test_parallel_clients_are_serialized_into_one_tpm(tmp_path: Path) -> None:
                 for _ in range(200):
                     for cmd in (
                         frames.get_random(16),
-                        frames.pcr_extend(16, {frames.TPM_ALG_SHA256: digest}),
+                        frames.pcr_extend(16, {TPM_ALG.SHA256: digest}),
                     ):
                         rc = frames.response_code(raw_call(s, cmd))
                         if rc != 0:
@@ -89,9 +90,7 @@ def test_parallel_clients_are_serialized_into_one_tpm(tmp_path: Path) -> None:
             t.join(120)
         assert errors == []
         with socket.create_connection(("127.0.0.1", inst.port)) as s:
-            (value,) = frames.parse_pcr_read(
-                raw_call(s, frames.pcr_read(frames.TPM_ALG_SHA256, [16]))
-            )
+            (value,) = frames.parse_pcr_read(raw_call(s, frames.pcr_read(TPM_ALG.SHA256, [16])))
         expect = bytes(32)
         for _ in range(8 * 200):
             expect = hashlib.sha256(expect + digest).digest()

@@ -23,7 +23,6 @@ from vtpm.cli.verify_cmd import load_ak, load_attest, load_pcrs, parse_pcr_list
 from vtpm.errors import ConfigError, VerifyError
 from vtpm.tpm import attest
 from vtpm.tpm.attest import (
-    TPM_ALG,
     TPM_GENERATED_VALUE,
     TPM_ST_ATTEST,
     TPMA_OBJECT,
@@ -33,6 +32,7 @@ from vtpm.tpm.attest import (
     parse_signature,
     parse_tpmt_public,
 )
+from vtpm.tpm.constants import TPM_ALG
 from vtpm.verify.bundle import GroupInfo, kdfa, label_permitted
 from vtpm.verify.expected import Expected
 from vtpm.verify.quote import verify_quote

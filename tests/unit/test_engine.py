@@ -11,7 +11,7 @@ import pytest
 from vtpm.engine.engine import Engine, StateType, TpmVersion
 from vtpm.errors import StateIntegrityError, TpmError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RC, TPM_SU
+from vtpm.tpm.constants import TPM_ALG, TPM_RC, TPM_SU
 
 
 class MemoryNvram:
@@ -66,9 +66,9 @@ def test_getrandom_and_extend(tpm2: tuple[Engine, MemoryNvram]) -> None:
     r2 = frames.parse_get_random(eng.process(frames.get_random(32)))
     assert len(r1) == 32 and r1 != r2
     digest = hashlib.sha256(b"measured").digest()
-    rc = frames.response_code(eng.process(frames.pcr_extend(16, {frames.TPM_ALG_SHA256: digest})))
+    rc = frames.response_code(eng.process(frames.pcr_extend(16, {TPM_ALG.SHA256: digest})))
     assert rc == TPM_RC.SUCCESS
-    (value,) = frames.parse_pcr_read(eng.process(frames.pcr_read(frames.TPM_ALG_SHA256, [16])))
+    (value,) = frames.parse_pcr_read(eng.process(frames.pcr_read(TPM_ALG.SHA256, [16])))
     assert value == hashlib.sha256(bytes(32) + digest).digest()
 
 
@@ -78,14 +78,14 @@ def test_state_survives_a_restart_through_the_backend() -> None:
     with Engine(TpmVersion.TPM20, nv) as eng:
         eng.start()
         eng.process(frames.startup())
-        eng.process(frames.pcr_extend(10, {frames.TPM_ALG_SHA256: digest}))
+        eng.process(frames.pcr_extend(10, {TPM_ALG.SHA256: digest}))
     # orderly stop stored the Shutdown(STATE): Startup(STATE) resumes PCR 10 (PCR 16, the
     # debug PCR, is not preserved by the spec)
     with Engine(TpmVersion.TPM20, nv) as eng:
         eng.start()
         rc = frames.response_code(eng.process(frames.startup(TPM_SU.STATE)))
         assert rc == TPM_RC.SUCCESS
-        (value,) = frames.parse_pcr_read(eng.process(frames.pcr_read(frames.TPM_ALG_SHA256, [10])))
+        (value,) = frames.parse_pcr_read(eng.process(frames.pcr_read(TPM_ALG.SHA256, [10])))
         assert value == hashlib.sha256(bytes(32) + digest).digest()
 
 

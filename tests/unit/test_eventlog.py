@@ -18,19 +18,13 @@ from hypothesis import strategies as st
 
 from vtpm.errors import EventLogError
 from vtpm.tpm import eventlog
+from vtpm.tpm.constants import DIGEST_SIZES, TPM_ALG
 from vtpm.tpm.eventlog import Event, EventLog, EventType
-from vtpm.tpm.frames import (
-    DIGEST_SIZES,
-    TPM_ALG_SHA1,
-    TPM_ALG_SHA256,
-    TPM_ALG_SHA384,
-    TPM_ALG_SHA512,
-)
 
 VECTORS = Path(__file__).parent.parent / "vectors"
 SEABIOS_LOG = (VECTORS / "seabios-binary_bios_measurements.bin").read_bytes()
 SEABIOS_PCRS = json.loads((VECTORS / "seabios-binary_bios_measurements.pcrs.json").read_text())
-BANKS = (TPM_ALG_SHA1, TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512)
+BANKS = (TPM_ALG.SHA1, TPM_ALG.SHA256, TPM_ALG.SHA384, TPM_ALG.SHA512)
 
 
 def test_seabios_log_parses_and_replays_to_the_guests_pcrs() -> None:
@@ -39,7 +33,7 @@ def test_seabios_log_parses_and_replays_to_the_guests_pcrs() -> None:
     assert len(log.events) > 10
     types = {e.type for e in log.events}
     assert EventType.EV_SEPARATOR in types
-    for bank, alg in (("sha1", TPM_ALG_SHA1), ("sha256", TPM_ALG_SHA256)):
+    for bank, alg in (("sha1", TPM_ALG.SHA1), ("sha256", TPM_ALG.SHA256)):
         values = eventlog.replay(log.events, alg)
         for pcr, want in SEABIOS_PCRS["pcrs"][bank].items():
             got = values.get(int(pcr), bytes(len(bytes.fromhex(want))))
@@ -54,8 +48,8 @@ def test_seabios_log_reencodes_byte_for_byte() -> None:
 
 
 def _event(pcr: int, data: bytes, banks: tuple[int, ...] = BANKS) -> Event:
-    names = {TPM_ALG_SHA1: "sha1", TPM_ALG_SHA256: "sha256"}
-    names |= {TPM_ALG_SHA384: "sha384", TPM_ALG_SHA512: "sha512"}
+    names: dict[int, str] = {TPM_ALG.SHA1: "sha1", TPM_ALG.SHA256: "sha256"}
+    names |= {TPM_ALG.SHA384: "sha384", TPM_ALG.SHA512: "sha512"}
     digests = tuple((a, hashlib.new(names[a], data).digest()) for a in banks)
     return Event(pcr, EventType.EV_IPL, digests, data)
 
@@ -68,7 +62,7 @@ def test_encode_parse_round_trip_and_replay_arithmetic() -> None:
     # header: TCG_PCR_EVENT, little-endian, with the Spec ID signature
     assert struct.unpack_from("<II", data) == (0, EventType.EV_NO_ACTION)
     assert data[32 : 32 + 16] == b"Spec ID Event03\x00"
-    values = eventlog.replay(events, TPM_ALG_SHA256)
+    values = eventlog.replay(events, TPM_ALG.SHA256)
     k, c, i = (hashlib.sha256(x).digest() for x in (b"kernel", b"cmdline", b"initrd"))
     pcr4 = hashlib.sha256(bytes(32) + k).digest()
     pcr5 = hashlib.sha256(hashlib.sha256(bytes(32) + c).digest() + i).digest()
@@ -77,17 +71,17 @@ def test_encode_parse_round_trip_and_replay_arithmetic() -> None:
 
 def test_startup_locality_sets_pcr0_start() -> None:
     data = b"StartupLocality\x00\x03"
-    loc = Event(0, EventType.EV_NO_ACTION, ((TPM_ALG_SHA256, bytes(32)),), data)
-    ext = _event(0, b"crtm", (TPM_ALG_SHA256,))
-    values = eventlog.replay([loc, ext], TPM_ALG_SHA256)
-    digest = ext.digest(TPM_ALG_SHA256)
+    loc = Event(0, EventType.EV_NO_ACTION, ((TPM_ALG.SHA256, bytes(32)),), data)
+    ext = _event(0, b"crtm", (TPM_ALG.SHA256,))
+    values = eventlog.replay([loc, ext], TPM_ALG.SHA256)
+    digest = ext.digest(TPM_ALG.SHA256)
     assert digest is not None
     assert values[0] == hashlib.sha256(bytes(31) + b"\x03" + digest).digest()
 
 
 def test_replay_needs_the_bank() -> None:
     with pytest.raises(EventLogError, match="no sha384 digest"):
-        eventlog.replay([_event(4, b"k", (TPM_ALG_SHA256,))], TPM_ALG_SHA384)
+        eventlog.replay([_event(4, b"k", (TPM_ALG.SHA256,))], TPM_ALG.SHA384)
 
 
 @pytest.mark.parametrize(
@@ -107,8 +101,8 @@ def test_malformed_logs(mutate: object, message: str) -> None:
 
 
 def test_event_with_unannounced_algorithm() -> None:
-    header = eventlog.encode_header([TPM_ALG_SHA256])
-    bad = eventlog.encode_event(_event(4, b"k", (TPM_ALG_SHA1,)))
+    header = eventlog.encode_header([TPM_ALG.SHA256])
+    bad = eventlog.encode_event(_event(4, b"k", (TPM_ALG.SHA1,)))
     with pytest.raises(EventLogError, match="event 1: digest algorithm 0x0004 is not announced"):
         eventlog.parse(header + bad)
 
@@ -137,12 +131,12 @@ def test_a_bank_we_do_not_hash_still_parses() -> None:
     """Firmware may log SM3_256 (0x0012) too: parse it, replay the banks we know."""
     sm3 = 0x0012
     spec = eventlog.SPEC_ID_SIGNATURE + struct.pack("<IBBBBI", 0, 0, 2, 0, 2, 2)
-    spec += struct.pack("<HHHH", TPM_ALG_SHA256, 32, sm3, 32) + b"\x00"
+    spec += struct.pack("<HHHH", TPM_ALG.SHA256, 32, sm3, 32) + b"\x00"
     header = struct.pack("<II", 0, EventType.EV_NO_ACTION) + bytes(20)
     header += struct.pack("<I", len(spec)) + spec
-    event = struct.pack("<III", 4, EventType.EV_IPL, 2) + struct.pack("<H", TPM_ALG_SHA256)
+    event = struct.pack("<III", 4, EventType.EV_IPL, 2) + struct.pack("<H", TPM_ALG.SHA256)
     event += b"\x11" * 32 + struct.pack("<H", sm3) + b"\x22" * 32 + struct.pack("<I", 1) + b"k"
     log = eventlog.parse(header + event)
-    assert log.banks == (TPM_ALG_SHA256, sm3)
+    assert log.banks == (TPM_ALG.SHA256, sm3)
     want = hashlib.sha256(bytes(32) + b"\x11" * 32).digest()
-    assert eventlog.replay(log.events, TPM_ALG_SHA256) == {4: want}
+    assert eventlog.replay(log.events, TPM_ALG.SHA256) == {4: want}

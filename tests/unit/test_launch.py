@@ -15,11 +15,11 @@ from vtpm.launch import digests, guest
 from vtpm.launchrecord import LaunchRecord, Measurement
 from vtpm.platform import xlcfg
 from vtpm.tpm import eventlog
-from vtpm.tpm.frames import DIGEST_SIZES, TPM_ALG_SHA1, TPM_ALG_SHA256
+from vtpm.tpm.constants import DIGEST_SIZES, TPM_ALG
 from vtpm.verify.eventlog import policy_entry, replay_checks
 from vtpm.verify.expected import Expected
 
-BANKS = (TPM_ALG_SHA1, TPM_ALG_SHA256, 0x000C, 0x000D)
+BANKS = (TPM_ALG.SHA1, TPM_ALG.SHA256, 0x000C, 0x000D)
 
 
 @pytest.fixture
@@ -38,16 +38,16 @@ def test_measurements_are_file_and_cmdline_digests(files: digests.GuestFiles) ->
         ("cmdline", 5, "cmdline console=ttyS0 root=/dev/vda1"),
         ("initrd", 5, "initrd initrd.img"),
     ]
-    assert ms[0].digest(TPM_ALG_SHA256) == hashlib.sha256(files.kernel.read_bytes()).digest()
-    assert ms[1].digest(TPM_ALG_SHA1) == hashlib.sha1(files.cmdline.encode()).digest()
+    assert ms[0].digest(TPM_ALG.SHA256) == hashlib.sha256(files.kernel.read_bytes()).digest()
+    assert ms[1].digest(TPM_ALG.SHA1) == hashlib.sha1(files.cmdline.encode()).digest()
     assert ms[2].digest(0x000D) == hashlib.sha512(b"initrd " * 300).digest()
     assert ms[0].banks == BANKS
 
 
 def test_expected_values_are_the_extend_chain(files: digests.GuestFiles) -> None:
     ms = digests.measure(files)
-    want = digests.expected_pcrs(ms)[TPM_ALG_SHA256]
-    k, c, i = (m.digest(TPM_ALG_SHA256) or b"" for m in ms)
+    want = digests.expected_pcrs(ms)[TPM_ALG.SHA256]
+    k, c, i = (m.digest(TPM_ALG.SHA256) or b"" for m in ms)
     assert want[4] == hashlib.sha256(bytes(32) + k).digest()
     assert want[5] == hashlib.sha256(hashlib.sha256(bytes(32) + c).digest() + i).digest()
 
@@ -56,7 +56,7 @@ def test_no_initrd_and_empty_cmdline(tmp_path: Path) -> None:
     (tmp_path / "k").write_bytes(b"k")
     ms = digests.measure(digests.GuestFiles(tmp_path / "k"))
     assert [m.kind for m in ms] == ["kernel", "cmdline"]
-    assert ms[1].digest(TPM_ALG_SHA256) == hashlib.sha256(b"").digest()
+    assert ms[1].digest(TPM_ALG.SHA256) == hashlib.sha256(b"").digest()
 
 
 def test_missing_files_are_config_errors(tmp_path: Path) -> None:
@@ -95,9 +95,9 @@ def test_launch_log_parses_and_replays_to_the_expected_values(
     files: digests.GuestFiles,
 ) -> None:
     ms = digests.measure(files)
-    data = launch_log.build(ms, (TPM_ALG_SHA256, 0x000C))
+    data = launch_log.build(ms, (TPM_ALG.SHA256, 0x000C))
     log = eventlog.parse(data)
-    assert log.banks == (TPM_ALG_SHA256, 0x000C)
+    assert log.banks == (TPM_ALG.SHA256, 0x000C)
     assert [e.data for e in log.events] == [m.event_data.encode() for m in ms]
     assert all(e.type == eventlog.EventType.EV_IPL for e in log.events)
     want = digests.expected_pcrs(ms)
@@ -108,7 +108,7 @@ def test_launch_log_parses_and_replays_to_the_expected_values(
 
 
 def _policy(ms: tuple[Measurement, ...]) -> Expected:
-    values = digests.expected_pcrs(ms)[TPM_ALG_SHA256]
+    values = digests.expected_pcrs(ms)[TPM_ALG.SHA256]
     return Expected.from_json(
         {
             "format": "vtpm-verify-policy/1",
@@ -127,7 +127,7 @@ def test_replay_checks_pass_and_name_the_differing_event(tmp_path: Path) -> None
     expected = _policy(a)
     for ms, bad in ((a, None), (b, "event 1 (PCR 4"), (c, "event 2 (PCR 5")):
         log = launch_log.build(ms, BANKS)
-        pcrs = digests.expected_pcrs(ms)[TPM_ALG_SHA256]
+        pcrs = digests.expected_pcrs(ms)[TPM_ALG.SHA256]
         checks = {ch.id: ch for ch in replay_checks(log, pcrs, "sha256", expected)}
         assert checks["eventlog.parse"].ok and checks["eventlog.replay"].ok
         assert checks["eventlog.expected"].ok is (bad is None), checks["eventlog.expected"]
@@ -135,11 +135,11 @@ def test_replay_checks_pass_and_name_the_differing_event(tmp_path: Path) -> None
             assert checks["eventlog.expected"].reason.startswith(bad)
     # a log that does not match the quoted values
     log = launch_log.build(b, BANKS)
-    found = replay_checks(log, digests.expected_pcrs(a)[TPM_ALG_SHA256], "sha256", None)
+    found = replay_checks(log, digests.expected_pcrs(a)[TPM_ALG.SHA256], "sha256", None)
     replay = next(ch for ch in found if ch.id == "eventlog.replay")
     assert not replay.ok and "PCR 4: the log (event 1: PCR 4, EV_IPL" in replay.reason
     # PCR 5 not quoted at all
-    only4 = {4: digests.expected_pcrs(b)[TPM_ALG_SHA256][4]}
+    only4 = {4: digests.expected_pcrs(b)[TPM_ALG.SHA256][4]}
     found = replay_checks(log, only4, "sha256", None)
     replay = next(ch for ch in found if ch.id == "eventlog.replay")
     assert replay.reason == "PCR 5 is extended by the log but not quoted"
@@ -148,11 +148,11 @@ def test_replay_checks_pass_and_name_the_differing_event(tmp_path: Path) -> None
 def test_replay_checks_with_values_only_and_bad_logs(tmp_path: Path) -> None:
     (tmp_path / "k").write_bytes(b"k")
     ms = digests.measure(digests.GuestFiles(tmp_path / "k"))
-    values = digests.expected_pcrs(ms)[TPM_ALG_SHA256]
+    values = digests.expected_pcrs(ms)[TPM_ALG.SHA256]
     wrong = Expected.from_json(
         {"format": "vtpm-verify-policy/1", "vtpm_pcrs": {"sha256": {"4": "00" * 32}}}
     )
-    log = launch_log.build(ms, (TPM_ALG_SHA256,))
+    log = launch_log.build(ms, (TPM_ALG.SHA256,))
     checks = {c.id: c for c in replay_checks(log, values, "sha256", wrong)}
     assert not checks["eventlog.expected"].ok
     assert "PCR 4 replays to" in checks["eventlog.expected"].reason

@@ -27,7 +27,7 @@ from vtpm.launch import digests, guest
 from vtpm.launchrecord import LaunchRecord, Measurement, banks_of, digests_json, write_atomic
 from vtpm.manager.launch import label_refusal
 from vtpm.platform import xlcfg
-from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA256
+from vtpm.tpm.constants import HASH_NAMES, TPM_ALG
 from vtpm.verify.eventlog import policy_entry
 from vtpm.verify.expected import FORMAT as POLICY_FORMAT
 
@@ -147,10 +147,10 @@ def _vtpm_uuid(args: argparse.Namespace, cfg: xlcfg.GuestConfig | None) -> uuid.
 
 def _describe(measurements: tuple[Measurement, ...], expected: dict[int, dict[int, bytes]]) -> str:
     lines = [
-        f"  PCR {m.pcr} <- {m.event_data}  (sha256 {(m.digest(TPM_ALG_SHA256) or b'').hex()})"
+        f"  PCR {m.pcr} <- {m.event_data}  (sha256 {(m.digest(TPM_ALG.SHA256) or b'').hex()})"
         for m in measurements
     ]
-    sha256 = expected.get(TPM_ALG_SHA256, {})
+    sha256 = expected.get(TPM_ALG.SHA256, {})
     lines += [f"  expected sha256 PCR {p}: {v.hex()}" for p, v in sorted(sha256.items())]
     return "\n".join(lines)
 

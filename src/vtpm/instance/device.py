@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vtpm.engine.engine import BLOB_NAMES, Engine, NvramBackend, StateType, TpmVersion
-from vtpm.errors import VtpmError
+from vtpm.errors import DeviceError, VtpmError
 from vtpm.instance import vendor
 from vtpm.tpm.constants import TPM_FAIL, TPM_RC, TPM_ST, TPM_TAG12
 
@@ -43,10 +43,6 @@ class BufferSizes:
     size: int
     minimum: int
     maximum: int
-
-
-class DeviceError(VtpmError):
-    """A control operation is not possible in the device's current state."""
 
 
 def failure_response(version: TpmVersion) -> bytes:

@@ -50,7 +50,7 @@ from vtpm.instance import launchlog as launch_log
 from vtpm.instance.device import Device, failure_response
 from vtpm.launchrecord import LaunchRecord
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RC, TPM_SU
+from vtpm.tpm.constants import HASH_NAMES, TPM_RC, TPM_SU
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Launch:
         log.info(
             "measured launch armed (%s; banks %s): applied after each TPM2_Startup(CLEAR)",
             ", ".join(m.event_data for m in self._record.measurements),
-            ", ".join(frames.HASH_NAMES.get(b, hex(b)) for b in banks),
+            ", ".join(HASH_NAMES.get(b, hex(b)) for b in banks),
         )
 
     def end(self) -> None:
@@ -179,7 +179,7 @@ class Launch:
                         continue
                     d = m.digest(alg)
                     if d is None:
-                        name = frames.HASH_NAMES.get(alg, f"{alg:#06x}")
+                        name = HASH_NAMES.get(alg, f"{alg:#06x}")
                         raise LaunchError(
                             f"the {name} bank is active but the launch has no {name} digest "
                             f"of the {m.kind}"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vtpm.launchrecord import Measurement, write_atomic
 from vtpm.tpm import eventlog
-from vtpm.tpm.frames import DIGEST_SIZES
+from vtpm.tpm.constants import DIGEST_SIZES
 
 LOG_MODE = 0o640  # nothing secret: measurements only
 

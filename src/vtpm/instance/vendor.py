@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 from vtpm.errors import VtpmError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import HEADER_SIZE, TPM_RC, TPM_ST
+from vtpm.tpm.constants import HEADER_SIZE, TPM_ALG, TPM_RC, TPM_ST
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ TPM_CC_VTPM_DEEP_QUOTE = 0x20000101
 CODE_BYTES = struct.pack(">I", TPM_CC_VTPM_DEEP_QUOTE)
 TPM_RC_SIZE = 0x095
 MAX_NONCE = 64
-SHA256 = frames.TPM_ALG_SHA256
+SHA256 = TPM_ALG.SHA256
 PCR_READ_BATCH = 8  # TPM2_PCR_Read returns at most eight digests per call
 
 Execute = Callable[[bytes], bytes]

@@ -21,9 +21,9 @@ from pathlib import Path
 from vtpm.errors import ConfigError
 from vtpm.launchrecord import Measurement, banks_of
 from vtpm.tpm import eventlog
-from vtpm.tpm.frames import HASH_NAMES, TPM_ALG_SHA1, TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512
+from vtpm.tpm.constants import HASH_NAMES, TPM_ALG
 
-BANKS = (TPM_ALG_SHA1, TPM_ALG_SHA256, TPM_ALG_SHA384, TPM_ALG_SHA512)
+BANKS = (TPM_ALG.SHA1, TPM_ALG.SHA256, TPM_ALG.SHA384, TPM_ALG.SHA512)
 CHUNK = 1 << 20
 MAX_CMDLINE = 4096 - len("cmdline ")  # the record's limit on event data
 

@@ -60,6 +60,7 @@ from tpm2_pytss import (
 
 from vtpm.errors import ConfigError, HwTpmError, SealError
 from vtpm.tpm import policy
+from vtpm.tpm.constants import TPM_ALG
 from vtpm.tpm.policy import OrTree, PcrState
 
 log = logging.getLogger(__name__)
@@ -490,7 +491,7 @@ def _selected_sha256(sel: Any) -> list[int]:
     out: list[int] = []
     for k in range(int(sel.count)):
         s = sel.pcrSelections[k]
-        if int(s.hash) != policy.TPM_ALG_SHA256:
+        if int(s.hash) != TPM_ALG.SHA256:
             continue
         bitmap = bytes(s.pcrSelect)[: int(s.sizeofSelect)]
         out.extend(8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1)

@@ -9,6 +9,59 @@ from __future__ import annotations
 import enum
 
 
+class TPM_ALG(enum.IntEnum):  # noqa: N801 (spec name)
+    """Algorithm identifiers (Part 2, 6.3; TCG Algorithm Registry)."""
+
+    RSA = 0x0001
+    SHA1 = 0x0004
+    HMAC = 0x0005
+    AES = 0x0006
+    KEYEDHASH = 0x0008
+    XOR = 0x000A
+    SHA256 = 0x000B
+    SHA384 = 0x000C
+    SHA512 = 0x000D
+    NULL = 0x0010
+    SM3_256 = 0x0012
+    SM4 = 0x0013
+    RSASSA = 0x0014
+    RSAES = 0x0015
+    RSAPSS = 0x0016
+    OAEP = 0x0017
+    ECDSA = 0x0018
+    ECDH = 0x0019
+    ECDAA = 0x001A
+    SM2 = 0x001B
+    ECSCHNORR = 0x001C
+    ECMQV = 0x001D
+    KDF1_SP800_56A = 0x0020
+    KDF2 = 0x0021
+    KDF1_SP800_108 = 0x0022
+    ECC = 0x0023
+    SYMCIPHER = 0x0025
+    CAMELLIA = 0x0026
+    CTR = 0x0040
+    OFB = 0x0041
+    CBC = 0x0042
+    CFB = 0x0043
+    ECB = 0x0044
+
+
+# The PCR banks this project handles: digest size and name of each (one home for both).
+DIGEST_SIZES: dict[int, int] = {
+    TPM_ALG.SHA1: 20,
+    TPM_ALG.SHA256: 32,
+    TPM_ALG.SHA384: 48,
+    TPM_ALG.SHA512: 64,
+}
+HASH_NAMES: dict[int, str] = {
+    TPM_ALG.SHA1: "sha1",
+    TPM_ALG.SHA256: "sha256",
+    TPM_ALG.SHA384: "sha384",
+    TPM_ALG.SHA512: "sha512",
+}
+
+
 class TPM_ST(enum.IntEnum):  # noqa: N801 (spec name)
     NO_SESSIONS = 0x8001
     SESSIONS = 0x8002

@@ -29,7 +29,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vtpm.errors import EventLogError
-from vtpm.tpm.frames import DIGEST_SIZES, HASH_NAMES, extend_value
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
+from vtpm.tpm.frames import extend_value
 
 SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
 STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 
 from vtpm.tpm.constants import (
+    HASH_NAMES,
     HEADER_SIZE,
     TPM_CC,
     TPM_ORD12,
@@ -22,18 +23,6 @@ from vtpm.tpm.constants import (
 )
 
 TPM_RS_PW = 0x40000009
-TPM_ALG_SHA1 = 0x0004
-TPM_ALG_SHA256 = 0x000B
-TPM_ALG_SHA384 = 0x000C
-TPM_ALG_SHA512 = 0x000D
-
-DIGEST_SIZES = {TPM_ALG_SHA1: 20, TPM_ALG_SHA256: 32, TPM_ALG_SHA384: 48, TPM_ALG_SHA512: 64}
-HASH_NAMES = {
-    TPM_ALG_SHA1: "sha1",
-    TPM_ALG_SHA256: "sha256",
-    TPM_ALG_SHA384: "sha384",
-    TPM_ALG_SHA512: "sha512",
-}
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,16 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vtpm.errors import ConfigError
+from vtpm.tpm.constants import TPM_ALG
 
 DIGEST_SIZE = 32
 ZERO = bytes(DIGEST_SIZE)
 MAX_OR_BRANCHES = 8
 MAX_PCR = 23
 
-TPM_ALG_SHA256 = 0x000B
-TPM_ALG_NULL = 0x0010
-TPM_ALG_ECDSA = 0x0018
-TPM_ALG_ECC = 0x0023
 TPM_ECC_NIST_P256 = 0x0003
 CC_POLICY_AUTHORIZE = 0x0000016A
 CC_POLICY_OR = 0x00000171
@@ -62,7 +59,7 @@ def pcr_selection(pcrs: Sequence[int]) -> bytes:
     bitmap = bytearray(3)
     for i in check_pcrs(pcrs):
         bitmap[i // 8] |= 1 << (i % 8)
-    return struct.pack(">IHB", 1, TPM_ALG_SHA256, 3) + bytes(bitmap)
+    return struct.pack(">IHB", 1, TPM_ALG.SHA256, 3) + bytes(bitmap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +185,12 @@ def ecc_p256_verify_public(x: bytes, y: bytes) -> bytes:
     if len(x) != 32 or len(y) != 32:
         raise ConfigError("an ECC P-256 point has 32-byte coordinates")
     return (
-        struct.pack(">HHI", TPM_ALG_ECC, TPM_ALG_SHA256, VERIFY_KEY_ATTRIBUTES)
+        struct.pack(">HHI", TPM_ALG.ECC, TPM_ALG.SHA256, VERIFY_KEY_ATTRIBUTES)
         + struct.pack(">H", 0)  # authPolicy: empty
-        + struct.pack(">H", TPM_ALG_NULL)  # symmetric: none
-        + struct.pack(">HH", TPM_ALG_ECDSA, TPM_ALG_SHA256)  # scheme
+        + struct.pack(">H", TPM_ALG.NULL)  # symmetric: none
+        + struct.pack(">HH", TPM_ALG.ECDSA, TPM_ALG.SHA256)  # scheme
         + struct.pack(">H", TPM_ECC_NIST_P256)
-        + struct.pack(">H", TPM_ALG_NULL)  # kdf
+        + struct.pack(">H", TPM_ALG.NULL)  # kdf
         + struct.pack(">H", 32)
         + x
         + struct.pack(">H", 32)
@@ -203,4 +200,4 @@ def ecc_p256_verify_public(x: bytes, y: bytes) -> bytes:
 
 def object_name(tpmt_public: bytes) -> bytes:
     """TPM name of an object with a SHA-256 nameAlg: nameAlg || SHA-256(TPMT_PUBLIC)."""
-    return struct.pack(">H", TPM_ALG_SHA256) + _h(tpmt_public)
+    return struct.pack(">H", TPM_ALG.SHA256) + _h(tpmt_public)

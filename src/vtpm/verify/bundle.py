@@ -40,13 +40,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from vtpm.tpm.constants import TPM_ALG
+
 try:  # CFB lives in "decrepit" from cryptography 47 on
     from cryptography.hazmat.decrepit.ciphers.modes import CFB
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment,unused-ignore]
 
 from vtpm.errors import ConfigError, VerifyError
-from vtpm.tpm.attest import HASHES, TPM_ALG, TPMA_OBJECT, TpmPublic, parse_public
+from vtpm.tpm.attest import HASHES, TPMA_OBJECT, TpmPublic, parse_public
 from vtpm.tpm.policy import PcrState
 from vtpm.verify import quote
 from vtpm.verify.verdict import Check, Verdict

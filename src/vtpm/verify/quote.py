@@ -40,7 +40,6 @@ from vtpm.errors import VerifyError
 from vtpm.tpm.attest import (
     HASH_BY_NAME,
     HASHES,
-    TPM_ALG,
     TPM_GENERATED_VALUE,
     TPM_ST_ATTEST,
     TPMA_OBJECT,
@@ -52,6 +51,7 @@ from vtpm.tpm.attest import (
     parse_attest,
     parse_signature,
 )
+from vtpm.tpm.constants import TPM_ALG
 from vtpm.verify.verdict import Check, Verdict
 
 # Hierarchy handles: the parent "qualified name" of a primary key (Part 1, 16.6).

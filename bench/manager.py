@@ -46,9 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import GETRANDOM, Client, free_pair, pss_kib, rss_kib, standalone_main
 from vtpm.cli import client
+from vtpm.endpoints import Frontend
 from vtpm.errors import ManagerError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC
+from vtpm.wire import admin as api
 
 VTPM = [sys.executable, "-m", "vtpm.cli.main"]
 STARTUP = frames.startup()
@@ -190,18 +192,19 @@ def run_vtpm(work: Path, n: int, progress: Callable[[str], None]) -> Side:
         pids.append(int(sim["pid"]))
         client.call(
             ns,
-            "group.new",
-            name=GROUP,
-            owner_pub=Path(f"{key}.pub").read_text(),
-            pcrs=list(range(8)),
-            labels=["*:vm_r:vtpm_t"],
+            api.GroupNew(
+                name=GROUP,
+                owner_pub=Path(f"{key}.pub").read_text(),
+                pcrs=tuple(range(8)),
+                labels=("*:vm_r:vtpm_t",),
+            ),
         )
         side.extra["manager_setup_s"] = time.perf_counter() - t0
         time.sleep(0.5)
-        side.extra["manager_idle_rss_kib"] = rss_kib(status["pid"])
+        side.extra["manager_idle_rss_kib"] = rss_kib(status.pid)
 
         progress(f"vtpm: creating and starting {n} vTPMs through the Manager ...")
-        mgr_cpu0, sim_cpu0 = cpu_s(status["pid"]), cpu_s(int(sim["pid"]))
+        mgr_cpu0, sim_cpu0 = cpu_s(status.pid), cpu_s(int(sim["pid"]))
         start = time.perf_counter()
         for i in range(n):
             _check_interrupted()
@@ -210,46 +213,47 @@ def run_vtpm(work: Path, n: int, progress: Callable[[str], None]) -> Side:
             for attempt in range(PORT_ATTEMPTS):
                 port = free_pair()
                 t1 = time.perf_counter()
-                v = client.call(
-                    ns,
-                    "vtpm.new",
-                    group=GROUP,
-                    label=f"bench{i}_u:vm_r:vtpm_t",
-                    tpm="2.0",
-                    frontends=[f"server=tcp:127.0.0.1:{port}", f"ctrl=tcp:127.0.0.1:{port + 1}"],
+                frontends = (
+                    Frontend.parse(f"server=tcp:127.0.0.1:{port}"),
+                    Frontend.parse(f"ctrl=tcp:127.0.0.1:{port + 1}"),
+                )
+                made = client.call(
+                    ns, api.VtpmNew(GROUP, f"bench{i}_u:vm_r:vtpm_t", frontends=frontends)
                 )
                 create += time.perf_counter() - t1
                 try:
-                    v = client.call(ns, "vtpm.start", uuid=v["uuid"])
+                    v = client.call(ns, api.VtpmStart(made.uuid))
                     break
                 except ManagerError as e:
                     if "in use" not in str(e) or attempt == PORT_ATTEMPTS - 1:
                         raise
-                    client.call(ns, "vtpm.del", uuid=v["uuid"])
+                    client.call(ns, api.VtpmDel(made.uuid))
                     side.extra["port_retries"] = side.extra.get("port_retries", 0) + 1
-            pid = v["run"]["pid"]
+            pid = v.run.pid
+            if pid is None:
+                raise RuntimeError(f"vTPM {v.uuid} started but has no pid")
             pids.append(pid)
             instances.append(pid)
-            answer(port, partial(os.path.exists, f"/proc/{pid}"), f"vTPM {v['uuid']}")
+            answer(port, partial(os.path.exists, f"/proc/{pid}"), f"vTPM {v.uuid}")
             done = time.perf_counter()
             side.create_s.append(create)
             side.start_s.append(done - t - create)
         side.total_s = time.perf_counter() - start
         x = side.extra
-        x["cpu_manager_s"] = cpu_s(status["pid"]) - mgr_cpu0
+        x["cpu_manager_s"] = cpu_s(status.pid) - mgr_cpu0
         x["cpu_hw_simulator_s"] = cpu_s(int(sim["pid"])) - sim_cpu0
         x["cpu_instances_s"] = sum(cpu_s(p) for p in instances)
         x["cpu_s"] = x["cpu_manager_s"] + x["cpu_hw_simulator_s"] + x["cpu_instances_s"]
 
         time.sleep(1.0)
-        status = client.call(ns, "status")
-        if sorted(status["instance_pids"]) != sorted(instances):
-            raise RuntimeError(f"the Manager runs {status['instance_pids']}, not {instances}")
+        final = client.call(ns, api.Status())
+        if sorted(final.instance_pids) != sorted(instances):
+            raise RuntimeError(f"the Manager runs {final.instance_pids}, not {instances}")
         side.instance_rss = [rss_kib(p) for p in instances]
         side.instance_pss = [pss_kib(p) for p in instances]
-        side.extra["manager_rss_kib"] = rss_kib(status["pid"])
-        side.extra["manager_pss_kib"] = pss_kib(status["pid"])
-        side.extra["manager_threads"] = _threads(status["pid"])
+        side.extra["manager_rss_kib"] = rss_kib(status.pid)
+        side.extra["manager_pss_kib"] = pss_kib(status.pid)
+        side.extra["manager_threads"] = _threads(status.pid)
         side.extra["hw_simulator_rss_kib"] = rss_kib(int(sim["pid"]))
         side.extra["hw_simulator_pss_kib"] = pss_kib(int(sim["pid"]))
         progress("vtpm: stopping the Manager and its instances ...")
@@ -268,13 +272,13 @@ def run_vtpm(work: Path, n: int, progress: Callable[[str], None]) -> Side:
         _kill_leftovers(pids, str(data))
 
 
-def _wait_manager(ns: argparse.Namespace, proc: subprocess.Popen[bytes]) -> Any:
+def _wait_manager(ns: argparse.Namespace, proc: subprocess.Popen[bytes]) -> api.StatusView:
     deadline = time.monotonic() + MANAGER_TIMEOUT
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the Manager exited with {proc.returncode}")
         with contextlib.suppress(Exception):
-            return client.call(ns, "status")
+            return client.call(ns, api.Status())
         if time.monotonic() > deadline:
             raise RuntimeError(f"the Manager did not answer within {MANAGER_TIMEOUT:.0f} s")
         time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import VTPM, free_port_pair, stop_process, wait_connectable
+from vtpm.cli import client
+from vtpm.wire import admin as api
+from vtpm.wire import typedjson
 
 GUEST1 = "guest1_u:vm_r:vtpm_t"
 GUEST2 = "guest2_u:vm_r:vtpm_t"
@@ -30,6 +34,13 @@ def vtpm_cli(
     if check and res.returncode != 0:
         raise AssertionError(f"vtpm {' '.join(args)} failed ({res.returncode}): {res.stderr}")
     return res
+
+
+def admin_call(data_dir: Path, op: str, **params: Any) -> Any:
+    """One admin request given as JSON arguments, as the `vtpm` CLI sends it, without a process
+    per call; the result as JSON."""
+    req = typedjson.decode(params, api.REQUESTS[op], op)
+    return typedjson.encode(client.call(argparse.Namespace(data_dir=data_dir), req))
 
 
 def vtpm_json(data_dir: Path, *args: str) -> Any:

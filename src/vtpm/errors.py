@@ -86,6 +86,10 @@ class ManagerError(VtpmError):
     """The Manager refused or failed an operation (unknown vTPM, locked group, ...)."""
 
 
+class InstanceExitedError(ManagerError):
+    """A vTPM's instance process exited before it reported that it serves."""
+
+
 class VerifyError(VtpmError):
     """Evidence given to the verifier is malformed (bytes that do not parse, a bad document)."""
 

@@ -211,3 +211,11 @@ def digests_json(values: Mapping[int, Mapping[int, bytes]]) -> dict[str, dict[st
         HASH_NAMES[alg]: {str(p): v.hex() for p, v in sorted(pcrs.items())}
         for alg, pcrs in values.items()
     }
+
+
+def label_refusal(vtpm_uuid: object, label: str, wanted: str | None) -> str:
+    """Why a launch that names the label `wanted` is refused for a vTPM labelled `label`
+    (checked by the launcher first and by the Manager again)."""
+    if wanted is not None and wanted != label:
+        return f"vTPM {vtpm_uuid} has label {label}, not {wanted}"
+    return ""

@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vtpm.endpoints import Endpoint
 from vtpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,46 +31,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket, str], None]
 # a further check of an accepted peer (the label policy): None to accept, else the reason
 PeerCheck = Callable[[socket.socket], "str | None"]
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """`unix:/path` or `tcp:HOST:PORT` (or `tcp:PORT`, meaning 127.0.0.1)."""
-
-    kind: str
-    path: str = ""
-    host: str = ""
-    port: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("unix", "tcp"):
-            raise ConfigError(f"unknown socket kind {self.kind!r}")
-        if self.kind == "tcp" and not 0 <= self.port <= 65535:
-            raise ConfigError(f"TCP port {self.port} is out of range")
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        kind, sep, rest = text.partition(":")
-        if not sep or not rest:
-            raise ConfigError(f"socket {text!r}: expected unix:PATH or tcp:[HOST:]PORT")
-        if kind == "unix":
-            return cls("unix", path=rest)
-        if kind == "tcp":
-            host, sep, port = rest.rpartition(":")
-            host = host.strip("[]") if sep else "127.0.0.1"
-            try:
-                return cls("tcp", host=host or "127.0.0.1", port=int(port))
-            except ValueError:
-                raise ConfigError(f"socket {text!r}: port {port!r} is not a number") from None
-        raise ConfigError(f"socket {text!r}: expected unix:PATH or tcp:[HOST:]PORT")
-
-    def with_port_offset(self, offset: int) -> Endpoint:
-        if self.kind != "tcp":
-            raise ConfigError("a port offset needs a TCP socket")
-        return Endpoint("tcp", host=self.host, port=self.port + offset)
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

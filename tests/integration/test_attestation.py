@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from tests.helpers import tpm2
 from tests.mgr import ManagerProc, manager, owner_key
 from vtpm.errors import ConfigError, HwTpmError, ManagerError, SealError
+from vtpm.manager import lookup
 from vtpm.manager.attestation import AttestationTpm, pcr_digest
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
@@ -394,13 +395,13 @@ def test_group_without_ak_gets_one_on_first_need_and_host_quote(
     m = Manager(ManagerConfig.load(mgr.data_dir))
     m.open()
     try:
-        assert m.group("old").ak_alg == ""
+        assert lookup.group(m.store, "old").ak_alg == ""
         gid = uuid.UUID(g["uuid"])
         results: list[SignedQuote | BaseException] = []
 
         def quote(i: int) -> None:
             try:
-                results.append(m.host_quote(gid, b"q%d" % i, [0, 16]))
+                results.append(m.services.group_ops.host_quote(gid, b"q%d" % i, [0, 16]))
             except BaseException as e:
                 results.append(e)
 
@@ -409,7 +410,7 @@ def test_group_without_ak_gets_one_on_first_need_and_host_quote(
             t.start()
         for t in threads:
             t.join()
-        rec = m.group("old")
+        rec = lookup.group(m.store, "old")
         assert rec.ak_alg == "ecc" and rec.ak_public  # made once, by whichever thread was first
         assert all(isinstance(r, SignedQuote) for r in results), results
         nonces = set()
@@ -419,7 +420,7 @@ def test_group_without_ak_gets_one_on_first_need_and_host_quote(
             check_quote(r, rec.ak_public, nonce, [0, 16])
             nonces.add(nonce)
         assert nonces == {b"q%d" % i for i in range(6)}
-        bundle = m.provision("old")
+        bundle = m.services.group_ops.provision("old")
         assert bundle.ak_public == rec.ak_public and bundle.ak_alg == "ecc"
         check_quote(bundle.config_quote, rec.ak_public, config_digest(bundle.group), [0, 16])
     finally:
@@ -433,6 +434,6 @@ def test_host_quote_of_an_unknown_group_is_refused(tmp_path: Path) -> None:
     m.open()
     try:
         with pytest.raises(ManagerError):
-            m.host_quote(uuid.uuid4(), b"", [0])
+            m.services.group_ops.host_quote(uuid.uuid4(), b"", [0])
     finally:
         m.close()

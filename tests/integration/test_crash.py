@@ -16,7 +16,6 @@ timing of the processes is not replayed)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -38,13 +37,13 @@ from tests.helpers import raw_call
 from tests.mgr import (
     GUEST1,
     ManagerProc,
+    admin_call,
     init_manager,
     new_group,
     new_vtpm,
     owner_key,
     start_manager,
 )
-from vtpm.cli import client
 from vtpm.errors import ManagerError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_ALG, TPM_CC, TPM_RC, TPM_ST
@@ -145,7 +144,7 @@ class Rig:
 
     def admin(self, op: str, **params: Any) -> Any:
         """One admin request, as the `vtpm` CLI sends it, without a process per call."""
-        return client.call(argparse.Namespace(data_dir=self.data_dir), op, **params)
+        return admin_call(self.data_dir, op, **params)
 
     def show(self) -> Any:
         return self.admin("vtpm.show", uuid=self.uuid)

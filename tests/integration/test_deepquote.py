@@ -14,8 +14,16 @@ from typing import Any
 import pytest
 
 from tests.helpers import instance, raw_call, tpm2
-from tests.mgr import GUEST1, GUEST2, ManagerProc, manager, new_group, new_vtpm, owner_key
-from vtpm.cli import client
+from tests.mgr import (
+    GUEST1,
+    GUEST2,
+    ManagerProc,
+    admin_call,
+    manager,
+    new_group,
+    new_vtpm,
+    owner_key,
+)
 from vtpm.instance import vendor
 from vtpm.wire.evidence import Evidence
 
@@ -94,7 +102,6 @@ def test_another_vtpms_quote_is_refused(tmp_path: Path, platform: Any) -> None:
 
 def test_concurrent_deep_quotes_share_hardware_quotes(tmp_path: Path, platform: Any) -> None:
     m, (v1, _p1), (v2, _p2), bundle = platform
-    args = type("A", (), {"data_dir": m.data_dir})()
     results: list[Any] = []
     errors: list[BaseException] = []
 
@@ -102,7 +109,7 @@ def test_concurrent_deep_quotes_share_hardware_quotes(tmp_path: Path, platform: 
         try:
             u = (v1, v2)[i % 2]["uuid"]
             results.append(
-                (i, client.call(args, "quote.deep", uuid=u, nonce=struct.pack(">I", i).hex()))
+                (i, admin_call(m.data_dir, "quote.deep", uuid=u, nonce=struct.pack(">I", i).hex()))
             )
         except BaseException as e:
             errors.append(e)

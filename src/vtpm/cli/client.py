@@ -6,15 +6,18 @@ import argparse
 import json
 import os
 import socket
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from vtpm.errors import ConfigError, ManagerError, RemoteProtocolError
 from vtpm.manager.config import DEFAULT_DATA_DIR
-from vtpm.wire import ipc
-from vtpm.wire._common import CLOSED, NEED_DATA
+from vtpm.serving import ConnectionLostError, IdleTimeoutError, events
+from vtpm.wire import admin as api
+from vtpm.wire import ipc, typedjson
 
 TIMEOUT = 120.0
+R = TypeVar("R")
 
 
 def add_common(p: argparse.ArgumentParser, *, json_output: bool = True) -> None:
@@ -35,11 +38,10 @@ def data_dir(args: argparse.Namespace) -> Path:
     return Path(env) if env else DEFAULT_DATA_DIR
 
 
-def call(args: argparse.Namespace, op: str, **params: Any) -> Any:
-    """One admin request to the Manager; its result, or ManagerError with its error."""
+def call(args: argparse.Namespace, req: api.Request[R]) -> R:
+    """One admin request to the Manager; its typed result, or ManagerError with its error."""
     path = data_dir(args) / "admin.sock"
     codec = ipc.IpcConnection(ipc.Role.PEER)
-    request = ipc.AdminRequest(op, {k: v for k, v in params.items() if v is not None})
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(TIMEOUT)
         try:
@@ -52,32 +54,49 @@ def call(args: argparse.Namespace, op: str, **params: Any) -> Any:
         except OSError as e:
             raise ConfigError(f"cannot reach the Manager at {path}: {e.strerror}") from None
         try:
-            s.sendall(codec.send(request))
-            while True:
-                ev = codec.next_event()
-                if ev is NEED_DATA:
-                    codec.receive_data(s.recv(65536))
-                    continue
-                if ev is CLOSED:
-                    raise ManagerError("the Manager closed the connection without answering")
-                break
-        except TimeoutError:
-            raise ManagerError(f"the Manager did not answer {op} within {TIMEOUT:.0f} s") from None
-        except (OSError, RemoteProtocolError) as e:
+            s.sendall(codec.send(api.request_frame(req)))
+            reply = next(iter(events(s, codec)), None)
+        except (TimeoutError, IdleTimeoutError):
+            raise ManagerError(
+                f"the Manager did not answer {req.op} within {TIMEOUT:.0f} s"
+            ) from None
+        except (OSError, RemoteProtocolError, ConnectionLostError) as e:
             raise ManagerError(f"talking to the Manager failed: {e}") from None
-    if not isinstance(ev, ipc.AdminReply):
-        raise ManagerError(f"the Manager answered with {type(ev).__name__}")
-    if not ev.ok:
-        raise ManagerError(ev.error)
-    return ev.result
+    if reply is None:
+        raise ManagerError("the Manager closed the connection without answering")
+    if not isinstance(reply, ipc.AdminReply):
+        raise ManagerError(f"the Manager answered with {type(reply).__name__}")
+    if not reply.ok:
+        raise ManagerError(reply.error)
+    try:
+        return api.parse_result(req, reply)
+    except RemoteProtocolError as e:
+        raise ManagerError(str(e)) from None
 
 
-def emit(args: argparse.Namespace, result: Any, text: str) -> int:
+def emit(args: argparse.Namespace, result: object, text: str) -> int:
+    """Print `result` (as JSON with --json) or `text`."""
     if getattr(args, "json", False):
-        print(json.dumps({"ok": True, "result": result}, indent=2, sort_keys=True))
+        doc = {"ok": True, "result": typedjson.encode(result)}
+        print(json.dumps(doc, indent=2, sort_keys=True))
     elif text:
         print(text)
     return 0
+
+
+def vtpm_uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ConfigError(f"{text[:80]!r} is not a vTPM uuid") from None
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """Write a command's output file; one clear error when it cannot be written."""
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -7,7 +7,6 @@ import argparse
 import json
 import struct
 import sys
-import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 from vtpm.cli import client
 from vtpm.errors import ConfigError
 from vtpm.tpm.policy import PcrState, check_pcrs
+from vtpm.wire import admin as api
+from vtpm.wire import typedjson
 
 
 def _ownerreq() -> ModuleType:
@@ -227,24 +228,24 @@ def _register_attestation(gsub: Any) -> None:
     act.set_defaults(func=cmd_activate)
 
 
-def _describe(g: dict[str, Any]) -> str:
-    s = g["status"]
+def _describe(g: api.GroupView) -> str:
+    s = g.status
     lines = [
-        f"group {g['name']}  uuid {g['uuid']}",
-        f"  status: {'unlocked' if s['unlocked'] else 'LOCKED: ' + s['reason']}",
-        f"  sequence {g['seq']}, owner-approved states: {'yes' if g['owner_approved'] else 'no'}",
-        f"  attestation key: {(g.get('ak') or 'none yet (made on first need)').upper()}",
-        f"  labels: {', '.join(g['labels']) or '(none)'}",
-        f"  vTPMs: {g['vtpms']}",
+        f"group {g.name}  uuid {g.uuid}",
+        f"  status: {'unlocked' if s.unlocked else 'LOCKED: ' + s.reason}",
+        f"  sequence {g.seq}, owner-approved states: {'yes' if g.owner_approved else 'no'}",
+        f"  attestation key: {(g.ak or 'none yet (made on first need)').upper()}",
+        f"  labels: {', '.join(g.labels) or '(none)'}",
+        f"  vTPMs: {g.vtpms}",
         "  permitted host PCR states (SHA-256):",
     ]
-    for i, st in enumerate(g["pcr_states"]):
-        mark = " (current)" if s["matched_state"] == i else ""
+    for i, st in enumerate(g.pcr_states):
+        mark = " (current)" if s.matched_state == i else ""
         lines.append(f"    #{i}{mark}")
-        for pcr, value in zip(st["pcrs"], st["values"], strict=True):
-            lines.append(f"      PCR {pcr:2d} {value}")
-    for pcr, value in s["differing_pcrs"].items():
-        lines.append(f"  host PCR {pcr} is now {value}")
+        for index, value in zip(st.pcrs, st.values, strict=True):
+            lines.append(f"      PCR {index:2d} {value.hex()}")
+    for pcr, now in s.differing_pcrs.items():
+        lines.append(f"  host PCR {pcr} is now {now}")
     return "\n".join(lines)
 
 
@@ -252,12 +253,13 @@ def cmd_new(args: argparse.Namespace) -> int:
     key = _ownerreq().load_public_key(_read(args.owner_key, private_ok=True))
     g = client.call(
         args,
-        "group.new",
-        name=args.name,
-        owner_pub=_ownerreq().public_pem(key).decode(),
-        pcrs=parse_pcr_list(args.pcrs),
-        labels=list(args.label),
-        ak=args.ak,
+        api.GroupNew(
+            name=args.name,
+            owner_pub=_ownerreq().public_pem(key).decode(),
+            pcrs=tuple(parse_pcr_list(args.pcrs)),
+            labels=tuple(args.label),
+            ak=args.ak,
+        ),
     )
     return client.emit(args, g, _describe(g))
 
@@ -274,15 +276,15 @@ def _read(path: Path, *, private_ok: bool = False) -> bytes:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    groups = client.call(args, "group.list")
+    groups = client.call(args, api.GroupList())
     rows = [
         [
-            g["name"],
-            g["uuid"],
-            "unlocked" if g["status"]["unlocked"] else "LOCKED",
-            str(g["vtpms"]),
-            str(len(g["pcr_states"])),
-            ",".join(g["labels"]),
+            g.name,
+            str(g.uuid),
+            "unlocked" if g.status.unlocked else "LOCKED",
+            str(g.vtpms),
+            str(len(g.pcr_states)),
+            ",".join(g.labels),
         ]
         for g in groups
     ]
@@ -291,12 +293,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    g = client.call(args, "group.show", group=args.group)
+    g = client.call(args, api.GroupShow(args.group))
     return client.emit(args, g, _describe(g))
 
 
 def cmd_del(args: argparse.Namespace) -> int:
-    client.call(args, "group.del", group=args.group)
+    client.call(args, api.GroupDel(args.group))
     return client.emit(args, None, f"group {args.group} deleted")
 
 
@@ -318,18 +320,17 @@ def cmd_sign(args: argparse.Namespace) -> int:
             raw = json.loads(_read(args.source))
         except ValueError:
             raise ConfigError(f"{args.source} is not JSON") from None
-        g = raw.get("result", raw) if isinstance(raw, dict) else None
-        if not isinstance(g, dict):
-            raise ConfigError(f"{args.source} does not describe a group")
+        doc = raw.get("result", raw) if isinstance(raw, dict) else None
+        try:
+            g = typedjson.decode(doc, api.GroupView, str(args.source))
+        except typedjson.DecodeError as e:
+            raise ConfigError(f"{args.source} does not describe a group: {e}") from None
     else:
-        g = client.call(args, "group.show", group=args.group)
-    try:
-        states = [PcrState.from_json(s) for s in g["pcr_states"]]
-        labels = [str(x) for x in g["labels"]]
-        group_uuid = uuid.UUID(str(g["uuid"]))
-        seq = int(g["seq"]) + 1 if args.seq is None else args.seq
-    except (KeyError, TypeError, ValueError):
-        raise ConfigError("the group description lacks uuid, seq, pcr_states or labels") from None
+        g = client.call(args, api.GroupShow(args.group))
+    states = list(g.pcr_states)
+    labels = list(g.labels)
+    group_uuid = g.uuid
+    seq = g.seq + 1 if args.seq is None else args.seq
     for index in sorted(set(args.remove_state), reverse=True):
         if not 0 <= index < len(states):
             raise ConfigError(f"--remove-state {index}: the group has states 0..{len(states) - 1}")
@@ -338,7 +339,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         pcrs = (
             parse_pcr_list(args.pcrs) if args.pcrs else list(states[0].pcrs if states else range(8))
         )
-        values = client.call(args, "pcrs.read", pcrs=pcrs)
+        values = client.call(args, api.PcrsRead(tuple(pcrs)))
         states.append(PcrState.from_values({int(k): bytes.fromhex(v) for k, v in values.items()}))
     states += [parse_state(s) for s in args.add_state]
     labels = [x for x in labels if x not in args.remove_label]
@@ -351,7 +352,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
     else:
         args.output.write_bytes(request)
         print(
-            f"signed request for group {g.get('name', group_uuid)} (sequence {seq}, "
+            f"signed request for group {g.name} (sequence {seq}, "
             f"{len(states)} state(s), {len(labels)} label(s)) written to {args.output}",
             file=sys.stderr,
         )
@@ -359,23 +360,23 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    g = client.call(
-        args, "group.update", group=args.group, request=_read(args.request).decode(errors="replace")
-    )
+    request = _read(args.request).decode(errors="replace")
+    g = client.call(args, api.GroupUpdate(args.group, request))
     return client.emit(args, g, _describe(g))
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    bundle = client.call(args, "group.provision", group=args.group)
+    bundle = client.call(args, api.GroupProvision(args.group))
+    doc = json.dumps(bundle.to_json(), indent=2, sort_keys=True)
     if args.output is not None:
-        args.output.write_text(json.dumps(bundle, indent=2, sort_keys=True) + "\n")
-        ek = "with" if bundle["ek"]["certificate"] else "without"
+        client.write_output(args.output, (doc + "\n").encode())
+        ek = "with" if bundle.ek_certificate else "without"
         text = (
-            f"bundle of group {bundle['group']['name']} ({bundle['ak']['alg'].upper()} AK, "
+            f"bundle of group {bundle.group.get('name')} ({bundle.ak_alg.upper()} AK, "
             f"EK {ek} certificate) written to {args.output}"
         )
         return client.emit(args, bundle, text)
-    return client.emit(args, bundle, json.dumps(bundle, indent=2, sort_keys=True))
+    return client.emit(args, bundle, doc)
 
 
 _TOOLS_MAGIC = 0xBADCC0DE  # tpm2_makecredential's output: magic, version 1, ID object, secret
@@ -405,11 +406,5 @@ def cmd_activate(args: argparse.Namespace) -> int:
         raise ConfigError("--encrypted-secret FILE is needed with a TPM2B_ID_OBJECT blob")
     else:
         secret = _read(args.encrypted_secret)
-    out = client.call(
-        args,
-        "group.activate",
-        group=args.group,
-        credential_blob=blob.hex(),
-        encrypted_secret=secret.hex(),
-    )
-    return client.emit(args, out, str(out["secret"]))
+    out = client.call(args, api.GroupActivate(args.group, blob, secret))
+    return client.emit(args, out, out.secret.hex())

@@ -12,6 +12,7 @@ from types import FrameType
 from typing import Any
 
 from vtpm.cli import logs
+from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.instance.config import InstanceConfig
@@ -19,7 +20,7 @@ from vtpm.instance.custody import ManagerLink
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
 from vtpm.launchrecord import LaunchRecord
-from vtpm.listen import Endpoint, SocketPolicy
+from vtpm.listen import SocketPolicy
 
 
 def register(sub: Any) -> None:

@@ -22,14 +22,23 @@ from pathlib import Path
 from typing import Any
 
 from vtpm.cli import client
+from vtpm.endpoints import FrontendKind
 from vtpm.errors import ConfigError, LaunchError, VtpmError
 from vtpm.launch import digests, guest
-from vtpm.launchrecord import LaunchRecord, Measurement, banks_of, digests_json, write_atomic
-from vtpm.manager.launch import label_refusal
+from vtpm.launchrecord import (
+    LaunchRecord,
+    Measurement,
+    banks_of,
+    digests_json,
+    label_refusal,
+    write_atomic,
+)
 from vtpm.platform import xlcfg
 from vtpm.tpm.constants import HASH_NAMES, TPM_ALG
 from vtpm.verify.eventlog import policy_entry
 from vtpm.verify.expected import FORMAT as POLICY_FORMAT
+from vtpm.wire import admin as api
+from vtpm.wire import typedjson
 
 REFERENCE = "reference"
 BANKS_BY_NAME = {name: alg for alg, name in HASH_NAMES.items()}
@@ -188,13 +197,12 @@ def cmd_reference(args: argparse.Namespace) -> int:
 # launch -------------------------------------------------------------------------------------
 
 
-def _ctrl_socket(view: dict[str, Any]) -> Path:
-    for f in view.get("frontends", []):
-        kind, _, where = str(f).partition("=")
-        if kind == "ctrl" and where.startswith("unix:"):
-            return Path(where.removeprefix("unix:"))
+def _ctrl_socket(view: api.VtpmView) -> Path:
+    for f in view.frontends:
+        if f.kind is FrontendKind.CTRL and f.endpoint.kind == "unix":
+            return Path(f.endpoint.path)
     raise ConfigError(
-        f"vTPM {view.get('uuid')} has no ctrl=unix: frontend for QEMU's -tpmdev emulator "
+        f"vTPM {view.uuid} has no ctrl=unix: frontend for QEMU's -tpmdev emulator "
         "(vtpm new gives one by default, or --ctrl unix:PATH)"
     )
 
@@ -219,27 +227,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
             extra=guest.extra_args(args.qemu),
         )
         guest.check(spec)
-        view = client.call(args, "vtpm.show", uuid=str(vtpm_uuid))
-        why = label_refusal(vtpm_uuid, view["label"], args.vtpm_label)
+        view = client.call(args, api.VtpmShow(vtpm_uuid))
+        why = label_refusal(vtpm_uuid, view.label, args.vtpm_label)
         if why:  # first, before any other complaint; the Manager checks again
             raise LaunchError(f"launch refused: {why}")
         spec = dataclasses.replace(spec, ctrl_socket=_ctrl_socket(view))
     elif args.qemu:
         raise ConfigError("--qemu makes no sense with --no-guest")
 
-    result = client.call(
-        args,
-        "vtpm.launch",
-        uuid=str(vtpm_uuid),
-        label=args.vtpm_label,
-        record=LaunchRecord(measurements).to_json(),
-    )
-    placed = LaunchRecord.from_json(result["record"])
+    record = typedjson.encode(LaunchRecord(measurements))
+    result = client.call(args, api.VtpmLaunch(vtpm_uuid, record, args.vtpm_label))
+    placed = LaunchRecord.from_json(result.record)
     expected = digests.expected_pcrs(measurements)
     out: dict[str, Any] = {
         "vtpm": str(vtpm_uuid),
-        "label": result["vtpm"]["label"],
-        "launch_file": result["launch_file"],
+        "label": result.vtpm.label,
+        "launch_file": result.launch_file,
         "event_log": str(placed.event_log),
         "measurements": [m.to_json() for m in measurements],
         "expected_pcrs": digests_json(expected),
@@ -254,7 +257,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
             pid, argv = guest.start(spec)
         except LaunchError as e:
             try:
-                client.call(args, "vtpm.launch.cancel", uuid=str(vtpm_uuid))
+                client.call(args, api.VtpmLaunchCancel(vtpm_uuid))
             except VtpmError as again:
                 raise LaunchError(f"{e} (and withdrawing the launch failed: {again})") from None
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -11,6 +12,7 @@ from typing import Any
 from vtpm.cli import client, logs
 from vtpm.errors import ConfigError
 from vtpm.manager.config import ManagerConfig
+from vtpm.wire import admin as api
 
 
 def register(sub: Any) -> None:
@@ -101,9 +103,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # imported here, not at the top: every `vtpm` process (each vTPM instance among them) would
     # otherwise load tpm2-pytss, which only the Manager uses
-    from vtpm.manager.admin import AdminHandler  # noqa: PLC0415
     from vtpm.manager.service import Manager  # noqa: PLC0415
 
+    # the Manager's files (database, logs, sockets) are its own: nothing it creates is for others
+    os.umask(0o077)
     logs.setup(args)
     cfg = ManagerConfig.load(client.data_dir(args).resolve())
     manager = Manager(cfg)
@@ -115,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     manager.open()
     try:
-        manager.listen(AdminHandler(manager))
+        manager.listen()
         manager.autostart()
         manager.run()
     finally:
@@ -124,19 +127,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = client.call(args, "status")
-    hw = st["hardware_tpm"]
+    st = client.call(args, api.Status())
+    hw = st.hardware_tpm
     lines = [
-        f"Manager pid {st['pid']}, data {st['data_dir']}, up {st['uptime']} s",
-        f"hardware TPM: {hw['description']}",
+        f"Manager pid {st.pid}, data {st.data_dir}, up {st.uptime} s",
+        f"hardware TPM: {hw.description}",
     ]
-    if hw.get("note"):
-        lines.append(f"  note: {hw['note']}")
-    lines.append(f"vTPMs: {st['vtpms']['total']} defined, {st['vtpms']['running']} running")
-    for g in st["groups"]:
-        s = g["status"]
-        state = "unlocked" if s["unlocked"] else f"LOCKED: {s['reason']}"
-        lines.append(f"group {g['name']} ({g['uuid']}): {state}")
-        for pcr, value in s["differing_pcrs"].items():
+    if hw.note:
+        lines.append(f"  note: {hw.note}")
+    lines.append(f"vTPMs: {st.vtpms.total} defined, {st.vtpms.running} running")
+    for g in st.groups:
+        s = g.status
+        state = "unlocked" if s.unlocked else f"LOCKED: {s.reason}"
+        lines.append(f"group {g.name} ({g.uuid}): {state}")
+        for pcr, value in s.differing_pcrs.items():
             lines.append(f"    PCR {pcr} is now {value}")
     return client.emit(args, st, "\n".join(lines))

@@ -13,6 +13,7 @@ from vtpm.cli import client
 from vtpm.cli.group_cmd import parse_pcr_list
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.instance import vendor
+from vtpm.wire import admin as api
 from vtpm.wire.evidence import decode_evidence
 
 
@@ -66,7 +67,7 @@ def register(sub: Any) -> None:
 def _write(args: argparse.Namespace, evidence: dict[str, Any]) -> int:
     text = json.dumps(evidence, indent=2, sort_keys=True)
     if args.output is not None:
-        args.output.write_text(text + "\n")
+        client.write_output(args.output, (text + "\n").encode())
         print(f"deep-quote evidence written to {args.output}", file=sys.stderr)
         return 0
     print(text)
@@ -76,15 +77,16 @@ def _write(args: argparse.Namespace, evidence: dict[str, Any]) -> int:
 def cmd_quote(args: argparse.Namespace) -> int:
     ev = client.call(
         args,
-        "quote.deep",
-        uuid=args.deep,
-        nonce=_nonce(args.nonce).hex(),
-        pcrs=parse_pcr_list(args.pcrs) if args.pcrs else [],
-        vtpm_pcrs=parse_pcr_list(args.vtpm_pcrs) if args.vtpm_pcrs else [],
+        api.QuoteDeep(
+            uuid=client.vtpm_uuid(args.deep),
+            nonce=_nonce(args.nonce),
+            pcrs=tuple(parse_pcr_list(args.pcrs)) if args.pcrs else (),
+            vtpm_pcrs=tuple(parse_pcr_list(args.vtpm_pcrs)) if args.vtpm_pcrs else (),
+        ),
     )
     if args.json and args.output is None:
         return client.emit(args, ev, "")
-    return _write(args, ev)
+    return _write(args, ev.to_json())
 
 
 def cmd_guest_quote(args: argparse.Namespace) -> int:

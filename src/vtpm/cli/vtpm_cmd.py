@@ -7,7 +7,8 @@ import uuid
 from typing import Any
 
 from vtpm.cli import client
-from vtpm.errors import ConfigError
+from vtpm.endpoints import Endpoint, Frontend, FrontendKind
+from vtpm.wire import admin as api
 
 
 def _owner(text: str) -> tuple[int, int]:
@@ -97,88 +98,77 @@ def register(sub: Any) -> None:
     audit.set_defaults(func=cmd_audit)
 
 
-def _describe(v: dict[str, Any]) -> str:
-    run = v["run"]
+def _describe(v: api.VtpmView) -> str:
+    run = v.run
     lines = [
-        f"vTPM {v['uuid']}",
-        f"  group {v['group']}, label {v['label']}, TPM {v['tpm']}",
-        f"  state: {run['state']}"
-        + (f" (pid {run['pid']})" if run.get("pid") else "")
-        + (f": {run['failed']}" if run.get("failed") else ""),
-        f"  frontends: {', '.join(v['frontends'])}",
-        f"  state dir: {v['state_dir']}",
+        f"vTPM {v.uuid}",
+        f"  group {v.group}, label {v.label}, TPM {v.tpm}",
+        f"  state: {run.state}"
+        + (f" (pid {run.pid})" if run.pid else "")
+        + (f": {run.failed}" if run.failed else ""),
+        f"  frontends: {', '.join(str(f) for f in v.frontends)}",
+        f"  state dir: {v.state_dir}",
     ]
-    if v["owner_uid"] is not None:
-        lines.append(f"  socket owner: {v['owner_uid']}:{v['owner_gid']}")
-    for name, digest in sorted(v["state_blobs"].items()):
+    if v.owner_uid is not None:
+        lines.append(f"  socket owner: {v.owner_uid}:{v.owner_gid}")
+    for name, digest in sorted(v.state_blobs.items()):
         lines.append(f"  {name}: sha256 {digest}")
     return "\n".join(lines)
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    frontends = [f"ctrl={x}" for x in args.ctrl] + [f"server={x}" for x in args.server]
-    frontends += [f"mssim={x}" for x in args.mssim]
+    frontends = [Frontend(FrontendKind.CTRL, Endpoint.parse(x)) for x in args.ctrl]
+    frontends += [Frontend(FrontendKind.SERVER, Endpoint.parse(x)) for x in args.server]
+    frontends += [Frontend(FrontendKind.MSSIM, Endpoint.parse(x)) for x in args.mssim]
     v = client.call(
         args,
-        "vtpm.new",
-        group=args.group,
-        label=args.label,
-        tpm=args.tpm,
-        uuid=None if args.uuid is None else str(args.uuid),
-        owner_uid=None if args.owner is None else args.owner[0],
-        owner_gid=None if args.owner is None else args.owner[1],
-        frontends=frontends,
-        start=args.start,
+        api.VtpmNew(
+            group=args.group,
+            label=args.label,
+            tpm=args.tpm,
+            uuid=args.uuid,
+            owner_uid=None if args.owner is None else args.owner[0],
+            owner_gid=None if args.owner is None else args.owner[1],
+            frontends=tuple(frontends),
+            start=args.start,
+        ),
     )
     return client.emit(args, v, _describe(v))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    vs = client.call(args, "vtpm.list", group=args.group)
-    rows = [[v["uuid"], v["group"], v["label"], v["tpm"], v["run"]["state"]] for v in vs]
+    vs = client.call(args, api.VtpmList(group=args.group))
+    rows = [[str(v.uuid), v.group, v.label, v.tpm, v.run.state] for v in vs]
     return client.emit(args, vs, client.table(rows, ["UUID", "GROUP", "LABEL", "TPM", "STATE"]))
 
 
-def _uuid(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise ConfigError(f"{text!r} is not a vTPM uuid") from None
-
-
 def cmd_show(args: argparse.Namespace) -> int:
-    v = client.call(args, "vtpm.show", uuid=_uuid(args.uuid))
+    v = client.call(args, api.VtpmShow(client.vtpm_uuid(args.uuid)))
     return client.emit(args, v, _describe(v))
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    v = client.call(args, "vtpm.start", uuid=_uuid(args.uuid))
-    return client.emit(args, v, f"vTPM {v['uuid']} {v['run']['state']}")
+    v = client.call(args, api.VtpmStart(client.vtpm_uuid(args.uuid)))
+    return client.emit(args, v, f"vTPM {v.uuid} {v.run.state}")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    v = client.call(args, "vtpm.stop", uuid=_uuid(args.uuid))
-    return client.emit(args, v, f"vTPM {v['uuid']} stopped, state stored")
+    v = client.call(args, api.VtpmStop(client.vtpm_uuid(args.uuid)))
+    return client.emit(args, v, f"vTPM {v.uuid} stopped, state stored")
 
 
 def cmd_del(args: argparse.Namespace) -> int:
-    u = _uuid(args.uuid)
-    client.call(args, "vtpm.del", uuid=u)
-    return client.emit(args, {"uuid": u}, f"vTPM {u} deleted: key and state erased")
+    u = client.vtpm_uuid(args.uuid)
+    client.call(args, api.VtpmDel(u))
+    return client.emit(args, {"uuid": str(u)}, f"vTPM {u} deleted: key and state erased")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.uuid is not None:
         return cmd_show(args)
-    vs = client.call(args, "vtpm.list")
+    vs = client.call(args, api.VtpmList())
     rows = [
-        [
-            v["uuid"],
-            v["run"]["state"],
-            str(v["run"].get("pid") or "-"),
-            str(v["run"].get("restarts", 0)),
-            v["run"].get("failed") or "",
-        ]
+        [str(v.uuid), v.run.state, str(v.run.pid or "-"), str(v.run.restarts), v.run.failed]
         for v in vs
     ]
     text = client.table(rows, ["UUID", "STATE", "PID", "RESTARTS", "REASON"])
@@ -186,10 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    entries = client.call(args, "audit", limit=args.limit)
-    rows = [
-        [str(e["id"]), e["actor"], e["action"], e["target"], e["outcome"], e["detail"]]
-        for e in entries
-    ]
+    entries = client.call(args, api.Audit(limit=args.limit))
+    rows = [[str(e.id), e.actor, e.action, e.target, e.outcome, e.detail] for e in entries]
     text = client.table(rows, ["ID", "ACTOR", "ACTION", "TARGET", "OUTCOME", "DETAIL"])
     return client.emit(args, entries, text)

@@ -6,10 +6,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.launchrecord import LaunchRecord
-from vtpm.listen import Endpoint, SocketPolicy
+from vtpm.listen import SocketPolicy
 
 MIN_BUFFER = 2808
 MAX_BUFFER = 4096

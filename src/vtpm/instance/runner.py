@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vtpm import labels as lbl
+from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import LabelError, TpmError
 from vtpm.instance import identity, vendor
@@ -27,7 +28,7 @@ from vtpm.instance.frontends.raw import serve_frames
 from vtpm.instance.launch import Launch
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
-from vtpm.listen import Endpoint, Handler, PeerCheck, Server, bind
+from vtpm.listen import Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
 

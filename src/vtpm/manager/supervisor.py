@@ -3,7 +3,8 @@
 Each vTPM runs as `vtpm instance run --manager-fd N` with one end of a socketpair as fd N, so
 the Manager knows which vTPM (and so which label) is on the other end of every key-custody link
 without trusting anything the peer says. The supervisor only manages processes; what is said on
-the link is the `Serve` callback's business, run in a thread per child.
+the link is the `Serve` callback's business, run in a thread per child, which calls the `ready`
+it is given when the instance reports that it serves. A child's state is changed only here.
 
 Restart policy: a child that exits while wanted is started again after a delay that doubles from
 0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
@@ -17,7 +18,6 @@ import logging
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vtpm.errors import ManagerError
+from vtpm import instanceargs
+from vtpm.errors import InstanceExitedError, ManagerError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,20 @@ HEALTHY_AFTER = 60.0
 MAX_QUICK_FAILURES = 5
 STOP_TIMEOUT = 20.0
 
-Serve = Callable[[uuid.UUID, socket.socket], None]
+# serve(vtpm_uuid, the Manager's end of the link, ready): runs for the life of the link
+Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStatus:
+    """What `vtpm status` shows of an instance process."""
+
+    state: str  # starting, running, restarting, failed, stopped
+    pid: int | None
+    restarts: int
+    last_exit: int | None
+    failed: str
+    log_file: Path
 
 
 @dataclass
@@ -51,6 +65,7 @@ class Child:
     backoff: float = FIRST_BACKOFF
     restart_at: float | None = None
     ready: bool = False  # the current process reported that it serves
+    ready_event: threading.Event = field(default_factory=threading.Event, repr=False)
     # poll() has handled the current process's exit; its returncode cannot tell, since any
     # proc.poll() (`state`, a `vtpm show`) reaps the process and sets it
     exit_handled: bool = False
@@ -69,15 +84,16 @@ class Child:
             return "restarting"
         return "stopped"
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "state": self.state,
-            "pid": self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
-            "restarts": self.restarts,
-            "last_exit": self.last_exit,
-            "failed": self.failed,
-            "log": str(self.log_file),
-        }
+    def status(self) -> ChildStatus:
+        alive = self.proc is not None and self.proc.poll() is None
+        return ChildStatus(
+            state=self.state,
+            pid=self.proc.pid if alive and self.proc is not None else None,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
+            failed=self.failed,
+            log_file=self.log_file,
+        )
 
 
 def last_log_line(path: Path) -> str:
@@ -99,9 +115,6 @@ class Supervisor:
         self._children: dict[uuid.UUID, Child] = {}
         self._lock = threading.RLock()
 
-    def instance_argv(self) -> list[str]:
-        return [sys.executable, "-m", "vtpm.cli.main", "instance", "run"]
-
     # control --------------------------------------------------------------------------------
 
     def start(
@@ -122,10 +135,9 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = [*self.instance_argv(), *child.argv, *child.once]
+            argv = [*instanceargs.program(), *child.argv, *child.once]
             child.once = []
-            argv += ["--manager-fd", str(theirs.fileno())]
-            argv += ["--log-file", str(child.log_file)]
+            argv += instanceargs.per_process(theirs.fileno(), child.log_file)
             child.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             with child.log_file.open("ab") as errlog:
                 child.proc = subprocess.Popen(
@@ -146,24 +158,51 @@ class Supervisor:
         child.started = time.monotonic()
         child.restart_at = None
         child.ready = False
+        child.ready_event = threading.Event()
         child.exit_handled = False
         child.failed = ""
         child.link_thread = threading.Thread(
             target=self._run_link,
-            args=(child.vtpm_uuid, mine),
+            args=(child, child.proc, mine),
             name=f"link-{child.vtpm_uuid}",
             daemon=True,
         )
         child.link_thread.start()
         log.info("vTPM %s: instance started (pid %d)", child.vtpm_uuid, child.proc.pid)
 
-    def _run_link(self, vtpm_uuid: uuid.UUID, sock: socket.socket) -> None:
+    def _run_link(self, child: Child, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        def ready() -> None:  # only for the process this link belongs to
+            with self._lock:
+                if child.proc is proc:
+                    child.ready = True
+                    child.ready_event.set()
+
         try:
-            self._serve(vtpm_uuid, sock)
+            self._serve(child.vtpm_uuid, sock, ready)
         except Exception:
-            log.exception("vTPM %s: key-custody link failed", vtpm_uuid)
+            log.exception("vTPM %s: key-custody link failed", child.vtpm_uuid)
         finally:
             sock.close()
+
+    def wait_ready(self, vtpm_uuid: uuid.UUID, timeout: float) -> None:
+        """Wait until the instance just started serves; InstanceExitedError (and the vTPM no
+        longer wanted running) when it exits first, ManagerError when `timeout` passes."""
+        with self._lock:
+            child = self._children.get(vtpm_uuid)
+        if child is None:
+            raise ManagerError(f"vTPM {vtpm_uuid} is not started")
+        deadline = time.monotonic() + timeout
+        while not child.ready_event.wait(0.05):
+            proc = child.proc
+            if proc is not None and proc.poll() is not None:
+                with self._lock:
+                    child.wanted = False
+                raise InstanceExitedError(
+                    f"vTPM {vtpm_uuid} did not start: "
+                    f"{last_log_line(child.log_file) or proc.returncode}"
+                )
+            if time.monotonic() > deadline:
+                raise ManagerError(f"vTPM {vtpm_uuid} did not come up within {timeout:.0f} s")
 
     def stop(self, vtpm_uuid: uuid.UUID, timeout: float = STOP_TIMEOUT) -> bool:
         """Stop an instance (SIGTERM: it stores its state); True if it was running."""
@@ -204,15 +243,16 @@ class Supervisor:
         with self._lock:
             self._children.pop(vtpm_uuid, None)
 
-    def mark_ready(self, vtpm_uuid: uuid.UUID) -> None:
+    def status(self, vtpm_uuid: uuid.UUID) -> ChildStatus | None:
         with self._lock:
             child = self._children.get(vtpm_uuid)
-            if child is not None:
-                child.ready = True
+            return None if child is None else child.status()
 
-    def child(self, vtpm_uuid: uuid.UUID) -> Child | None:
+    def active(self, vtpm_uuid: uuid.UUID) -> bool:
+        """Whether the vTPM's instance runs or is starting."""
         with self._lock:
-            return self._children.get(vtpm_uuid)
+            child = self._children.get(vtpm_uuid)
+            return child is not None and child.state in ("running", "starting")
 
     def running(self) -> list[uuid.UUID]:
         with self._lock:

@@ -1,0 +1,74 @@
+"""The command line of a vTPM instance process (`vtpm instance run ...`), spelled once.
+
+The Manager builds it (`ManagedInstance.argv`) and `vtpm.cli.instance_cmd` parses it, both with
+the flag names below, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from vtpm.endpoints import Frontend, FrontendKind
+
+COMMAND = ("instance", "run")
+UUID = "--uuid"
+TPM = "--tpm"
+STATE_DIR = "--state-dir"
+LABEL = "--label"
+LABELS_FILE = "--labels-file"
+SOCKET_OWNER = "--socket-owner"
+SOCKET_GROUP = "--socket-group"
+SOCKET_MODE = "--socket-mode"
+MANAGER_FD = "--manager-fd"
+LOG_FILE = "--log-file"
+LAUNCH = "--launch"
+FRONTEND_FLAGS: dict[FrontendKind, str] = {
+    FrontendKind.CTRL: "--ctrl",
+    FrontendKind.SERVER: "--server",
+    FrontendKind.MSSIM: "--mssim",
+}
+
+
+def program() -> list[str]:
+    """How this Python runs the instance command."""
+    return [sys.executable, "-m", "vtpm.cli.main", *COMMAND]
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedInstance:
+    """What the Manager tells an instance it spawns (the link and log come per process)."""
+
+    vtpm_uuid: uuid.UUID
+    tpm: str
+    state_dir: Path
+    label: str
+    frontends: tuple[Frontend, ...]
+    socket_owner: int | None = None
+    socket_group: int | None = None  # given: the sockets are 0660 to it
+    labels_file: Path | None = None
+
+    def argv(self) -> list[str]:
+        args = [UUID, str(self.vtpm_uuid), TPM, self.tpm]
+        args += [STATE_DIR, str(self.state_dir), LABEL, self.label]
+        for f in self.frontends:
+            args += [FRONTEND_FLAGS[f.kind], str(f.endpoint)]
+        if self.socket_owner is not None:
+            args += [SOCKET_OWNER, str(self.socket_owner)]
+        if self.socket_group is not None:
+            args += [SOCKET_GROUP, str(self.socket_group), SOCKET_MODE, "660"]
+        if self.labels_file is not None:
+            args += [LABELS_FILE, str(self.labels_file)]
+        return args
+
+
+def per_process(manager_fd: int, log_file: Path) -> list[str]:
+    """The arguments every spawned process gets: its end of the link and its log."""
+    return [MANAGER_FD, str(manager_fd), LOG_FILE, str(log_file)]
+
+
+def launch(record: Path) -> list[str]:
+    """The arguments that arm a measured launch (for one process, not its restarts)."""
+    return [LAUNCH, str(record)]

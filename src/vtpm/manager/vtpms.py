@@ -1,0 +1,142 @@
+"""The vTPMs of the Manager and their life: create, start (through the supervisor), stop,
+delete. Each change is recorded in the store and audited; whether a vTPM should be running
+survives a restart of the Manager (`wanted_running`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+
+from vtpm import labels as lbl
+from vtpm.endpoints import Endpoint, Frontend, FrontendKind
+from vtpm.errors import InstanceExitedError, LabelError, ManagerError, RequestError, VtpmError
+from vtpm.instanceargs import ManagedInstance
+from vtpm.manager import launchfiles, lookup
+from vtpm.manager.config import ManagerConfig
+from vtpm.manager.custody import group_permits
+from vtpm.manager.groups import GroupKeys
+from vtpm.manager.store import Store, VtpmRecord
+from vtpm.manager.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+TPM_VERSIONS = ("2.0", "1.2")
+READY_TIMEOUT = 30.0
+
+
+class VtpmRegistry:
+    def __init__(
+        self, config: ManagerConfig, store: Store, groups: GroupKeys, supervisor: Supervisor
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._groups = groups
+        self._supervisor = supervisor
+
+    def new(
+        self,
+        group_ref: str,
+        label: str,
+        *,
+        tpm: str = "2.0",
+        vtpm_uuid: uuid.UUID | None = None,
+        owner: tuple[int, int] | None = None,
+        frontends: Sequence[Frontend] = (),
+        actor: str,
+    ) -> VtpmRecord:
+        g = lookup.group(self._store, group_ref)
+        parsed = lbl.Label.parse(label)
+        if parsed.is_wildcard:
+            raise LabelError("a vTPM's label names its user; '*' is for group rules only")
+        if not group_permits(g, parsed):
+            raise LabelError(f"group {g.name} does not permit label {parsed}")
+        if tpm not in TPM_VERSIONS:
+            raise RequestError(f"TPM version {tpm!r}: use 2.0 or 1.2")
+        u = vtpm_uuid or uuid.uuid4()
+        if not frontends:
+            ctrl = Endpoint("unix", path=str(self._config.run_dir / f"{u}.ctrl"))
+            frontends = (Frontend(FrontendKind.CTRL, ctrl),)
+        self._groups.refresh()
+        wrapped = self._groups.wrap_state_key(g.uuid, u, secrets.token_bytes(32))
+        rec = VtpmRecord(
+            uuid=u,
+            group_uuid=g.uuid,
+            label=str(parsed),
+            tpm=tpm,
+            owner_uid=None if owner is None else owner[0],
+            owner_gid=None if owner is None else owner[1],
+            frontends=tuple(str(f) for f in frontends),
+            wrapped_key=wrapped,
+            created=time.time(),
+        )
+        self._store.add_vtpm(rec)
+        self._store.audit(actor, "vtpm.new", str(u), "ok", {"group": g.name, "label": rec.label})
+        return rec
+
+    def instance(self, rec: VtpmRecord) -> ManagedInstance:
+        """How the vTPM's instance is started."""
+        return ManagedInstance(
+            vtpm_uuid=rec.uuid,
+            tpm=rec.tpm,
+            state_dir=self._config.vtpm_dir(rec.uuid),
+            label=rec.label,
+            frontends=tuple(Frontend.parse(f) for f in rec.frontends),
+            socket_owner=rec.owner_uid,
+            socket_group=rec.owner_gid,
+            labels_file=self._config.labels_file,
+        )
+
+    def start(
+        self, vtpm_uuid: uuid.UUID, *, wait: bool = True, actor: str, once: Sequence[str] = ()
+    ) -> None:
+        """Start the vTPM's instance; `once`: extra arguments for this process, not restarts."""
+        rec = lookup.vtpm(self._store, vtpm_uuid)
+        g = lookup.group(self._store, str(rec.group_uuid))
+        self._groups.refresh()
+        st = self._groups.status(g.uuid)
+        if not st.unlocked:
+            self._store.audit(actor, "vtpm.start", str(rec.uuid), "refused", {"why": st.reason})
+            raise ManagerError(
+                f"vTPM {rec.uuid} cannot start: group {g.name} is locked: {st.reason}"
+            )
+        log_file = self._config.log_dir / f"{rec.uuid}.log"
+        self._supervisor.start(rec.uuid, self.instance(rec).argv(), log_file, once)
+        self._store.set_wanted_running(rec.uuid, True)
+        self._store.audit(actor, "vtpm.start", str(rec.uuid), "ok", {})
+        if not wait:
+            return
+        try:
+            self._supervisor.wait_ready(rec.uuid, READY_TIMEOUT)
+        except InstanceExitedError:
+            self._store.set_wanted_running(rec.uuid, False)
+            raise
+
+    def stop(self, vtpm_uuid: uuid.UUID, *, actor: str) -> bool:
+        rec = lookup.vtpm(self._store, vtpm_uuid)
+        self._store.set_wanted_running(rec.uuid, False)
+        was = self._supervisor.stop(rec.uuid)
+        self._store.audit(actor, "vtpm.stop", str(rec.uuid), "ok", {"was_running": was})
+        return was
+
+    def delete(self, vtpm_uuid: uuid.UUID, *, actor: str) -> None:
+        rec = lookup.vtpm(self._store, vtpm_uuid)
+        self._supervisor.stop(rec.uuid)
+        self._supervisor.forget(rec.uuid)
+        shutil.rmtree(self._config.vtpm_dir(rec.uuid), ignore_errors=True)
+        launchfiles.forget(self._config, rec.uuid)
+        self._store.delete_vtpm(rec.uuid)
+        self._store.audit(actor, "vtpm.del", str(rec.uuid), "ok", {"group": str(rec.group_uuid)})
+
+    def autostart(self) -> None:
+        """Start the vTPMs that were running when the Manager last stopped."""
+        for v in self._store.vtpms():
+            if v.wanted_running:
+                try:
+                    self.start(v.uuid, wait=False, actor="manager")
+                except VtpmError as e:
+                    log.error("vTPM %s not started: %s", v.uuid, e)

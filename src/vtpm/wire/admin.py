@@ -1,0 +1,356 @@
+"""The Manager's admin protocol as types: one frozen request and one result per operation.
+
+Carried by the Manager IPC framing (`vtpm.wire.ipc`): a request travels as
+`AdminRequest(op, args)`, its result as `AdminReply(ok=True, result)`, each in the JSON form
+`vtpm.wire.typedjson` gives the dataclass (field names are the JSON keys). Both ends use the
+types: the CLI builds a request and gets its typed result back; the Manager receives the typed
+request and answers with the typed result. Adding an operation is one request class here (its
+`op` name and result type) and one case in the Manager's dispatch.
+
+Checks on the way in are part of the types: integers are bounded (`Bounds`), uuids, hex and
+frontends parse, unknown or missing fields are refused. A request that fails them is a
+`RequestError` (the Manager answers it, naming the field); a result that fails them means the
+Manager spoke outside the protocol (`RemoteProtocolError` at the client).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
+
+from vtpm.endpoints import Frontend
+from vtpm.errors import RemoteProtocolError, RequestError
+from vtpm.tpm.policy import PcrState
+from vtpm.wire.evidence import Bundle, Evidence
+from vtpm.wire.ipc_events import AdminReply, AdminRequest, JSONValue
+from vtpm.wire.typedjson import Bounds, DecodeError, decode, encode
+
+R = TypeVar("R")
+
+Id = Annotated[int, Bounds(0, 2**32 - 2)]  # a uid or gid ((uid_t)-1 means "none")
+Pcr = Annotated[int, Bounds(0, 23)]
+Limit = Annotated[int, Bounds(1, 100_000)]
+Count = Annotated[int, Bounds(0, 2**63 - 1)]
+PCRS_DEFAULT = tuple(range(8))
+
+
+class Request(Generic[R]):
+    """Base of every request; `op` names it on the wire, `result` is what answers it."""
+
+    op: ClassVar[str]
+    result: ClassVar[Any]
+
+
+# results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStatusView:
+    unlocked: bool
+    reason: str = ""
+    matched_state: Count | None = None  # index of the permitted state the host is in
+    differing_pcrs: dict[str, str] = field(default_factory=dict)  # PCR -> current value (hex)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupView:
+    uuid: uuid.UUID
+    name: str
+    seq: Count
+    owner_pub: str
+    labels: tuple[str, ...]
+    pcr_states: tuple[PcrState, ...]
+    owner_approved: bool
+    ak: str | None
+    vtpms: Count
+    status: GroupStatusView
+
+
+@dataclass(frozen=True, slots=True)
+class RunView:
+    """A vTPM's instance as the supervisor sees it."""
+
+    state: str  # stopped, starting, running, restarting, failed
+    wanted_running: bool
+    pid: Count | None = None
+    restarts: Count = 0
+    last_exit: int | None = None
+    failed: str = ""
+    log: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmView:
+    uuid: uuid.UUID
+    group: str
+    label: str
+    tpm: str
+    owner_uid: Id | None
+    owner_gid: Id | None
+    frontends: tuple[Frontend, ...]
+    state_dir: str
+    state_blobs: dict[str, str]  # blob name -> SHA-256 (hex) the Manager recorded
+    run: RunView
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareTpmView:
+    description: str
+    simulated: bool
+    tcti: str
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmCounts:
+    total: Count
+    running: Count
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    pid: Count
+    data_dir: str
+    uptime: float
+    hardware_tpm: HardwareTpmView
+    groups: tuple[GroupView, ...]
+    vtpms: VtpmCounts
+    instance_pids: tuple[Count, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditView:
+    id: Count
+    ts: float
+    actor: str
+    action: str
+    target: str
+    outcome: str
+    detail: str  # JSON text
+
+
+@dataclass(frozen=True, slots=True)
+class ActivateResult:
+    secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchResult:
+    vtpm: VtpmView
+    launch_file: str
+    record: JSONValue  # a launch record document (`vtpm.launchrecord.LaunchRecord`)
+
+
+# requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Request[StatusView]):
+    op: ClassVar[str] = "status"
+    result: ClassVar[Any] = StatusView
+
+
+@dataclass(frozen=True, slots=True)
+class PcrsRead(Request[dict[str, str]]):
+    """The host's SHA-256 PCR values (PCR index -> hex)."""
+
+    op: ClassVar[str] = "pcrs.read"
+    result: ClassVar[Any] = dict[str, str]
+    pcrs: tuple[Pcr, ...] = PCRS_DEFAULT
+
+
+@dataclass(frozen=True, slots=True)
+class GroupNew(Request[GroupView]):
+    op: ClassVar[str] = "group.new"
+    result: ClassVar[Any] = GroupView
+    name: str
+    owner_pub: str  # PEM
+    pcrs: tuple[Pcr, ...] = PCRS_DEFAULT
+    labels: tuple[str, ...] = ()
+    ak: str = "ecc"
+
+
+@dataclass(frozen=True, slots=True)
+class GroupList(Request[tuple[GroupView, ...]]):
+    op: ClassVar[str] = "group.list"
+    result: ClassVar[Any] = tuple[GroupView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GroupShow(Request[GroupView]):
+    op: ClassVar[str] = "group.show"
+    result: ClassVar[Any] = GroupView
+    group: str  # name or uuid
+
+
+@dataclass(frozen=True, slots=True)
+class GroupUpdate(Request[GroupView]):
+    op: ClassVar[str] = "group.update"
+    result: ClassVar[Any] = GroupView
+    group: str
+    request: str  # the owner-signed request document (`vtpm.manager.ownerreq`)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupDel(Request[None]):
+    op: ClassVar[str] = "group.del"
+    result: ClassVar[Any] = type(None)
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupProvision(Request[Bundle]):
+    op: ClassVar[str] = "group.provision"
+    result: ClassVar[Any] = Bundle
+    group: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupActivate(Request[ActivateResult]):
+    op: ClassVar[str] = "group.activate"
+    result: ClassVar[Any] = ActivateResult
+    group: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmNew(Request[VtpmView]):
+    op: ClassVar[str] = "vtpm.new"
+    result: ClassVar[Any] = VtpmView
+    group: str
+    label: str
+    tpm: str = "2.0"
+    uuid: uuid.UUID | None = None
+    owner_uid: Id | None = None
+    owner_gid: Id | None = None  # the owner's uid when only a uid is given
+    frontends: tuple[Frontend, ...] = ()
+    start: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmList(Request[tuple[VtpmView, ...]]):
+    op: ClassVar[str] = "vtpm.list"
+    result: ClassVar[Any] = tuple[VtpmView, ...]
+    group: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmShow(Request[VtpmView]):
+    op: ClassVar[str] = "vtpm.show"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmStart(Request[VtpmView]):
+    op: ClassVar[str] = "vtpm.start"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmStop(Request[VtpmView]):
+    op: ClassVar[str] = "vtpm.stop"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmDel(Request[None]):
+    op: ClassVar[str] = "vtpm.del"
+    result: ClassVar[Any] = type(None)
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmLaunch(Request[LaunchResult]):
+    op: ClassVar[str] = "vtpm.launch"
+    result: ClassVar[Any] = LaunchResult
+    uuid: uuid.UUID
+    record: JSONValue  # a launch record document
+    label: str | None = None  # the label the launcher requires of the vTPM
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmLaunchCancel(Request[VtpmView]):
+    op: ClassVar[str] = "vtpm.launch.cancel"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteDeep(Request[Evidence]):
+    op: ClassVar[str] = "quote.deep"
+    result: ClassVar[Any] = Evidence
+    uuid: uuid.UUID
+    nonce: bytes
+    pcrs: tuple[Pcr, ...] = ()  # host PCRs; empty: those of the group's first state
+    vtpm_pcrs: tuple[Pcr, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Audit(Request[tuple[AuditView, ...]]):
+    op: ClassVar[str] = "audit"
+    result: ClassVar[Any] = tuple[AuditView, ...]
+    limit: Limit = 50
+
+
+REQUESTS: dict[str, type[Request[Any]]] = {
+    cls.op: cls
+    for cls in (
+        Status,
+        PcrsRead,
+        GroupNew,
+        GroupList,
+        GroupShow,
+        GroupUpdate,
+        GroupDel,
+        GroupProvision,
+        GroupActivate,
+        VtpmNew,
+        VtpmList,
+        VtpmShow,
+        VtpmStart,
+        VtpmStop,
+        VtpmDel,
+        VtpmLaunch,
+        VtpmLaunchCancel,
+        QuoteDeep,
+        Audit,
+    )
+}
+
+# the two directions ---------------------------------------------------------------------------
+
+
+def request_frame(req: Request[Any]) -> AdminRequest:
+    """The IPC event that carries `req` (fields left at None are left out)."""
+    args = encode(req)
+    assert isinstance(args, dict)
+    return AdminRequest(req.op, {k: v for k, v in args.items() if v is not None})
+
+
+def parse_request(frame: AdminRequest) -> Request[Any]:
+    """The typed request in `frame`; RequestError naming the problem."""
+    cls = REQUESTS.get(frame.op)
+    if cls is None:
+        raise RequestError(f"unknown operation {frame.op!r}")
+    try:
+        return decode(dict(frame.args), cls, frame.op)
+    except DecodeError as e:
+        raise RequestError(f"bad request: {e}") from None
+
+
+def reply_frame(req: Request[R], result: R) -> AdminReply:
+    return AdminReply(True, encode(result))
+
+
+def parse_result(req: Request[R], reply: AdminReply) -> R:
+    """The typed result of `req` in `reply` (ok); RemoteProtocolError if it has another form."""
+    try:
+        out: R = decode(reply.result, req.result, f"{req.op} result")
+    except DecodeError as e:
+        raise RemoteProtocolError(f"the Manager answered outside the protocol: {e}") from None
+    return out

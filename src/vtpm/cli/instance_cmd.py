@@ -11,8 +11,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from vtpm import instanceargs
 from vtpm.cli import logs
-from vtpm.endpoints import Endpoint
+from vtpm.endpoints import Endpoint, FrontendKind
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.instance.config import InstanceConfig
@@ -43,19 +44,19 @@ def register(sub: Any) -> None:
         ),
     )
     run.add_argument(
-        "--state-dir",
+        instanceargs.STATE_DIR,
         required=True,
         type=Path,
         help="directory of this vTPM's encrypted state (created 0700 if missing)",
     )
     run.add_argument(
-        "--uuid",
+        instanceargs.UUID,
         type=uuid.UUID,
         default=None,
         help="the vTPM's uuid (default: the one recorded in the state directory, or a new one)",
     )
     run.add_argument(
-        "--tpm",
+        instanceargs.TPM,
         choices=["2.0", "1.2"],
         default="2.0",
         help="TPM version of a new vTPM (default 2.0); must match existing state",
@@ -72,13 +73,13 @@ def register(sub: Any) -> None:
         help="inherited file descriptor to read the state key from (then closed)",
     )
     key.add_argument(
-        "--manager-fd",
+        instanceargs.MANAGER_FD,
         type=int,
         help="inherited socket to the vTPM Manager, which holds the state key and records "
         "every state write (set by the Manager's supervisor; needs --uuid)",
     )
     run.add_argument(
-        "--ctrl",
+        instanceargs.FRONTEND_FLAGS[FrontendKind.CTRL],
         action="append",
         default=[],
         metavar="SOCKET",
@@ -86,47 +87,47 @@ def register(sub: Any) -> None:
         "tcti swtpm uses the data port + 1)",
     )
     run.add_argument(
-        "--server",
+        instanceargs.FRONTEND_FLAGS[FrontendKind.SERVER],
         action="append",
         default=[],
         metavar="SOCKET",
         help="raw TPM command/response socket (tcti swtpm's data port)",
     )
     run.add_argument(
-        "--mssim",
+        instanceargs.FRONTEND_FLAGS[FrontendKind.MSSIM],
         action="append",
         default=[],
         metavar="tcp:[HOST:]PORT",
         help="Microsoft simulator protocol: command port PORT, platform port PORT+1",
     )
     run.add_argument(
-        "--socket-mode",
+        instanceargs.SOCKET_MODE,
         choices=["600", "660"],
         default="600",
         help="mode of the UNIX sockets (660 lets --socket-group connect)",
     )
     run.add_argument(
-        "--socket-owner",
+        instanceargs.SOCKET_OWNER,
         type=int,
         default=None,
         metavar="UID",
         help="owner uid of the UNIX sockets (default: this process)",
     )
     run.add_argument(
-        "--socket-group",
+        instanceargs.SOCKET_GROUP,
         type=int,
         default=None,
         metavar="GID",
         help="group gid of the UNIX sockets",
     )
     run.add_argument(
-        "--label",
+        instanceargs.LABEL,
         default=None,
         help="this vTPM's security label (user:role:type): UNIX-socket peers must be of type "
         "guest_t or hwdom_t with the same user",
     )
     run.add_argument(
-        "--labels-file",
+        instanceargs.LABELS_FILE,
         type=Path,
         default=None,
         help="label policy (TOML) mapping peer uids/gids to labels; with --label",
@@ -143,7 +144,7 @@ def register(sub: Any) -> None:
         help="send TPM Startup(CLEAR) at start (for clients that do not)",
     )
     run.add_argument(
-        "--launch",
+        instanceargs.LAUNCH,
         type=Path,
         default=None,
         metavar="FILE",

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from vtpm import instanceargs
 from vtpm.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -19,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["debug", "info", "warning", "error"],
         help="default info",
     )
-    p.add_argument("--log-file", type=Path, default=None, help="log here instead of stderr")
+    p.add_argument(
+        instanceargs.LOG_FILE, type=Path, default=None, help="log here instead of stderr"
+    )
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vtpm.errors import ConfigError
 from vtpm.files import write_atomic
+from vtpm.manager.deepquote import DEFAULT_WINDOW
 
 CONFIG_NAME = "manager.json"
 DEFAULT_DATA_DIR = Path("/var/lib/vtpm")
@@ -26,7 +27,7 @@ class ManagerConfig:
     tcti: str | None = None
     admin_gid: int | None = None
     labels_file: Path | None = None
-    quote_window: float = 0.02  # seconds a deep quote waits for others to share its quote
+    quote_window: float = DEFAULT_WINDOW  # seconds a deep quote waits for company
 
     @property
     def db_path(self) -> Path:
@@ -87,7 +88,7 @@ class ManagerConfig:
             raise ConfigError(f"{path}: admin_gid must be a number")
         if labels is not None and not isinstance(labels, str):
             raise ConfigError(f"{path}: labels_file must be a path")
-        window = raw.get("quote_window", 0.02)
+        window = raw.get("quote_window", DEFAULT_WINDOW)
         if not isinstance(window, int | float) or isinstance(window, bool) or not 0 <= window <= 5:
             raise ConfigError(f"{path}: quote_window must be 0..5 seconds")
         return cls(data_dir, tcti, gid, None if labels is None else Path(labels), float(window))

@@ -23,8 +23,8 @@ from vtpm.endpoints import Frontend
 from vtpm.errors import RemoteProtocolError, RequestError
 from vtpm.tpm.policy import PcrState
 from vtpm.wire.evidence import Bundle, Evidence
-from vtpm.wire.ipc_events import AdminReply, AdminRequest, JSONValue
-from vtpm.wire.typedjson import Bounds, DecodeError, decode, encode
+from vtpm.wire.ipc_events import AdminReply, AdminRequest
+from vtpm.wire.typedjson import Bounds, DecodeError, Document, decode, encode
 
 R = TypeVar("R")
 
@@ -139,7 +139,7 @@ class ActivateResult:
 class LaunchResult:
     vtpm: VtpmView
     launch_file: str
-    record: JSONValue  # a launch record document (`vtpm.launchrecord.LaunchRecord`)
+    record: Document  # a launch record document (`vtpm.launchrecord.LaunchRecord`)
 
 
 # requests -----------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ class VtpmLaunch(Request[LaunchResult]):
     op: ClassVar[str] = "vtpm.launch"
     result: ClassVar[Any] = LaunchResult
     uuid: uuid.UUID
-    record: JSONValue  # a launch record document
+    record: Document  # a launch record document
     label: str | None = None  # the label the launcher requires of the vTPM
 
 

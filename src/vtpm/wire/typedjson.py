@@ -15,7 +15,7 @@ annotation decides its form:
   a dataclass               an object with exactly its field names (fields with defaults may
                             be left out)
   a class with `to_json()` and a classmethod `from_json(raw)`: whatever those say
-  JSONValue                 any JSON value, passed through (a document another module parses)
+  Document                  any JSON value, passed through (a document another module parses)
 
 Decoding raises `DecodeError` naming the path of the offending value (`args.frontends[1]`);
 the caller turns it into the error of its side (a bad request, or a Manager that answered
@@ -31,7 +31,7 @@ import typing
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from vtpm.errors import VtpmError
 from vtpm.wire.ipc_events import JSONValue
@@ -45,6 +45,14 @@ class Bounds:
 
     lo: int
     hi: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PassThrough:
+    """Marks a value that is any JSON, checked by whoever reads it."""
+
+
+Document = Annotated[JSONValue, _PassThrough()]
 
 
 class DecodeError(VtpmError):
@@ -85,7 +93,8 @@ _HINTS: dict[type, dict[str, Any]] = {}
 def _hints(cls: type) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = typing.get_type_hints(cls, include_extras=True)
+        # JSONValue refers to itself by name: let that name resolve wherever it is used
+        hints = typing.get_type_hints(cls, localns={"JSONValue": JSONValue}, include_extras=True)
         _HINTS[cls] = hints
     return hints
 
@@ -95,11 +104,13 @@ def _fail(where: str, what: str) -> DecodeError:
 
 
 def _decode(raw: object, tp: Any, where: str) -> object:
-    if tp is JSONValue or tp is Any:
+    if tp is Any:
         return raw
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         base, *meta = typing.get_args(tp)
+        if any(isinstance(m, _PassThrough) for m in meta):
+            return raw
         value = _decode(raw, base, where)
         for m in meta:
             if isinstance(m, Bounds) and isinstance(value, int) and not m.lo <= value <= m.hi:

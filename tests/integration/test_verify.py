@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from vtpm.errors import VerifyError
 from vtpm.manager.simulator import Simulator
-from vtpm.tpm.attest import parse_attest, parse_public
+from vtpm.tpm.attest import parse_attest
+from vtpm.tpm.public import parse_public
 from vtpm.verify.bundle import make_credential, verify_bundle
 from vtpm.verify.deepquote import verify_deep_quote
 from vtpm.verify.expected import Expected

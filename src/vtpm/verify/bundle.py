@@ -48,8 +48,10 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment,unused-ignore]
 
 from vtpm.errors import ConfigError, VerifyError
-from vtpm.tpm.attest import HASHES, TPMA_OBJECT, TpmPublic, parse_public
+from vtpm.tpm.constants import TPMA_OBJECT
+from vtpm.tpm.hashes import HASHES
 from vtpm.tpm.policy import PcrState
+from vtpm.tpm.public import TpmPublic, parse_public
 from vtpm.verify import quote
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.evidence import Bundle, config_digest

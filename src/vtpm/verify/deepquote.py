@@ -29,7 +29,9 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from vtpm.tpm.attest import hash_name, parse_attest, parse_public
+from vtpm.tpm.attest import parse_attest
+from vtpm.tpm.hashes import hash_name
+from vtpm.tpm.public import parse_public
 from vtpm.verify import quote
 from vtpm.verify.bundle import GroupInfo, label_permitted
 from vtpm.verify.expected import Expected, PcrBanks

@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 
 from vtpm.errors import ConfigError, EventLogError
 from vtpm.tpm import eventlog
-from vtpm.tpm.attest import HASH_BY_NAME
 from vtpm.tpm.eventlog import Event, EventType
+from vtpm.tpm.hashes import HASH_BY_NAME
 from vtpm.verify.expected import Expected
 from vtpm.verify.verdict import Check
 

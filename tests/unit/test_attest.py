@@ -31,7 +31,7 @@ from vtpm.tpm.attest import (
 )
 from vtpm.tpm.constants import TPM_ALG, TPMA_OBJECT
 from vtpm.tpm.public import parse_public, parse_tpmt_public
-from vtpm.verify.bundle import GroupInfo, kdfa, label_permitted
+from vtpm.verify.bundle import GroupInfo, kdfa
 from vtpm.verify.expected import Expected
 from vtpm.verify.quote import verify_quote
 
@@ -464,19 +464,7 @@ def test_policy_file_errors(tmp_path: Path) -> None:
         Expected.load(bad)
 
 
-# group rules, KDFa -----------------------------------------------------------------------------
-
-
-def test_label_rule() -> None:
-    def h(label: str) -> bytes:
-        return hashlib.sha256(label.encode()).digest()
-
-    permitted = {h("*:vm_r:vtpm_t"), h("system_u:system_r:vtpm_t")}
-    assert label_permitted("guest1_u:vm_r:vtpm_t", permitted)
-    assert label_permitted("system_u:system_r:vtpm_t", permitted)
-    assert not label_permitted("guest1_u:system_r:vtpm_t", permitted)
-    assert not label_permitted("*:vm_r:vtpm_t", permitted)  # a pattern is not an identity
-    assert not label_permitted("guest1_u:vm_r", permitted)
+# the bundle's group (its label rule is in test_labels.py), KDFa ------------------------------
 
 
 def test_group_info_errors() -> None:

@@ -118,7 +118,7 @@ class PcrState:
 def policy_or(branches: Sequence[bytes]) -> bytes:
     """PolicyOR digest over 2..8 branch digests."""
     if not 2 <= len(branches) <= MAX_OR_BRANCHES:
-        raise ValueError(f"PolicyOR takes 2..{MAX_OR_BRANCHES} branches, not {len(branches)}")
+        raise ConfigError(f"PolicyOR takes 2..{MAX_OR_BRANCHES} branches, not {len(branches)}")
     return _h(ZERO, struct.pack(">I", CC_POLICY_OR), *branches)
 
 

@@ -232,7 +232,7 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[by
         raise VerifyError("make_credential: the EK is not a restricted decryption key")
     info = HASHES[ek.name_alg]
     if not 1 <= len(secret) <= info.size:
-        raise ValueError(f"a credential secret is 1..{info.size} bytes, not {len(secret)}")
+        raise ConfigError(f"a credential secret is 1..{info.size} bytes, not {len(secret)}")
     if len(ak_name) < 2 or int.from_bytes(ak_name[:2], "big") not in HASHES:
         raise VerifyError("make_credential: the AK name does not start with a hash algorithm")
 

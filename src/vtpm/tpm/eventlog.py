@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from vtpm.errors import EventLogError, LocalProtocolError
-from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES, MAX_PCR
 from vtpm.tpm.frames import extend_value
 
 SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
@@ -38,7 +38,6 @@ STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 PLATFORM_CLASS_CLIENT = 0
 SPEC_VERSION = (0, 2, 0)  # minor, major, errata: the crypto-agile format of PFP 2.0
 UINTN_SIZE_64 = 2
-MAX_PCR = 23
 MAX_EVENT_DATA = 1 << 20
 MAX_EVENTS = 100_000
 

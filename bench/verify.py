@@ -43,7 +43,7 @@ from tests.tpm_quotes import (
 
 from bench.common import standalone_main
 from vtpm.manager.simulator import Simulator
-from vtpm.tpm.attest import parse_public
+from vtpm.tpm.public import parse_public
 from vtpm.verify.bundle import verify_bundle
 from vtpm.verify.deepquote import verify_deep_quote
 from vtpm.verify.expected import Expected

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from vtpm.errors import ConfigError, HwTpmError, SealError
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
+from vtpm.manager.sealing import SealingTpm
 from vtpm.manager.simulator import Simulator
 from vtpm.tpm import policy
 from vtpm.tpm.policy import OrTree, PcrState
@@ -192,32 +193,36 @@ def test_seal_and_unseal_with_pcrs(hw: HardwareTpm, n: int, index: int) -> None:
     state = current_state(hw)
     tree = states_with(state, n, index)
     authorize = Owner().authorize
-    obj = hw.seal(SECRET, policy.seal_policy(tree.root, authorize))
+    obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(tree.root, authorize))
     assert isinstance(obj, SealedObject)
     assert SECRET not in obj.public
     assert SECRET not in obj.private
-    assert hw.unseal_with_pcrs(obj, state, tree, index, authorize) == SECRET
+    assert SealingTpm(hw).unseal_with_pcrs(obj, state, tree, index, authorize) == SECRET
     # the state must be the leaf the index names: a caller's bug otherwise
     with pytest.raises(ConfigError):
-        hw.unseal_with_pcrs(obj, state, tree, (index + 1) % n if n > 1 else 1, authorize)
+        SealingTpm(hw).unseal_with_pcrs(
+            obj, state, tree, (index + 1) % n if n > 1 else 1, authorize
+        )
 
 
 def test_pcr_change_then_owner_approval(hw: HardwareTpm, sim: Simulator) -> None:
     owner = Owner()
     old = current_state(hw)
     sealed_tree = OrTree.of_states([old])
-    obj = hw.seal(SECRET, policy.seal_policy(sealed_tree.root, owner.authorize))
+    obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(sealed_tree.root, owner.authorize))
 
     pcrextend(sim.tcti, 16, b"next kernel")
     new = current_state(hw)
     assert new != old
     with pytest.raises(SealError) as info:
-        hw.unseal_with_pcrs(obj, old, sealed_tree, 0, owner.authorize)
+        SealingTpm(hw).unseal_with_pcrs(obj, old, sealed_tree, 0, owner.authorize)
     assert str(info.value) == "unsealing failed"
 
     approved = OrTree.of_states([old, *other_states(3), new])  # the new state is leaf 4
     args = (sealed_tree.root, owner.public, REF)
-    secret = hw.unseal_with_approval(obj, new, approved, 4, *args, owner.approve(approved))
+    secret = SealingTpm(hw).unseal_with_approval(
+        obj, new, approved, 4, *args, owner.approve(approved)
+    )
     assert secret == SECRET
 
     refusals = {
@@ -228,16 +233,18 @@ def test_pcr_change_then_owner_approval(hw: HardwareTpm, sim: Simulator) -> None
     }
     for why, signature in refusals.items():
         with pytest.raises(SealError) as info:
-            hw.unseal_with_approval(obj, new, approved, 4, *args, signature)
+            SealingTpm(hw).unseal_with_approval(obj, new, approved, 4, *args, signature)
         assert str(info.value) == "unsealing failed", why
     # an approved set that does not hold the current state
     stale = OrTree.of_states([old, *other_states(2)])
     with pytest.raises(SealError):
-        hw.unseal_with_approval(obj, old, stale, 0, *args, owner.approve(stale))
+        SealingTpm(hw).unseal_with_approval(obj, old, stale, 0, *args, owner.approve(stale))
     # a damaged sealed object
     damaged = SealedObject(obj.public, obj.private[:-1] + bytes([obj.private[-1] ^ 1]))
     with pytest.raises(SealError):
-        hw.unseal_with_approval(damaged, new, approved, 4, *args, owner.approve(approved))
+        SealingTpm(hw).unseal_with_approval(
+            damaged, new, approved, 4, *args, owner.approve(approved)
+        )
     # nothing was left loaded by the failures: the primary only
     assert handles(sim.tcti, 0x80000000) == [0x80000000]
     assert handles(sim.tcti, 0x02000000) == []
@@ -254,8 +261,8 @@ def test_secret_never_crosses_the_tcti_in_clear(
         tree = OrTree.of_states([state])
         authorize = Owner().authorize
         auth_policy = policy.seal_policy(tree.root, authorize)
-        obj = hw.seal(secret, auth_policy)
-        assert hw.unseal_with_pcrs(obj, state, tree, 0, authorize) == secret
+        obj = SealingTpm(hw).seal(secret, auth_policy)
+        assert SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize) == secret
     traffic = capture.read_bytes()
     assert auth_policy in traffic  # the capture holds the commands (the template is public)
     assert secret not in traffic
@@ -265,14 +272,14 @@ def test_concurrent_unseals(hw: HardwareTpm) -> None:
     state = current_state(hw)
     tree = OrTree.of_states([state])
     authorize = Owner().authorize
-    obj = hw.seal(SECRET, policy.seal_policy(tree.root, authorize))
+    obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(tree.root, authorize))
     results: list[bytes] = []
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
             for _ in range(3):
-                results.append(hw.unseal_with_pcrs(obj, state, tree, 0, authorize))
+                results.append(SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize))
         except BaseException as e:
             errors.append(e)
 
@@ -362,12 +369,12 @@ def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
         boot = current_state(hw)
         tree = OrTree.of_states([boot])
         authorize = Owner().authorize
-        obj = hw.seal(SECRET, policy.seal_policy(tree.root, authorize))
+        obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(tree.root, authorize))
 
         _kill_and_wait(sim.pid, sim.port)
         started = time.monotonic()
         with pytest.raises(HwTpmError, match="unreachable"):
-            hw.unseal_with_pcrs(obj, boot, tree, 0, authorize)
+            SealingTpm(hw).unseal_with_pcrs(obj, boot, tree, 0, authorize)
         assert time.monotonic() - started < 5
 
         restarted = Simulator(sim.state_dir)  # the record still names the dead pid
@@ -376,7 +383,7 @@ def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
             assert tcti == sim.tcti  # same port: the TCTI string still works
             assert not restarted.reused
             # a rebooted TPM: PCRs at boot values again, the primary recreated identically
-            assert hw.unseal_with_pcrs(obj, boot, tree, 0, authorize) == SECRET
+            assert SealingTpm(hw).unseal_with_pcrs(obj, boot, tree, 0, authorize) == SECRET
             assert hw.primary_name == pinned
 
             # a reboot between two calls (no failed call in between) is noticed too
@@ -385,7 +392,7 @@ def test_tpm_going_away_and_coming_back(sim: Simulator) -> None:
             tcti = again.start()
             try:
                 assert tcti == sim.tcti
-                assert hw.unseal_with_pcrs(obj, boot, tree, 0, authorize) == SECRET
+                assert SealingTpm(hw).unseal_with_pcrs(obj, boot, tree, 0, authorize) == SECRET
             finally:
                 again.stop()
         finally:
@@ -417,6 +424,6 @@ def test_open_flushes_leftover_handles(sim: Simulator) -> None:
         state = current_state(hw)
         tree = OrTree.of_states([state])
         authorize = Owner().authorize
-        obj = hw.seal(SECRET, policy.seal_policy(tree.root, authorize))
-        assert hw.unseal_with_pcrs(obj, state, tree, 0, authorize) == SECRET
+        obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(tree.root, authorize))
+        assert SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize) == SECRET
     assert handles(sim.tcti, 0x80000000) == []  # close flushed the primary

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import free_port_pair, instance, raw_call
+from vtpm.errors import TpmResponseError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_ALG
 
@@ -39,7 +40,7 @@ def test_seabios_startup_and_measurements_reach_the_instance(tmp_path: Path) -> 
         extra=["--server", f"tcp:127.0.0.1:{port}"],
     ) as inst:
         # nobody has sent TPM2_Startup yet: whatever PCR 0 holds later came from the firmware
-        with pytest.raises(ValueError, match="0x100"):
+        with pytest.raises(TpmResponseError, match="0x100"):
             read_pcrs(port, [0])
         qemu = subprocess.Popen(
             [
@@ -78,7 +79,7 @@ def test_seabios_startup_and_measurements_reach_the_instance(tmp_path: Path) -> 
                 time.sleep(1)
                 try:
                     values = read_pcrs(port, [0, 4, 5])
-                except (OSError, ValueError):
+                except (OSError, TpmResponseError):
                     continue  # before the firmware's TPM2_Startup, PCR_Read fails
                 if values and values[0] != bytes(32):
                     break

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from vtpm.errors import VerifyError
+from vtpm.errors import ConfigError, VerifyError
 from vtpm.manager.simulator import Simulator
-from vtpm.tpm.attest import parse_attest, parse_public
+from vtpm.tpm.attest import parse_attest
+from vtpm.tpm.public import parse_public
 from vtpm.verify.bundle import make_credential, verify_bundle
 from vtpm.verify.deepquote import verify_deep_quote
 from vtpm.verify.expected import Expected
@@ -487,7 +488,7 @@ def test_make_credential_round_trip(rig: Rig, alg: str) -> None:
         make_credential(rig.ecc.public, ak.name, secret)
     with pytest.raises(VerifyError, match="not AES-CFB"):
         make_credential(rig.rsa.public, ak.name, secret)
-    with pytest.raises(ValueError, match=r"1\.\.32 bytes"):
+    with pytest.raises(ConfigError, match=r"1\.\.32 bytes"):
         make_credential(rig.ek_public, ak.name, bytes(33))
 
 

@@ -21,19 +21,17 @@ from hypothesis import strategies as st
 
 from vtpm.cli.verify_cmd import load_ak, load_attest, load_pcrs, parse_pcr_list
 from vtpm.errors import ConfigError, VerifyError
-from vtpm.tpm import attest
+from vtpm.tpm import hashes
 from vtpm.tpm.attest import (
     TPM_GENERATED_VALUE,
     TPM_ST_ATTEST,
-    TPMA_OBJECT,
     parse_attest,
     parse_pcr_selection,
-    parse_public,
     parse_signature,
-    parse_tpmt_public,
 )
-from vtpm.tpm.constants import TPM_ALG
-from vtpm.verify.bundle import GroupInfo, kdfa, label_permitted
+from vtpm.tpm.constants import TPM_ALG, TPMA_OBJECT
+from vtpm.tpm.public import parse_public, parse_tpmt_public
+from vtpm.verify.bundle import GroupInfo, kdfa
 from vtpm.verify.expected import Expected
 from vtpm.verify.quote import verify_quote
 
@@ -466,19 +464,7 @@ def test_policy_file_errors(tmp_path: Path) -> None:
         Expected.load(bad)
 
 
-# group rules, KDFa -----------------------------------------------------------------------------
-
-
-def test_label_rule() -> None:
-    def h(label: str) -> bytes:
-        return hashlib.sha256(label.encode()).digest()
-
-    permitted = {h("*:vm_r:vtpm_t"), h("system_u:system_r:vtpm_t")}
-    assert label_permitted("guest1_u:vm_r:vtpm_t", permitted)
-    assert label_permitted("system_u:system_r:vtpm_t", permitted)
-    assert not label_permitted("guest1_u:system_r:vtpm_t", permitted)
-    assert not label_permitted("*:vm_r:vtpm_t", permitted)  # a pattern is not an identity
-    assert not label_permitted("guest1_u:vm_r", permitted)
+# the bundle's group (its label rule is in test_labels.py), KDFa ------------------------------
 
 
 def test_group_info_errors() -> None:
@@ -500,14 +486,14 @@ def test_kdfa_counter_mode() -> None:
     assert out == b"".join(b.digest() for b in blocks)
     assert kdfa("sha256", key, label, u, v, 128) == kdfa("sha256", key, b"STORAGE\0", u, v, 128)
     assert len(kdfa("sha256", key, label, u, v, 12)) == 2
-    assert attest.hash_name(0x0099) == "0x0099"
+    assert hashes.hash_name(0x0099) == "0x0099"
 
 
 def test_the_verifier_imports_no_daemon_code() -> None:
     code = (
         "import sys\n"
         "import vtpm.verify.bundle, vtpm.verify.deepquote, vtpm.verify.expected, "
-        "vtpm.verify.quote, vtpm.tpm.attest\n"
+        "vtpm.verify.quote, vtpm.tpm.attest, vtpm.tpm.public\n"
         "bad = sorted(m for m in sys.modules if m.startswith(('vtpm.manager', 'vtpm.instance', "
         "'vtpm.engine', 'vtpm.cli', 'vtpm.launch', 'tpm2_pytss', 'ctypes')))\n"
         "print(','.join(bad))\n"

@@ -1,4 +1,5 @@
-"""Security labels, the default label policy (every pair), the uid/gid map and real peers."""
+"""Security labels, the group rule (Manager and verifier, one table), the default label policy
+(every pair), the uid/gid map and real peers."""
 
 from __future__ import annotations
 
@@ -6,24 +7,22 @@ import hashlib
 import itertools
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from vtpm.errors import ConfigError, LabelError
-from vtpm.labels import (
-    Label,
+from vtpm.errors import ConfigError, LabelError, VerifyError
+from vtpm.labelpolicy import (
     LabelMap,
     check_manager_peer,
     check_vtpm_peer,
-    group_permits,
-    manager_accepts,
     peer_context,
     resolve_peer,
-    vtpm_accepts,
 )
+from vtpm.labels import Label, group_permits, manager_accepts, permitted_digests, vtpm_accepts
+from vtpm.verify.bundle import GroupInfo
 
 # -- parsing ---------------------------------------------------------------------------------
 
@@ -113,21 +112,77 @@ def test_digest_and_wildcard() -> None:
     assert lab.wildcard().wildcard() == lab.wildcard()
 
 
-def test_group_permits() -> None:
-    g1 = Label.parse("guest1_u:vm_r:vtpm_t")
-    g2 = Label.parse("guest2_u:vm_r:vtpm_t")
-    hw = Label.parse("system_u:system_r:vtpm_t")
-    exact = {g1.digest()}
-    assert group_permits(g1, exact)
-    assert not group_permits(g2, exact)
-    assert not group_permits(hw, exact)
-    wild = [hashlib.sha256(b"*:vm_r:vtpm_t").digest()]
-    assert group_permits(g1, wild)
-    assert group_permits(g2, wild)
-    assert not group_permits(hw, wild)  # other role
-    assert not group_permits(Label.parse("guest1_u:vm_r:guest_t"), wild)  # other type
-    assert not group_permits(g1, [])
+# -- the group rule: one table, the Manager's check and the verifier's ---------------------
+
+WILD_VM = "*:vm_r:vtpm_t"
+HWDOM = "system_u:system_r:vtpm_t"
+GUEST1 = "guest1_u:vm_r:vtpm_t"
+
+# (label of the vTPM, the group's label list, permitted?)
+GROUP_RULE: list[tuple[str, list[str], bool]] = [
+    (GUEST1, [GUEST1], True),
+    ("guest2_u:vm_r:vtpm_t", [GUEST1], False),
+    (HWDOM, [GUEST1], False),
+    (GUEST1, [WILD_VM], True),  # the user field replaced by '*'
+    ("guest2_u:vm_r:vtpm_t", [WILD_VM, HWDOM], True),
+    (HWDOM, [WILD_VM, HWDOM], True),
+    ("guest1_u:system_r:vtpm_t", [WILD_VM, HWDOM], False),  # another role
+    ("guest1_u:vm_r:guest_t", [WILD_VM], False),  # another type
+    (GUEST1, [], False),
+    (WILD_VM, [WILD_VM], False),  # a pattern is never a vTPM's identity
+    ("Guest1_u:vm_r:vtpm_t", [GUEST1], False),  # fields are compared exactly
+    ("guest1_u:vm_r", [WILD_VM], False),  # not a label
+    ("guest1_u:vm_r:vtpm_t:s0", [WILD_VM], False),  # a context with MLS is not a label
+    ("guest 1:vm_r:vtpm_t", [WILD_VM], False),  # not a label (a space)
+    ("", [WILD_VM], False),
+    # a group lists labels; the hash is computed. A 64-hex "kernel hash" entry is no label,
+    # so the group is malformed and permits nothing (the Manager never stores one)
+    (GUEST1, [hashlib.sha256(GUEST1.encode()).hexdigest()], False),
+    (GUEST1, [GUEST1, hashlib.sha256(GUEST1.encode()).hexdigest()], False),
+    (GUEST1, ["guest1_u:vm_r:vtpm_t\n"], False),
+]
+
+
+def _manager_permits(label: str, entries: list[str]) -> bool:
+    """As the Manager decides (manager/service.py): both sides parsed as labels."""
+    try:
+        return group_permits(Label.parse(label), permitted_digests(entries))
+    except LabelError:
+        return False
+
+
+def _verifier_permits(label: str, entries: list[str]) -> bool:
+    """As the verifier decides a deep quote's label against its bundle's group."""
+    raw = {"uuid": "6f1c5a52-4b8e-4d7e-9a0e-3a3d2b1c0f00", "labels": entries, "pcr_states": []}
+    try:
+        return GroupInfo.from_json(raw).permits(label)
+    except VerifyError:
+        return False
+
+
+@pytest.mark.parametrize(("label", "entries", "permitted"), GROUP_RULE)
+@pytest.mark.parametrize("check", [_manager_permits, _verifier_permits])
+def test_group_rule(
+    check: Callable[[str, list[str]], bool], label: str, entries: list[str], permitted: bool
+) -> None:
+    assert check(label, entries) is permitted
+
+
+def test_a_group_of_hashes_is_refused_by_name() -> None:
+    entry = hashlib.sha256(GUEST1.encode()).hexdigest()
+    with pytest.raises(LabelError):
+        permitted_digests([GUEST1, entry])
+    raw = {"uuid": "6f1c5a52-4b8e-4d7e-9a0e-3a3d2b1c0f00", "labels": [entry], "pcr_states": []}
+    with pytest.raises(VerifyError, match="bundle group labels"):
+        GroupInfo.from_json(raw)
+
+
+def test_group_permits_takes_hashes() -> None:
+    g1 = Label.parse(GUEST1)
+    assert group_permits(g1, {g1.digest()})
+    assert group_permits(g1, [hashlib.sha256(WILD_VM.encode()).digest()])
     assert not group_permits(g1, [hashlib.sha256(b"guest1_u:vm_r:vtpm_t\n").digest()])
+    assert not group_permits(g1.wildcard(), {g1.wildcard().digest()})
 
 
 # -- the label-policy matrix -----------------------------------------------------------------

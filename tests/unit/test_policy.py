@@ -91,7 +91,7 @@ def test_or_tree_refuses_empty_and_bad_index() -> None:
 
 def test_policy_or_branch_count() -> None:
     for n in (0, 1, 9):
-        with pytest.raises(ValueError, match="branches"):
+        with pytest.raises(ConfigError, match="branches"):
             policy.policy_or(_leaves(n))
 
 

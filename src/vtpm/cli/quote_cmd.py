@@ -11,7 +11,7 @@ from typing import Any
 
 from vtpm.cli import client
 from vtpm.cli.group_cmd import parse_pcr_list
-from vtpm.errors import ConfigError, ManagerError
+from vtpm.errors import ConfigError, ManagerError, TpmResponseError
 from vtpm.instance import vendor
 from vtpm.wire import admin as api
 from vtpm.wire.evidence import decode_evidence
@@ -111,6 +111,6 @@ def cmd_guest_quote(args: argparse.Namespace) -> int:
         raise ManagerError(f"talking to the vTPM over {args.tcti} failed: {e}") from None
     try:
         evidence = decode_evidence(vendor.parse_response(response))
-    except ValueError as e:
+    except (TpmResponseError, ValueError) as e:
         raise ManagerError(str(e)) from None
     return _write(args, evidence.to_json())

@@ -33,7 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from vtpm.errors import ConfigError, VerifyError, VtpmError
 from vtpm.files import read_limited
-from vtpm.tpm.attest import HASH_BY_NAME, TPM_GENERATED_VALUE, hash_name, parse_public
+from vtpm.tpm.attest import TPM_GENERATED_VALUE
+from vtpm.tpm.hashes import HASH_BY_NAME, hash_name
+from vtpm.tpm.public import parse_public
 from vtpm.verify.bundle import verify_bundle
 from vtpm.verify.deepquote import compare_pcrs, verify_deep_quote
 from vtpm.verify.expected import Expected

@@ -28,6 +28,7 @@ from vtpm.instance.frontends.raw import serve_frames
 from vtpm.instance.launch import Launch
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
+from vtpm.labelpolicy import LabelMap, check_vtpm_peer, resolve_peer
 from vtpm.listen import Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
@@ -106,13 +107,13 @@ class Instance:
         if cfg.label is None:
             return None
         mine = lbl.Label.parse(cfg.label)
-        labels = lbl.LabelMap.load(cfg.labels_file) if cfg.labels_file else lbl.LabelMap.empty()
+        labels = LabelMap.load(cfg.labels_file) if cfg.labels_file else LabelMap.empty()
 
         def check(conn: socket.socket) -> str | None:
             if conn.family != socket.AF_UNIX:
                 return None  # no peer identity on TCP: loopback and the port are the boundary
             try:
-                lbl.check_vtpm_peer(lbl.resolve_peer(conn, labels), mine, labels)
+                check_vtpm_peer(resolve_peer(conn, labels), mine, labels)
             except LabelError as e:
                 return str(e)
             return None

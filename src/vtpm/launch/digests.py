@@ -21,9 +21,9 @@ from pathlib import Path
 from vtpm.errors import ConfigError
 from vtpm.launchrecord import Measurement, banks_of
 from vtpm.tpm import eventlog
-from vtpm.tpm.constants import HASH_NAMES, TPM_ALG
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
 
-BANKS = (TPM_ALG.SHA1, TPM_ALG.SHA256, TPM_ALG.SHA384, TPM_ALG.SHA512)
+BANKS = tuple(DIGEST_SIZES)  # every bank this project handles: SHA-1, SHA-256, -384, -512
 CHUNK = 1 << 20
 MAX_CMDLINE = 4096 - len("cmdline ")  # the record's limit on event data
 

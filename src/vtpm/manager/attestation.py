@@ -56,6 +56,7 @@ from tpm2_pytss import (
 from vtpm.errors import ConfigError, HwTpmError, SealError
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.tpm import policy
+from vtpm.tpm.attest import TPM_GENERATED_VALUE, TPM_ST_ATTEST
 from vtpm.wire.evidence import SignedQuote
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,6 @@ AK_ALGS = ("ecc", "rsa")
 DEFAULT_AK_ALG = "ecc"
 MAX_QUALIFYING_DATA = 64  # TPM2B_DATA holds a TPMT_HA: at most a SHA-512 digest
 QUOTE_ATTEMPTS = 5  # quotes retaken because a PCR changed before it was read
-
-TPM_GENERATED_VALUE = 0xFF544347
-TPM_ST_ATTEST_QUOTE = 0x8018
 
 EK_CERT_RSA_INDEX = 0x01C00002  # TCG EK Credential Profile: RSA 2048 EK certificate
 _PT_NV_BUFFER_MAX = 0x12C
@@ -319,7 +317,7 @@ def _quote_info(attest: bytes, qualifying_data: bytes) -> tuple[bytes, bytes]:
         selection, digest = bytes(quote.pcrSelect.marshal()), bytes(quote.pcrDigest)
     except Exception:  # pytss raises several types
         raise HwTpmError("the hardware TPM returned an attestation that does not parse") from None
-    if used != len(attest) or magic != TPM_GENERATED_VALUE or kind != TPM_ST_ATTEST_QUOTE:
+    if used != len(attest) or magic != TPM_GENERATED_VALUE or kind != TPM_ST_ATTEST.QUOTE:
         raise HwTpmError("the hardware TPM returned something other than a quote")
     if extra != qualifying_data:
         raise HwTpmError("the hardware TPM's quote carries other qualifying data than asked")

@@ -47,7 +47,7 @@ class Grant:
 
 def group_permits(g: GroupRecord, label: lbl.Label) -> bool:
     """Whether group `g`'s label rules admit `label` (the label rule of `vtpm.labels`)."""
-    return lbl.group_permits(label, [lbl.Label.parse(t).digest() for t in g.labels])
+    return lbl.group_permits(label, lbl.permitted_digests(g.labels))
 
 
 def policy_refusal(

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vtpm.errors import ManagerError, VtpmError
+from vtpm.errors import ConfigError, ManagerError, VtpmError
 from vtpm.wire.deepquote import DeepQuoteInfo, merkle_path, merkle_tree
 from vtpm.wire.evidence import Evidence, SignedQuote
 
@@ -48,7 +48,7 @@ class DeepQuoter:
         self, quote: QuoteFn, window: float = DEFAULT_WINDOW, max_batch: int = MAX_BATCH
     ) -> None:
         if window < 0 or max_batch < 1:
-            raise ValueError("window >= 0 and max_batch >= 1")
+            raise ConfigError("a deep-quote batcher needs window >= 0 and max_batch >= 1")
         self._quote = quote
         self.window = window
         self.max_batch = max_batch

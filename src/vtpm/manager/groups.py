@@ -37,6 +37,7 @@ from vtpm.labels import Label
 from vtpm.manager import ownerreq
 from vtpm.manager.attestation import AK_ALGS, DEFAULT_AK_ALG, AttestationTpm
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
+from vtpm.manager.sealing import SealingTpm
 from vtpm.manager.store import GroupRecord, Store
 from vtpm.tpm.policy import OrTree, PcrState, check_pcrs, seal_policy
 
@@ -91,6 +92,7 @@ class GroupKeys:
         self._store = store
         self._hw = hw
         self.attestation = AttestationTpm(hw)
+        self.sealing = SealingTpm(hw)
         self._keys: dict[uuid.UUID, bytes] = {}
         self._status: dict[uuid.UUID, GroupStatus] = {}
         self._lock = threading.RLock()
@@ -148,10 +150,10 @@ class GroupKeys:
         state = g.pcr_states[idx]
         if tree.root == g.sealed_root:
             auth = ownerreq.authorize_digest(pub, g.uuid)
-            return self._hw.unseal_with_pcrs(obj, state, tree, idx, auth)
+            return self.sealing.unseal_with_pcrs(obj, state, tree, idx, auth)
         if not g.approval:
             raise SealError("unsealing failed")
-        key = self._hw.unseal_with_approval(
+        key = self.sealing.unseal_with_approval(
             obj,
             state,
             tree,
@@ -167,7 +169,7 @@ class GroupKeys:
     def _reseal(self, g: GroupRecord, key: bytes) -> GroupRecord:
         pub = ownerreq.load_public_key(g.owner_pub)
         root = OrTree.of_states(g.pcr_states).root
-        sealed = self._hw.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, g.uuid)))
+        sealed = self.sealing.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, g.uuid)))
         new = replace(
             g,
             sealed_public=sealed.public,
@@ -214,7 +216,7 @@ class GroupKeys:
             gid = uuid.uuid4()
             key = secrets.token_bytes(KEY_SIZE)
             root = OrTree.of_states([state]).root
-            sealed = self._hw.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, gid)))
+            sealed = self.sealing.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, gid)))
             ak = self.attestation.create_ak(ak_alg)
             rec = GroupRecord(
                 uuid=gid,

@@ -1,23 +1,23 @@
 """The host's hardware TPM (or its simulator), through tpm2-pytss ESAPI.
 
-The Manager is the only user of the hardware TPM, and this module is its only door to it. It
-seals short secrets (group keys) under the policy layout of `vtpm.tpm.policy` and unseals them
-either because the host's PCRs match a permitted state, or because the group owner signed a new
-set of states that includes the current one (PolicyAuthorize).
+The Manager is the only user of the hardware TPM, and this module is its only door to it: the
+connection, the storage primary, the retry loop and PCR reads. The operations built on that
+door live beside it: sealing and unsealing in `vtpm.manager.sealing`, keys, quotes and the EK in
+`vtpm.manager.attestation`.
 
 Rules:
 - Objects live under a storage primary (ECC P-256, AES-128-CFB) created at open. It is
   deterministic, so it is recreated rather than persisted; it stays loaded while open.
-- The secret never crosses the TCTI in the clear: Create uses an HMAC session salted to the
-  storage primary with command parameter encryption, Unseal uses a policy session salted the
-  same way with response parameter encryption (AES-128-CFB).
+- Sessions that carry secrets are salted to the storage primary and encrypt parameters
+  (AES-128-CFB): `salted_session`.
 - Every operation flushes what it loaded. Without a resource manager (swtpm, mssim) a Manager
   killed with -9 leaves objects and sessions behind, and swtpm holds only three objects, so
   open() flushes every transient object and session it finds first.
 - Failures are sorted once, in `_classify`: TPM warnings that ask for a retry are retried with
   backoff; a transport failure, a rebooted TPM or a handle that is no longer loaded closes the
-  context and reconnects; any other TPM refusal of an unseal is an opaque SealError (details at
-  debug level only). After `retries` attempts the TPM is declared unreachable (HwTpmError).
+  context and reconnects; any other TPM refusal raises the caller's `refused` error (an opaque
+  SealError for an unseal), or HwTpmError. After `retries` attempts the TPM is declared
+  unreachable (HwTpmError).
   Callers' data is never modified, so a failed call can simply be repeated.
 """
 
@@ -32,43 +32,31 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss import (
     ESAPI,
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
     TPM2_ECC,
-    TPM2_SE,
     TPM2_SU,
-    TPM2B_DIGEST,
-    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
-    TPM2B_SENSITIVE_DATA,
     TPMA_OBJECT,
     TPMA_SESSION,
-    TPML_DIGEST,
     TPML_PCR_SELECTION,
-    TPMS_SENSITIVE_CREATE,
-    TPMS_SIGNATURE_ECC,
     TPMT_PUBLIC,
-    TPMT_SIGNATURE,
     TPMT_SYM_DEF,
     TSS2_Exception,
 )
 
-from vtpm.errors import ConfigError, HwTpmError, SealError
+from vtpm.errors import ConfigError, HwTpmError
 from vtpm.tpm import policy
-from vtpm.tpm.constants import TPM_ALG
-from vtpm.tpm.policy import OrTree, PcrState
+from vtpm.tpm.constants import TPM_ALG, TPM_RC
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAX_SECRET = 128  # MAX_SYM_DATA: the largest sealed data object a TPM must accept
-MAX_POLICY_REF = 64  # a TPM2B_NONCE
 PCRS_PER_READ = 8  # TPML_DIGEST holds at most eight digests
 LEFTOVER_ROUNDS = 16  # batches of 64 handles to flush at open, at most
 BACKOFF_START = 0.05
@@ -83,9 +71,7 @@ _BASE_MASK = 0xFFFF
 # ESYS base codes that mean the conversation with the TPM broke
 _ESYS_TRANSPORT = frozenset({7, 8, 9, 10, 17, 19})  # BAD_SEQUENCE NO_CONNECTION TRY_AGAIN
 #                                                   IO_ERROR MALFORMED_ / INSUFFICIENT_RESPONSE
-_RC_INITIALIZE = 0x100
-_RC_REBOOT = 0x130
-_RC_WARN_RETRY = frozenset({0x908, 0x90A, 0x922})  # YIELDED TESTING RETRY
+_RC_WARN_RETRY = frozenset({TPM_RC.YIELDED, TPM_RC.TESTING, TPM_RC.RETRY})
 _RC_WARN_REFERENCE = frozenset(range(0x910, 0x91F))  # REFERENCE_H0..H6, S0..S6: not loaded
 
 _PT_MANUFACTURER = 0x105
@@ -102,8 +88,6 @@ _STORAGE_ATTRIBUTES = (
     | TPMA_OBJECT.RESTRICTED
     | TPMA_OBJECT.DECRYPT
 )
-# policy only: no USERWITHAUTH, so the empty authValue opens nothing
-_SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
 
 
 class _Kind(enum.Enum):
@@ -125,7 +109,7 @@ def _classify(e: TSS2_Exception) -> _Kind:
         return _Kind.LOCAL
     if base in _RC_WARN_RETRY:
         return _Kind.RETRY
-    if base in _RC_WARN_REFERENCE or base in (_RC_INITIALIZE, _RC_REBOOT):
+    if base in _RC_WARN_REFERENCE or base in (TPM_RC.INITIALIZE, TPM_RC.REBOOT):
         return _Kind.RECONNECT
     return _Kind.REFUSED
 
@@ -207,7 +191,7 @@ class HardwareTpm:
             try:
                 info = ectx.read_clock().clockInfo
             except TSS2_Exception as e:
-                if int(e.rc) != _RC_INITIALIZE:
+                if int(e.rc) != TPM_RC.INITIALIZE:
                     raise
                 log.info("the hardware TPM needs TPM2_Startup; sending Startup(CLEAR)")
                 ectx.startup(TPM2_SU.CLEAR)
@@ -270,7 +254,7 @@ class HardwareTpm:
         firmware = f"{fw1 >> 16}.{fw1 & 0xFFFF}.{fw2 >> 16}.{fw2 & 0xFFFF}"
         return f"manufacturer {maker.decode('ascii', 'replace') or '?'}, fw {firmware}"
 
-    # the retry loop: also the door for modules that add operations (vtpm.manager.attestation)
+    # the retry loop: the door for the modules that add operations (sealing, attestation)
 
     @property
     def primary(self) -> Any:
@@ -358,133 +342,6 @@ class HardwareTpm:
 
         return self.run("reading PCRs", op)
 
-    def seal(self, secret: bytes, auth_policy: bytes) -> SealedObject:
-        """Seal `secret` (1..128 bytes) to be released only through `auth_policy`."""
-        if not 1 <= len(secret) <= MAX_SECRET:
-            raise ConfigError(f"a sealed secret is 1..{MAX_SECRET} bytes, not {len(secret)}")
-        if len(auth_policy) != policy.DIGEST_SIZE:
-            raise ConfigError("an authPolicy is a SHA-256 digest")
-        template = TPMT_PUBLIC(
-            type=TPM2_ALG.KEYEDHASH,
-            nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=_SEALED_ATTRIBUTES,
-            authPolicy=TPM2B_DIGEST(auth_policy),
-        )
-        template.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
-        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
-
-        def op(ectx: Any) -> SealedObject:
-            with self.flushing(ectx) as handles:
-                session = self.salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
-                handles.append(session)
-                private, public, *_ = ectx.create(
-                    self._primary, sensitive, TPM2B_PUBLIC(template), session1=session
-                )
-            return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
-
-        return self.run("sealing", op, lambda: SealError("sealing failed"))
-
-    def unseal_with_pcrs(
-        self,
-        obj: SealedObject,
-        state: PcrState,
-        tree: OrTree,
-        index: int,
-        authorize_digest: bytes,
-    ) -> bytes:
-        """Unseal `obj` because the host PCRs equal `state`, leaf `index` of `tree`.
-
-        The TPM compares its current PCRs (PolicyPCR with an empty pcrDigest); `state` and
-        `index` only name the OR branch to walk up, and must agree with each other."""
-        path = _path(tree, state, index)
-        top = [tree.root, authorize_digest]
-
-        def steps(ectx: Any, session: Any, _handles: list[Any]) -> None:
-            ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
-            for branches in path:
-                ectx.policy_or(session, _digest_list(branches))
-            ectx.policy_or(session, _digest_list(top))
-
-        return self._unseal(obj, steps)
-
-    def unseal_with_approval(
-        self,
-        obj: SealedObject,
-        state: PcrState,
-        approved: OrTree,
-        index: int,
-        sealed_states_root: bytes,
-        owner_public: bytes,
-        policy_ref: bytes,
-        signature_der: bytes,
-    ) -> bytes:
-        """Unseal `obj` through PolicyAuthorize: the owner signed `approved`, whose leaf
-        `index` is the host's current `state`."""
-        path = _path(approved, state, index)
-        if len(policy_ref) > MAX_POLICY_REF:
-            raise ConfigError(f"a policyRef is at most {MAX_POLICY_REF} bytes")
-        external = _external_public(owner_public)
-        owner_name = policy.object_name(owner_public)
-        top = [sealed_states_root, policy.policy_authorize(owner_name, policy_ref)]
-        a_hash = policy.authorization_hash(approved.root, policy_ref)
-        signature = _ecdsa_signature(signature_der)
-
-        def steps(ectx: Any, session: Any, handles: list[Any]) -> None:
-            ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
-            for branches in path:
-                ectx.policy_or(session, _digest_list(branches))
-            key = ectx.load_external(external, hierarchy=ESYS_TR.OWNER)
-            handles.append(key)
-            name = bytes(ectx.tr_get_name(key))
-            ticket = ectx.verify_signature(key, TPM2B_DIGEST(a_hash), signature)
-            handles.remove(key)  # free its slot before the sealed object loads
-            ectx.flush_context(key)
-            ectx.policy_authorize(session, TPM2B_DIGEST(approved.root), name, ticket, policy_ref)
-            ectx.policy_or(session, _digest_list(top))
-
-        return self._unseal(obj, steps)
-
-    def _unseal(self, obj: SealedObject, steps: Callable[[Any, Any, list[Any]], None]) -> bytes:
-        try:
-            public, _ = TPM2B_PUBLIC.unmarshal(obj.public)
-            private, _ = TPM2B_PRIVATE.unmarshal(obj.private)
-        except Exception:  # pytss raises several types: a damaged blob
-            log.debug("a sealed object does not unmarshal")
-            raise SealError("unsealing failed") from None
-
-        def op(ectx: Any) -> bytes:
-            with self.flushing(ectx) as handles:
-                session = self.salted_session(ectx, TPM2_SE.POLICY, TPMA_SESSION.ENCRYPT)
-                handles.append(session)
-                steps(ectx, session, handles)
-                item = ectx.load(self._primary, private, public)
-                handles.append(item)
-                data = ectx.unseal(item, session1=session)
-            return bytes(data)
-
-        return self.run("unsealing", op, lambda: SealError("unsealing failed"))
-
-
-def _path(tree: OrTree, state: PcrState, index: int) -> list[tuple[bytes, ...]]:
-    """The PolicyOR lists from `state`, leaf `index`, up to the root (a caller's bug if not)."""
-    try:
-        path = tree.path(index)
-    except IndexError:
-        count = len(tree.leaves)
-        raise ConfigError(f"state index {index} is outside the policy's {count} states") from None
-    if tree.leaves[index] != state.policy():
-        raise ConfigError(f"the PCR state given is not leaf {index} of the policy")
-    return path
-
-
-def _pcr_selection(state: PcrState) -> Any:
-    sel, _ = TPML_PCR_SELECTION.unmarshal(policy.pcr_selection(state.pcrs))
-    return sel
-
-
-def _digest_list(branches: Sequence[bytes]) -> Any:
-    return TPML_DIGEST([TPM2B_DIGEST(b) for b in branches])
-
 
 def _selected_sha256(sel: Any) -> list[int]:
     """PCR indices a TPML_PCR_SELECTION selects in the SHA-256 bank, in ascending order."""
@@ -496,27 +353,3 @@ def _selected_sha256(sel: Any) -> list[int]:
         bitmap = bytes(s.pcrSelect)[: int(s.sizeofSelect)]
         out.extend(8 * i + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1)
     return out
-
-
-def _external_public(owner_public: bytes) -> Any:
-    try:
-        tpmt, used = TPMT_PUBLIC.unmarshal(owner_public)
-    except Exception:  # pytss raises several types
-        raise ConfigError("the owner public key is not a marshalled TPMT_PUBLIC") from None
-    if used != len(owner_public):
-        raise ConfigError("the owner public key has trailing bytes")
-    return TPM2B_PUBLIC(tpmt)
-
-
-def _ecdsa_signature(der: bytes) -> Any:
-    try:
-        r, s = decode_dss_signature(der)
-        r_bytes, s_bytes = r.to_bytes(32, "big"), s.to_bytes(32, "big")
-    except (ValueError, OverflowError):
-        log.debug("the owner's signature is not a DER ECDSA P-256 signature")
-        raise SealError("unsealing failed") from None
-    sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA)
-    sig.signature.ecdsa = TPMS_SIGNATURE_ECC(
-        hash=TPM2_ALG.SHA256, signatureR=r_bytes, signatureS=s_bytes
-    )
-    return sig

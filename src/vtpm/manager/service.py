@@ -20,7 +20,7 @@ import time
 
 from vtpm.endpoints import Endpoint
 from vtpm.errors import ManagerError
-from vtpm.labels import LabelMap
+from vtpm.labelpolicy import LabelMap
 from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.manager.admin import AdminHandler, AdminService, Services
 from vtpm.manager.config import HW_DEVICE, ManagerConfig

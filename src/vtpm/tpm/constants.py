@@ -47,6 +47,8 @@ class TPM_ALG(enum.IntEnum):  # noqa: N801 (spec name)
     ECB = 0x0044
 
 
+MAX_PCR = 23  # PCRs 0..23: the PC Client platform's 24 PCRs, the only ones we select
+
 # The PCR banks this project handles: digest size and name of each (one home for both).
 DIGEST_SIZES: dict[int, int] = {
     TPM_ALG.SHA1: 20,
@@ -60,6 +62,31 @@ HASH_NAMES: dict[int, str] = {
     TPM_ALG.SHA384: "sha384",
     TPM_ALG.SHA512: "sha512",
 }
+
+
+class TPM_ECC_CURVE(enum.IntEnum):  # noqa: N801 (spec name)
+    """ECC curve identifiers (Part 2, 6.4)."""
+
+    NIST_P256 = 0x0003
+    NIST_P384 = 0x0004
+    NIST_P521 = 0x0005
+
+
+class TPMA_OBJECT(enum.IntFlag):  # noqa: N801 (spec name)
+    """Object attributes (Part 2, 8.3)."""
+
+    FIXEDTPM = 1 << 1
+    STCLEAR = 1 << 2
+    FIXEDPARENT = 1 << 4
+    SENSITIVEDATAORIGIN = 1 << 5
+    USERWITHAUTH = 1 << 6
+    ADMINWITHPOLICY = 1 << 7
+    NODA = 1 << 10
+    ENCRYPTEDDUPLICATION = 1 << 11
+    RESTRICTED = 1 << 16
+    DECRYPT = 1 << 17
+    SIGN_ENCRYPT = 1 << 18
+    X509SIGN = 1 << 19
 
 
 class TPM_ST(enum.IntEnum):  # noqa: N801 (spec name)
@@ -110,6 +137,8 @@ class TPM_CC(enum.IntEnum):  # noqa: N801
     ContextLoad = 0x00000161
     ContextSave = 0x00000162
     FlushContext = 0x00000165
+    PolicyAuthorize = 0x0000016A
+    PolicyOR = 0x00000171
     ReadPublic = 0x00000173
     StartAuthSession = 0x00000176
     GetCapability = 0x0000017A

@@ -16,7 +16,8 @@ All integers are little-endian (the log is a UEFI structure), unlike TPM command
 
 Rules: parsing only refuses, it never guesses: a log must open with the Spec ID header, every
 event's digests must use the header's algorithms with the header's sizes, and every length is
-bounded before use. Malformed input raises `EventLogError` naming the event and the field.
+bounded before use. Malformed input raises `EventLogError` naming the event and the field (as
+does an `Event` that is not valid); encoding what cannot be encoded raises LocalProtocolError.
 Replay starts every PCR at zero, except that an EV_NO_ACTION "StartupLocality" event sets
 PCR 0's starting value to the locality (PFP 10.4.5.3).
 """
@@ -28,8 +29,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from vtpm.errors import EventLogError
-from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
+from vtpm.errors import EventLogError, LocalProtocolError
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES, MAX_PCR
 from vtpm.tpm.frames import extend_value
 
 SPEC_ID_SIGNATURE = b"Spec ID Event03\x00"
@@ -37,7 +38,6 @@ STARTUP_LOCALITY_SIGNATURE = b"StartupLocality\x00"
 PLATFORM_CLASS_CLIENT = 0
 SPEC_VERSION = (0, 2, 0)  # minor, major, errata: the crypto-agile format of PFP 2.0
 UINTN_SIZE_64 = 2
-MAX_PCR = 23
 MAX_EVENT_DATA = 1 << 20
 MAX_EVENTS = 100_000
 
@@ -84,10 +84,10 @@ class Event:
 
     def __post_init__(self) -> None:
         if not 0 <= self.pcr <= MAX_PCR:
-            raise ValueError(f"PCR {self.pcr} is not in 0..{MAX_PCR}")
+            raise EventLogError(f"PCR {self.pcr} is not in 0..{MAX_PCR}")
         for alg, digest in self.digests:
             if DIGEST_SIZES.get(alg, len(digest)) != len(digest):
-                raise ValueError(f"a digest of {len(digest)} bytes for algorithm {alg:#06x}")
+                raise EventLogError(f"a digest of {len(digest)} bytes for algorithm {alg:#06x}")
 
     def digest(self, alg: int) -> bytes | None:
         for a, d in self.digests:
@@ -122,7 +122,9 @@ class EventLog:
 def encode_header(algorithms: Sequence[int], vendor_info: bytes = b"") -> bytes:
     """The TCG_PCR_EVENT that opens a crypto-agile log, announcing `algorithms`."""
     if not algorithms or len(vendor_info) > 255:
-        raise ValueError("a Spec ID event needs at least one algorithm and <= 255 vendor bytes")
+        raise LocalProtocolError(
+            "a Spec ID event needs at least one algorithm and <= 255 vendor bytes"
+        )
     spec = SPEC_ID_SIGNATURE + struct.pack(
         "<IBBBBI", PLATFORM_CLASS_CLIENT, *SPEC_VERSION, UINTN_SIZE_64, len(algorithms)
     )
@@ -141,7 +143,7 @@ def encode_event(event: Event) -> bytes:
 def encode(log: EventLog) -> bytes:
     for ev in log.events:
         if tuple(alg for alg, _ in ev.digests) != log.banks:
-            raise ValueError(f"event {ev.describe()} does not carry the log's algorithms")
+            raise LocalProtocolError(f"event {ev.describe()} does not carry the log's algorithms")
     header = encode_header(log.banks, log.vendor_info)
     return header + b"".join(encode_event(ev) for ev in log.events)
 

@@ -2,6 +2,9 @@
 
 Only the handful of commands the project sends itself are built here (Startup, Shutdown,
 GetRandom, PCR_Extend, PCR_Read and their TPM 1.2 twins); everything else is the clients'.
+
+A response that reports an error, or does not parse, raises `TpmResponseError`; a command we
+cannot build from the arguments given raises `LocalProtocolError`.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from vtpm.errors import LocalProtocolError, TpmResponseError
 from vtpm.tpm.constants import (
     HASH_NAMES,
     HEADER_SIZE,
@@ -34,9 +38,23 @@ class Header:
 
 def parse_header(frame: bytes) -> Header:
     if len(frame) < HEADER_SIZE:
-        raise ValueError(f"TPM frame of {len(frame)} bytes is shorter than its header")
+        raise TpmResponseError(f"TPM frame of {len(frame)} bytes is shorter than its header")
     tag, size, code = struct.unpack_from(">HII", frame)
     return Header(tag, size, code)
+
+
+def _unpack(fmt: str, response: bytes, off: int, what: str) -> tuple[int, ...]:
+    try:
+        return struct.unpack_from(fmt, response, off)
+    except struct.error:
+        raise TpmResponseError(f"{what} response is truncated") from None
+
+
+def _take(response: bytes, off: int, size: int, what: str) -> bytes:
+    out = response[off : off + size]
+    if len(out) != size:
+        raise TpmResponseError(f"{what} response is truncated")
+    return out
 
 
 def response_code(response: bytes) -> int:
@@ -94,20 +112,20 @@ def parse_pcr_read(response: bytes) -> list[bytes]:
     """Digests of a TPM2_PCR_Read response, in selection order."""
     rc = response_code(response)
     if rc != TPM_RC.SUCCESS:
-        raise ValueError(f"PCR_Read failed with TPM_RC {rc:#x}")
+        raise TpmResponseError(f"PCR_Read failed with TPM_RC {rc:#x}")
     off = HEADER_SIZE + 4  # update counter
-    (count,) = struct.unpack_from(">I", response, off)
+    (count,) = _unpack(">I", response, off, "PCR_Read")
     off += 4
     for _ in range(count):
         off += 2  # hash algorithm
-        (n,) = struct.unpack_from(">B", response, off)
+        (n,) = _unpack(">B", response, off, "PCR_Read")
         off += 1 + n
-    (ndig,) = struct.unpack_from(">I", response, off)
+    (ndig,) = _unpack(">I", response, off, "PCR_Read")
     off += 4
     out = []
     for _ in range(ndig):
-        (size,) = struct.unpack_from(">H", response, off)
-        out.append(response[off + 2 : off + 2 + size])
+        (size,) = _unpack(">H", response, off, "PCR_Read")
+        out.append(_take(response, off + 2, size, "PCR_Read"))
         off += 2 + size
     return out
 
@@ -124,18 +142,16 @@ def parse_pcr_allocation(response: bytes) -> dict[int, frozenset[int]]:
     """{bank: allocated PCR indices} from a TPM2_GetCapability(TPM_CAP_PCRS) response."""
     rc = response_code(response)
     if rc != TPM_RC.SUCCESS:
-        raise ValueError(f"GetCapability(PCRS) failed with TPM_RC {rc:#x}")
+        raise TpmResponseError(f"GetCapability(PCRS) failed with TPM_RC {rc:#x}")
     off = HEADER_SIZE + 1  # moreData
-    cap, count = struct.unpack_from(">II", response, off)
+    cap, count = _unpack(">II", response, off, "GetCapability(PCRS)")
     if cap != TPM_CAP_PCRS:
-        raise ValueError(f"GetCapability(PCRS) answered capability {cap:#x}")
+        raise TpmResponseError(f"GetCapability(PCRS) answered capability {cap:#x}")
     off += 8
     banks: dict[int, frozenset[int]] = {}
     for _ in range(count):
-        alg, size = struct.unpack_from(">HB", response, off)
-        bitmap = response[off + 3 : off + 3 + size]
-        if len(bitmap) != size:
-            raise ValueError("GetCapability(PCRS) response is truncated")
+        alg, size = _unpack(">HB", response, off, "GetCapability(PCRS)")
+        bitmap = _take(response, off + 3, size, "GetCapability(PCRS)")
         banks[alg] = frozenset(i for i in range(size * 8) if bitmap[i // 8] >> (i % 8) & 1)
         off += 3 + size
     return banks
@@ -144,9 +160,9 @@ def parse_pcr_allocation(response: bytes) -> dict[int, frozenset[int]]:
 def parse_get_random(response: bytes) -> bytes:
     rc = response_code(response)
     if rc != TPM_RC.SUCCESS:
-        raise ValueError(f"GetRandom failed with TPM_RC {rc:#x}")
-    (size,) = struct.unpack_from(">H", response, HEADER_SIZE)
-    return response[HEADER_SIZE + 2 : HEADER_SIZE + 2 + size]
+        raise TpmResponseError(f"GetRandom failed with TPM_RC {rc:#x}")
+    (size,) = _unpack(">H", response, HEADER_SIZE, "GetRandom")
+    return _take(response, HEADER_SIZE + 2, size, "GetRandom")
 
 
 def extend_value(alg: int, old: bytes, data_digest: bytes) -> bytes:
@@ -175,5 +191,5 @@ def get_random12(count: int) -> bytes:
 
 def extend12(pcr: int, digest: bytes) -> bytes:
     if len(digest) != 20:
-        raise ValueError("a TPM 1.2 extend takes a 20-byte SHA-1 digest")
+        raise LocalProtocolError("a TPM 1.2 extend takes a 20-byte SHA-1 digest")
     return command12(TPM_ORD12.Extend, struct.pack(">I", pcr) + digest)

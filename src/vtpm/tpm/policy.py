@@ -23,19 +23,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vtpm.errors import ConfigError
-from vtpm.tpm.constants import TPM_ALG
+from vtpm.tpm.constants import (
+    DIGEST_SIZES,
+    MAX_PCR,
+    TPM_ALG,
+    TPM_CC,
+    TPM_ECC_CURVE,
+    TPMA_OBJECT,
+)
+from vtpm.tpm.frames import pcr_select
 
-DIGEST_SIZE = 32
+DIGEST_SIZE = DIGEST_SIZES[TPM_ALG.SHA256]  # every policy digest here is SHA-256
 ZERO = bytes(DIGEST_SIZE)
 MAX_OR_BRANCHES = 8
-MAX_PCR = 23
 
-TPM_ECC_NIST_P256 = 0x0003
-CC_POLICY_AUTHORIZE = 0x0000016A
-CC_POLICY_OR = 0x00000171
-CC_POLICY_PCR = 0x0000017F
 # sign + userWithAuth: an external key used only to verify the owner's signatures
-VERIFY_KEY_ATTRIBUTES = 0x00040040
+VERIFY_KEY_ATTRIBUTES = TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.USERWITHAUTH
 
 
 def _h(*parts: bytes) -> bytes:
@@ -56,10 +59,7 @@ def check_pcrs(pcrs: Sequence[int]) -> tuple[int, ...]:
 
 def pcr_selection(pcrs: Sequence[int]) -> bytes:
     """TPML_PCR_SELECTION with one SHA-256 bank selecting `pcrs` (3-byte bitmap)."""
-    bitmap = bytearray(3)
-    for i in check_pcrs(pcrs):
-        bitmap[i // 8] |= 1 << (i % 8)
-    return struct.pack(">IHB", 1, TPM_ALG.SHA256, 3) + bytes(bitmap)
+    return pcr_select(TPM_ALG.SHA256, list(check_pcrs(pcrs)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +94,7 @@ class PcrState:
     def policy(self) -> bytes:
         """PolicyPCR digest of this state, from an empty policy."""
         return _h(
-            ZERO, struct.pack(">I", CC_POLICY_PCR), pcr_selection(self.pcrs), self.pcr_digest()
+            ZERO, struct.pack(">I", TPM_CC.PolicyPCR), pcr_selection(self.pcrs), self.pcr_digest()
         )
 
     def differences(self, current: dict[int, bytes]) -> list[int]:
@@ -118,13 +118,13 @@ class PcrState:
 def policy_or(branches: Sequence[bytes]) -> bytes:
     """PolicyOR digest over 2..8 branch digests."""
     if not 2 <= len(branches) <= MAX_OR_BRANCHES:
-        raise ValueError(f"PolicyOR takes 2..{MAX_OR_BRANCHES} branches, not {len(branches)}")
-    return _h(ZERO, struct.pack(">I", CC_POLICY_OR), *branches)
+        raise ConfigError(f"PolicyOR takes 2..{MAX_OR_BRANCHES} branches, not {len(branches)}")
+    return _h(ZERO, struct.pack(">I", TPM_CC.PolicyOR), *branches)
 
 
 def policy_authorize(key_name: bytes, policy_ref: bytes) -> bytes:
     """PolicyAuthorize digest for a signing key's name and a policyRef."""
-    return _h(_h(ZERO, struct.pack(">I", CC_POLICY_AUTHORIZE), key_name), policy_ref)
+    return _h(_h(ZERO, struct.pack(">I", TPM_CC.PolicyAuthorize), key_name), policy_ref)
 
 
 def authorization_hash(approved_policy: bytes, policy_ref: bytes) -> bytes:
@@ -189,7 +189,7 @@ def ecc_p256_verify_public(x: bytes, y: bytes) -> bytes:
         + struct.pack(">H", 0)  # authPolicy: empty
         + struct.pack(">H", TPM_ALG.NULL)  # symmetric: none
         + struct.pack(">HH", TPM_ALG.ECDSA, TPM_ALG.SHA256)  # scheme
-        + struct.pack(">H", TPM_ECC_NIST_P256)
+        + struct.pack(">H", TPM_ECC_CURVE.NIST_P256)
         + struct.pack(">H", TPM_ALG.NULL)  # kdf
         + struct.pack(">H", 32)
         + x

@@ -26,13 +26,11 @@ Credential Protection), and only that TPM's ActivateCredential with both keys lo
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
-import re
 import struct
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -47,17 +45,18 @@ try:  # CFB lives in "decrepit" from cryptography 47 on
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB  # type: ignore[assignment,unused-ignore]
 
-from vtpm.errors import ConfigError, VerifyError
-from vtpm.tpm.attest import HASHES, TPMA_OBJECT, TpmPublic, parse_public
+from vtpm.errors import ConfigError, LabelError, VerifyError
+from vtpm.labels import Label, group_permits, permitted_digests
+from vtpm.tpm.constants import TPMA_OBJECT
+from vtpm.tpm.hashes import HASHES
 from vtpm.tpm.policy import PcrState
+from vtpm.tpm.public import TpmPublic, parse_public
 from vtpm.verify import quote
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.evidence import Bundle, config_digest
 
-WILDCARD = "*"
 MAX_LABELS = 1024
 MAX_STATES = 4096
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # the group a bundle describes ----------------------------------------------------------------
@@ -74,7 +73,16 @@ class GroupInfo:
 
     @property
     def label_hashes(self) -> frozenset[bytes]:
-        return frozenset(_label_hash(label) for label in self.labels)
+        return permitted_digests(self.labels)
+
+    def permits(self, label: str) -> bool:
+        """The group rule of `vtpm.labels.group_permits`, the Manager's: a text that is not a
+        label `user:role:type` is permitted by no group."""
+        try:
+            parsed = Label.parse(label)
+        except LabelError:
+            return False
+        return group_permits(parsed, self.label_hashes)
 
     @classmethod
     def from_json(cls, raw: Mapping[str, object]) -> GroupInfo:
@@ -96,27 +104,11 @@ class GroupInfo:
             parsed = tuple(PcrState.from_json(s) for s in states)
         except ConfigError as e:
             raise VerifyError(f"bundle group pcr_states: {e}") from None
+        try:
+            permitted_digests(labels)  # a group lists labels, as the Manager checks at creation
+        except LabelError as e:
+            raise VerifyError(f"bundle group labels: {e}") from None
         return cls(group_uuid, name, tuple(labels), parsed)
-
-
-def _label_hash(label: str) -> bytes:
-    # an entry already given as a SHA-256 "kernel hash" (64 hex digits) is taken as the hash
-    if _HEX64.fullmatch(label):
-        return bytes.fromhex(label)
-    return hashlib.sha256(label.encode()).digest()
-
-
-def label_permitted(label: str, permitted: Collection[bytes]) -> bool:
-    """The group rule: SHA-256(label) is permitted, or SHA-256 of the label with its user field
-    replaced by `*` is. A label whose own user is `*` is a pattern, never a vTPM's identity."""
-    parts = label.split(":")
-    if len(parts) != 3 or parts[0] == WILDCARD or not all(parts):
-        return False
-    wildcard = f"{WILDCARD}:{parts[1]}:{parts[2]}"
-    return (
-        hashlib.sha256(label.encode()).digest() in permitted
-        or hashlib.sha256(wildcard.encode()).digest() in permitted
-    )
 
 
 # bundle checks --------------------------------------------------------------------------------
@@ -240,7 +232,7 @@ def make_credential(ek_public: bytes, ak_name: bytes, secret: bytes) -> tuple[by
         raise VerifyError("make_credential: the EK is not a restricted decryption key")
     info = HASHES[ek.name_alg]
     if not 1 <= len(secret) <= info.size:
-        raise ValueError(f"a credential secret is 1..{info.size} bytes, not {len(secret)}")
+        raise ConfigError(f"a credential secret is 1..{info.size} bytes, not {len(secret)}")
     if len(ak_name) < 2 or int.from_bytes(ak_name[:2], "big") not in HASHES:
         raise VerifyError("make_credential: the AK name does not start with a hash algorithm")
 

@@ -29,9 +29,11 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
-from vtpm.tpm.attest import hash_name, parse_attest, parse_public
+from vtpm.tpm.attest import parse_attest
+from vtpm.tpm.hashes import hash_name
+from vtpm.tpm.public import parse_public
 from vtpm.verify import quote
-from vtpm.verify.bundle import GroupInfo, label_permitted
+from vtpm.verify.bundle import GroupInfo
 from vtpm.verify.expected import Expected, PcrBanks
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.deepquote import FLAG_PCRS, DeepQuoteInfo, root_from_path
@@ -85,7 +87,7 @@ def check_label(info: DeepQuoteInfo, group: GroupInfo) -> Check:
     digest = hashlib.sha256(info.label.encode()).digest()
     if not hmac.compare_digest(digest, info.label_hash):
         return Check("deep.label", False, f"the label hash is not SHA-256 of {info.label!r}")
-    if not label_permitted(info.label, group.label_hashes):
+    if not group.permits(info.label):
         return Check(
             "deep.label",
             False,

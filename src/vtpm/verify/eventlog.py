@@ -28,8 +28,9 @@ from collections.abc import Mapping, Sequence
 
 from vtpm.errors import ConfigError, EventLogError
 from vtpm.tpm import eventlog
-from vtpm.tpm.attest import HASH_BY_NAME
+from vtpm.tpm.constants import HASH_NAMES, MAX_PCR
 from vtpm.tpm.eventlog import Event, EventType
+from vtpm.tpm.hashes import HASH_BY_NAME
 from vtpm.verify.expected import Expected
 from vtpm.verify.verdict import Check
 
@@ -37,7 +38,6 @@ MAX_EXPECTED_EVENTS = 1024
 ENTRY_KEYS = frozenset({"pcr", "type", "data", "digests"})
 
 Numbered = list[tuple[int, Event]]  # (event number in the log, event)
-BANK_NAMES = {h.alg: name for name, h in HASH_BY_NAME.items()}
 
 
 def _short(data: bytes) -> str:
@@ -57,7 +57,7 @@ def policy_entry(events: Sequence[Event]) -> dict[str, object]:
                 "pcr": ev.pcr,
                 "type": eventlog.type_name(ev.type),
                 "data": ev.data.decode("utf-8", errors="replace"),
-                "digests": {BANK_NAMES[a]: d.hex() for a, d in ev.digests},
+                "digests": {HASH_NAMES[a]: d.hex() for a, d in ev.digests},
             }
         )
     return {"events": out}
@@ -90,8 +90,8 @@ def parse_policy_entry(raw: object) -> tuple[Event, ...]:
             if info is None or len(digest) != info.size:
                 raise ConfigError(f"{where}: event {n} has a bad {name} digest")
             pairs.append((info.alg, digest))
-        if not isinstance(pcr, int) or isinstance(pcr, bool) or not 0 <= pcr <= eventlog.MAX_PCR:
-            raise ConfigError(f"{where}: event {n}'s pcr must be 0..{eventlog.MAX_PCR}")
+        if not isinstance(pcr, int) or isinstance(pcr, bool) or not 0 <= pcr <= MAX_PCR:
+            raise ConfigError(f"{where}: event {n}'s pcr must be 0..{MAX_PCR}")
         out.append(Event(pcr, type_value, tuple(pairs), data.encode()))
     return tuple(out)
 
@@ -109,7 +109,7 @@ def replay_checks(
         parsed = eventlog.parse(log)
     except EventLogError as e:
         return [Check("eventlog.parse", False, str(e))]
-    names = ", ".join(BANK_NAMES.get(a, f"{a:#06x}") for a in parsed.banks)
+    names = ", ".join(HASH_NAMES.get(a, f"{a:#06x}") for a in parsed.banks)
     if info.alg not in parsed.banks:
         return [Check("eventlog.parse", False, f"the log has {names} digests, no {bank}")]
     measured: Numbered = [

@@ -26,11 +26,11 @@ from types import MappingProxyType
 
 from vtpm.errors import ConfigError
 from vtpm.files import read_limited
-from vtpm.tpm.attest import HASH_BY_NAME
+from vtpm.tpm.constants import MAX_PCR
+from vtpm.tpm.hashes import HASH_BY_NAME
 
 FORMAT = "vtpm-verify-policy/1"
 KEYS = frozenset({"format", "vtpm_uuid", "group", "label", "vtpm_pcrs", "host_pcrs", "event_log"})
-MAX_PCR = 23
 MAX_POLICY_BYTES = 1 << 20
 
 PcrBanks = Mapping[str, Mapping[int, bytes]]  # bank name -> PCR index -> value

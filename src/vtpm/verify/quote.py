@@ -23,8 +23,8 @@ checkquote compares the digest alone).
 Clock: resetCount and restartCount of a key outside the endorsement and platform hierarchies
 are obfuscated by adding a per-key constant (Part 1, 36.7), so they are compared as 32-bit
 differences, which the constant does not change; quotes by different keys are not comparable.
-Malformed bytes raise `VerifyError` (from `vtpm.tpm.attest`); a verdict is only ever given on
-structures that parsed.
+Malformed bytes raise `VerifyError` (from `vtpm.tpm.attest` and `vtpm.tpm.public`); a verdict is
+only ever given on structures that parsed.
 """
 
 from __future__ import annotations
@@ -38,20 +38,16 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from vtpm.errors import VerifyError
 from vtpm.tpm.attest import (
-    HASH_BY_NAME,
-    HASHES,
     TPM_GENERATED_VALUE,
     TPM_ST_ATTEST,
-    TPMA_OBJECT,
     Attest,
-    PublicKey,
     Signature,
-    TpmPublic,
-    hash_name,
     parse_attest,
     parse_signature,
 )
-from vtpm.tpm.constants import TPM_ALG
+from vtpm.tpm.constants import TPM_ALG, TPMA_OBJECT
+from vtpm.tpm.hashes import HASH_BY_NAME, HASHES, hash_name
+from vtpm.tpm.public import PublicKey, TpmPublic
 from vtpm.verify.verdict import Check, Verdict
 
 # Hierarchy handles: the parent "qualified name" of a primary key (Part 1, 16.6).

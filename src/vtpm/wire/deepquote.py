@@ -80,7 +80,10 @@ class DeepQuoteInfo:
             raise LocalProtocolError(f"unknown DeepQuoteInfo flags {self.flags:#x}")
         if not 1 <= len(self.nonce) <= MAX_NONCE:
             raise LocalProtocolError(f"a nonce is 1..{MAX_NONCE} bytes, not {len(self.nonce)}")
-        raw_label = self.label.encode()
+        try:
+            raw_label = self.label.encode()
+        except UnicodeEncodeError:  # a ValueError: not to leave this module as one
+            raise LocalProtocolError("a label must be valid Unicode") from None
         if not 1 <= len(raw_label) <= MAX_LABEL:
             raise LocalProtocolError(f"a label is 1..{MAX_LABEL} bytes")
         if not self.label_hash:

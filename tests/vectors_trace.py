@@ -42,3 +42,9 @@ def records() -> list[Record]:
 
 def select(channel: str, direction: str) -> list[bytes]:
     return [r.data for r in records() if r.channel == channel and r.direction == direction]
+
+
+def splits(data: bytes) -> list[list[bytes]]:
+    """Ways to cut `data` into reads: at every single point, and one byte at a time."""
+    cuts = [[data[:i], data[i:]] for i in range(1, len(data))]
+    return [*cuts, [data[i : i + 1] for i in range(len(data))]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.vectors_trace import select
+from tests.vectors_trace import select, splits
 from vtpm.errors import LocalProtocolError, RemoteProtocolError
 from vtpm.wire import ctrl as w
 from vtpm.wire._common import CLOSED, NEED_DATA
@@ -111,65 +111,126 @@ def test_every_split_gives_the_same_events(how: str) -> None:
     assert drive(chunks, list(CAPTURED_ANSWERS)) == [*CAPTURED_EVENTS, CLOSED]
 
 
-HAND_WRITTEN = [
-    ("00000001", w.GetCapability()),
-    ("0000000200000001", w.Init(1)),
-    ("00000004", w.GetTpmEstablished()),
-    ("00000006", w.HashStart()),
-    ("0000000700000003616263", w.HashData(b"abc")),
-    ("00000008", w.HashEnd()),
-    ("00000009", w.CancelTpmCmd()),
-    ("0000000a", w.StoreVolatile()),
-    ("0000000c000000010000000200000010", w.GetStateBlob(1, 2, 16)),
-    ("0000000d00000000000000010000000278 79".replace(" ", ""), w.SetStateBlob(0, 1, b"xy")),
-    ("0000000e", w.Stop()),
-    ("0000000f", w.GetConfig()),
-    ("00000010", w.SetDataFd()),
-    ("0000001100000b00", w.SetBufferSize(0xB00)),
-    ("00000012" + "0000000000000001" + "00000004" + "00000000", w.GetInfo(1, 4)),
-    ("0000001300000005", w.LockStorage(5)),
+# (command code, exact bytes, event): the first rows are QEMU's requests as captured in
+# vectors/ (tests/vectors_trace.py), the rest are written by hand from tpm_ioctl.h's layouts
+# (PROTOCOLS.md), never by our encoder
+REQUESTS: list[tuple[int, str, w.Request]] = [
+    (0x10, "00000010", w.SetDataFd()),
+    (0x01, "00000001", w.GetCapability()),
+    (0x0E, "0000000e", w.Stop()),
+    (0x11, "00000011 00000000", w.SetBufferSize(0)),
+    (0x0E, "0000000e", w.Stop()),
+    (0x11, "00000011 00001000", w.SetBufferSize(4096)),
+    (0x02, "00000002 00000000", w.Init(0)),
+    (0x04, "00000004", w.GetTpmEstablished()),
+    (0x05, "00000005 00 000000", w.SetLocality(0)),  # QEMU pads the locality to 4 bytes
+    (0x03, "00000003", w.Shutdown()),
+    (0x02, "00000002 00000001", w.Init(1)),
+    (0x05, "00000005 03 000000", w.SetLocality(3)),
+    (0x06, "00000006", w.HashStart()),
+    (0x07, "00000007 00000003 616263", w.HashData(b"abc")),
+    (0x08, "00000008", w.HashEnd()),
+    (0x09, "00000009", w.CancelTpmCmd()),
+    (0x0A, "0000000a", w.StoreVolatile()),
+    (0x0B, "0000000b 04 000000", w.ResetTpmEstablished(4)),
+    (0x0C, "0000000c 00000001 00000002 00000010", w.GetStateBlob(1, 2, 16)),
+    (0x0D, "0000000d 00000000 00000001 00000002 7879", w.SetStateBlob(0, 1, b"xy")),
+    (0x0E, "0000000e", w.Stop()),
+    (0x0F, "0000000f", w.GetConfig()),
+    (0x10, "00000010", w.SetDataFd()),
+    (0x11, "00000011 00000b00", w.SetBufferSize(0xB00)),
+    (0x12, "00000012 0000000000000001 00000004 00000000", w.GetInfo(1, 4)),
+    (0x13, "00000013 00000005", w.LockStorage(5)),
+]
+CAPTURED_ROWS = 10
+
+
+def test_the_table_starts_with_the_captured_requests() -> None:
+    captured = select("ctrl", "cmd")
+    assert [bytes.fromhex(h) for _, h, _ in REQUESTS[:CAPTURED_ROWS]] == captured
+    assert [ev for _, _, ev in REQUESTS[:CAPTURED_ROWS]] == CAPTURED_EVENTS
+    assert captured[0] == bytes.fromhex("00000010")  # SET_DATAFD, sent with the fd
+
+
+@pytest.mark.parametrize(("code", "hexbytes", "event"), REQUESTS)
+def test_request_layouts_both_ways(code: int, hexbytes: str, event: w.Request) -> None:
+    raw = bytes.fromhex(hexbytes)
+    assert int.from_bytes(raw[:4], "big") == code == w.CtrlCommand(code)
+    assert drive([raw]) == [event, CLOSED]
+    assert w.encode_request(event) == raw
+    assert w.ControlClientConnection().send(event) == raw
+    for chunks in splits(raw):
+        assert drive(chunks) == [event, CLOSED]
+
+
+def test_short_locality_encoding_as_tcti_swtpm_sends_it() -> None:
+    assert w.encode_request(w.SetLocality(3), short_locality=True) == bytes.fromhex("0000000503")
+    client = w.ControlClientConnection(short_locality=True)
+    assert client.send(w.ResetTpmEstablished(3)) == bytes.fromhex("0000000b03")
+
+
+# (command code, the request answered, exact bytes, response): the first rows are swtpm's
+# answers as captured, the rest from tpm_ioctl.h. Error answers keep the fixed layout,
+# zero-filled (a client reading a fixed size is never left waiting).
+RESPONSES: list[tuple[int, w.Request, str, w.Response]] = [
+    (0x10, w.SetDataFd(), "00000000", w.Result(0)),
+    (0x01, w.GetCapability(), "00000000 0000ffff", w.CapabilityResult(0, 0xFFFF)),
+    (0x0E, w.Stop(), "00000000", w.Result(0)),
+    (
+        0x11,
+        w.SetBufferSize(0),
+        "00000000 00001000 00000af8 00001000",
+        w.BufferSizeResult(0, 4096, 2808, 4096),
+    ),
+    (0x02, w.Init(0), "00000000", w.Result(0)),
+    (0x04, w.GetTpmEstablished(), "00000000 00 000000", w.EstablishedResult(0, False)),
+    (0x05, w.SetLocality(0), "00000000", w.Result(0)),
+    (0x03, w.Shutdown(), "00000000", w.Result(0)),
+    (0x01, w.GetCapability(), "00000000 0001ffff", w.CapabilityResult(0, 0x1FFFF)),
+    (0x04, w.GetTpmEstablished(), "00000000 01 000000", w.EstablishedResult(0, True)),
+    (0x0F, w.GetConfig(), "00000000 00000001", w.ConfigResult(0, 1)),
+    (
+        0x0C,
+        w.GetStateBlob(1, 1, 0),
+        "00000000 00000000 00000005 00000002 6162",
+        w.StateBlobResult(0, 0, 5, b"ab"),
+    ),
+    (0x12, w.GetInfo(1, 0), "00000000 00000002 00000002 7b7d", w.InfoResult(0, 2, b"{}")),
+    (0x0C, w.GetStateBlob(1, 2, 0), "00000009" + "00" * 12, w.StateBlobResult(9, 0, 0, b"")),
+    (0x11, w.SetBufferSize(0), "00000003" + "00" * 12, w.BufferSizeResult(3, 0, 0, 0)),
+    (0x02, w.Init(0), "00000009", w.Result(9)),
+    (0x0D, w.SetStateBlob(1, 1, b"x"), "0000001f", w.Result(0x1F)),
 ]
 
 
-@pytest.mark.parametrize(("hexbytes", "event"), HAND_WRITTEN)
-def test_request_layouts_both_ways(hexbytes: str, event: w.Request) -> None:
+@pytest.mark.parametrize(("code", "request_", "hexbytes", "response"), RESPONSES)
+def test_response_table_both_ways(
+    code: int, request_: w.Request, hexbytes: str, response: w.Response
+) -> None:
     raw = bytes.fromhex(hexbytes)
-    assert drive([raw]) == [event, CLOSED]
-    assert w.encode_request(event) == raw
+    assert w.encode_request(request_)[:4] == code.to_bytes(4, "big")
+    assert w.encode_response(response, type(request_)) == raw
+    server = w.ControlServerConnection()
+    server.receive_data(w.encode_request(request_))
+    assert server.next_event() == request_
+    assert server.send(response) == raw
+    for chunks in [[raw], *splits(raw)]:
+        client = w.ControlClientConnection()
+        client.send(request_)
+        for chunk in chunks:
+            assert client.next_event() is NEED_DATA
+            client.receive_data(chunk)
+        assert client.next_event() == response
+        client.receive_data(b"")
+        assert client.next_event() is CLOSED
 
 
-@pytest.mark.parametrize(
-    ("pending", "answer", "hexbytes"),
-    [
-        (w.GetCapability(), w.CapabilityResult(0, 0x1FFFF), "000000000001ffff"),
-        (w.GetTpmEstablished(), w.EstablishedResult(0, True), "0000000001000000"),
-        (w.GetConfig(), w.ConfigResult(0, 1), "0000000000000001"),
-        (
-            w.GetStateBlob(1, 1, 0),
-            w.StateBlobResult(0, 0, 5, b"ab"),
-            "000000000000000000000005000000026162",
-        ),
-        (w.GetInfo(1, 0), w.InfoResult(0, 2, b"{}"), "0000000000000002000000027b7d"),
-        # errors keep the fixed layout, zero-filled: QEMU reads fixed sizes
-        (w.GetStateBlob(1, 1, 0), w.Result(9), "00000009" + "00" * 12),
-        (w.SetBufferSize(0), w.Result(3), "00000003" + "00" * 12),
-        (w.GetTpmEstablished(), w.Result(9), "0000000900000000"),
-        (w.Init(0), w.Result(9), "00000009"),
-    ],
-)
-def test_response_layouts(pending: w.Request, answer: w.Response, hexbytes: str) -> None:
-    conn = w.ControlServerConnection()
-    conn.receive_data(w.encode_request(pending))
-    assert conn.next_event() == pending
-    assert conn.send(answer) == bytes.fromhex(hexbytes)
-    client = w.ControlClientConnection()
-    client.send(pending)
-    client.receive_data(bytes.fromhex(hexbytes))
-    got = client.next_event()
-    if isinstance(answer, w.Result) and not isinstance(pending, w.Init):
-        assert getattr(got, "result", None) == answer.result
-    else:
-        assert got == answer
+def test_captured_answers_are_in_the_table() -> None:
+    rows = {(type(req), bytes.fromhex(h)): rsp for _, req, h, rsp in RESPONSES}
+    for req, raw, answer in zip(
+        CAPTURED_EVENTS, select("ctrl", "rsp"), CAPTURED_ANSWERS, strict=True
+    ):
+        assert rows[type(req), raw] == answer
 
 
 @pytest.mark.parametrize("pad", ["000000", "a5a5a5", "ffffff"])

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 
+from tests.vectors_trace import splits
 from vtpm.errors import LocalProtocolError, RemoteProtocolError
 from vtpm.wire import ipc as w
 from vtpm.wire._common import CLOSED, NEED_DATA
@@ -32,45 +33,56 @@ def drive(role: w.Role, chunks: list[bytes], max_frame: int = 65536) -> list[obj
     return events
 
 
-# (sender, bytes on the wire, event); the receiver is the other role
-TABLE: list[tuple[w.Role, str, w.Event]] = [
-    (PEER, "00000012 01 01 123456789abcdef0123456789abcdef0", w.Hello(UUID)),
+# (sender, message type, bytes on the wire, event); the receiver is the other role. The bytes
+# are written by hand from the layouts in the module docstring, never by our encoder.
+TABLE: list[tuple[w.Role, int, str, w.Event]] = [
+    (PEER, 0x01, "00000012 01 01 123456789abcdef0123456789abcdef0", w.Hello(UUID)),
     (
         MANAGER,
+        0x02,
         # key | n = 2 | 9 "permanent" digest | 8 "volatile" digest
         f"00000075 02 {KEY_HEX} 02 09 7065726d616e656e74 {AA} 08 766f6c6174696c65 {BB}",
         w.KeyGrant(KEY, (("permanent", D_AA), ("volatile", D_BB))),
     ),
-    (MANAGER, "00000022 02" + "11" * 32 + "00", w.KeyGrant(b"\x11" * 32, ())),
-    (MANAGER, "0000000d 03 756e6b6e6f776e207654504d", w.Refused("unknown vTPM")),
-    (MANAGER, "00000001 03", w.Refused("")),
-    (MANAGER, "00000006 03 636166c3a9", w.Refused("café")),
+    (MANAGER, 0x02, "00000022 02" + "11" * 32 + "00", w.KeyGrant(b"\x11" * 32, ())),
+    (MANAGER, 0x03, "0000000d 03 756e6b6e6f776e207654504d", w.Refused("unknown vTPM")),
+    (MANAGER, 0x03, "00000001 03", w.Refused("")),
+    (MANAGER, 0x03, "00000006 03 636166c3a9", w.Refused("café")),
     (
         PEER,
+        0x04,
         "00000033 04 09 7065726d616e656e74 0000000000000007" + CC,
         w.StateWritten("permanent", 7, D_CC),
     ),
     (
         PEER,
+        0x04,
         "0000002b 04 01 78 ffffffffffffffff" + AA,
         w.StateWritten("x", 2**64 - 1, D_AA),
     ),
-    (PEER, "0000000a 05 08 766f6c6174696c65", w.StateDeleted("volatile")),
-    (MANAGER, "00000001 06", w.Ack()),
-    (PEER, "00000001 07", w.Goodbye()),
-    (PEER, "00000001 08", w.Ready()),
-    (PEER, "0000000c 20 0002 aabb 00000081 000b 00", w.QuoteRequest(b"\xaa\xbb", (0, 7), 0x0B, ())),
-    (MANAGER, "00000004 21 010203", w.QuoteReply(b"\x01\x02\x03")),
-    (MANAGER, "00000007 22 000b 00000003", w.PcrRequest(0x0B, (0, 1))),
-    (PEER, "00000019 23 0004 01 05" + " 11" * 20, w.PcrReply(0x04, ((5, b"\x11" * 20),))),
+    (PEER, 0x05, "0000000a 05 08 766f6c6174696c65", w.StateDeleted("volatile")),
+    (MANAGER, 0x06, "00000001 06", w.Ack()),
+    (PEER, 0x07, "00000001 07", w.Goodbye()),
+    (PEER, 0x08, "00000001 08", w.Ready()),
+    (
+        PEER,
+        0x20,
+        "0000000c 20 0002 aabb 00000081 000b 00",
+        w.QuoteRequest(b"\xaa\xbb", (0, 7), 0x0B, ()),
+    ),
+    (MANAGER, 0x21, "00000004 21 010203", w.QuoteReply(b"\x01\x02\x03")),
+    (MANAGER, 0x22, "00000007 22 000b 00000003", w.PcrRequest(0x0B, (0, 1))),
+    (PEER, 0x23, "00000019 23 0004 01 05" + " 11" * 20, w.PcrReply(0x04, ((5, b"\x11" * 20),))),
     # {"args":{},"op":"list"}
     (
         PEER,
+        0x10,
         "00000018 10 7b2261726773223a7b7d2c226f70223a226c697374227d",
         w.AdminRequest("list", {}),
     ),
     (
         PEER,
+        0x10,
         # {"args":{"b":true,"name":"vm1","opt":null,"size":2,"tags":["a","b"],"x":1.5},
         #  "op":"create"}
         "0000005c 10 7b2261726773223a7b2262223a747275652c226e616d65223a22766d31222c226f70"
@@ -83,38 +95,54 @@ TABLE: list[tuple[w.Role, str, w.Event]] = [
     ),
     (
         PEER,
+        0x10,
         # {"args":{"to":"é"},"op":"rename"}: UTF-8 on the wire, not a \u escape
         "00000023 10 7b2261726773223a7b22746f223a22c3a9227d2c226f70223a2272656e616d65227d",
         w.AdminRequest("rename", {"to": "é"}),
     ),
     (
         MANAGER,
+        0x11,
         # {"ok":true,"result":{"vtpms":["a"]}}
         "00000025 11 7b226f6b223a747275652c22726573756c74223a7b227674706d73223a5b2261225d7d7d",
         w.AdminReply(True, {"vtpms": ["a"]}),
     ),
     # {"ok":true,"result":null}
-    (MANAGER, "0000001a 11 7b226f6b223a747275652c22726573756c74223a6e756c6c7d", w.AdminReply(True)),
     (
         MANAGER,
+        0x11,
+        "0000001a 11 7b226f6b223a747275652c22726573756c74223a6e756c6c7d",
+        w.AdminReply(True),
+    ),
+    (
+        MANAGER,
+        0x11,
         # {"error":"no such vTPM","ok":false}
         "00000024 11 7b226572726f72223a226e6f2073756368207654504d222c226f6b223a66616c73657d",
         w.AdminReply(False, error="no such vTPM"),
     ),
     # {"error":"","ok":false}
-    (MANAGER, "00000018 11 7b226572726f72223a22222c226f6b223a66616c73657d", w.AdminReply(False)),
+    (
+        MANAGER,
+        0x11,
+        "00000018 11 7b226572726f72223a22222c226f6b223a66616c73657d",
+        w.AdminReply(False),
+    ),
 ]
 
 
-@pytest.mark.parametrize(("sender", "hexbytes", "event"), TABLE)
-def test_layouts_both_ways(sender: w.Role, hexbytes: str, event: w.Event) -> None:
+@pytest.mark.parametrize(("sender", "code", "hexbytes", "event"), TABLE)
+def test_layouts_both_ways(sender: w.Role, code: int, hexbytes: str, event: w.Event) -> None:
     raw = bytes.fromhex(hexbytes)
+    assert raw[4] == code == w.MessageType(code)
     assert drive(OTHER[sender], [raw]) == [event, CLOSED]
     assert w.IpcConnection(sender).send(event) == raw
+    for chunks in splits(raw):
+        assert drive(OTHER[sender], chunks) == [event, CLOSED]
 
 
 def stream_to(receiver: w.Role) -> tuple[bytes, list[object]]:
-    rows = [(bytes.fromhex(h), ev) for sender, h, ev in TABLE if OTHER[sender] is receiver]
+    rows = [(bytes.fromhex(h), ev) for sender, _, h, ev in TABLE if OTHER[sender] is receiver]
     return b"".join(raw for raw, _ in rows), [ev for _, ev in rows]
 
 

@@ -19,356 +19,165 @@ Rules this codec keeps:
   zero-filled, so a client that reads a fixed size (QEMU does) is never left waiting.
 - An unknown code cannot be skipped (its length is unknown): `RemoteProtocolError`; the
   adapter answers `error_bytes_for_unknown()` and closes.
+- SHUTDOWN ends the session once answered: any byte after it is a `RemoteProtocolError`.
+- HASH_DATA carries at most MAX_HASH_DATA bytes and SET_STATEBLOB at most `max_message`; a
+  larger length is refused as soon as it is in, before its data.
+
+The protocol is data: `_COMMANDS` holds one row per code, its request layout and its response
+layout (`vtpm.wire._layout`), and every encoder and decoder on both sides reads that row. The
+events are in `vtpm.wire.ctrl_events` (re-exported here).
 """
 
 from __future__ import annotations
 
-import enum
 import struct
-from dataclasses import dataclass
-
-from vtpm.errors import LocalProtocolError, RemoteProtocolError
-from vtpm.wire._common import CLOSED, NEED_DATA, ReceiveBuffer, Sentinel
-
-MAX_HASH_DATA = 4096 - 4
-
-
-class CtrlCommand(enum.IntEnum):
-    GET_CAPABILITY = 0x01
-    INIT = 0x02
-    SHUTDOWN = 0x03
-    GET_TPMESTABLISHED = 0x04
-    SET_LOCALITY = 0x05
-    HASH_START = 0x06
-    HASH_DATA = 0x07
-    HASH_END = 0x08
-    CANCEL_TPM_CMD = 0x09
-    STORE_VOLATILE = 0x0A
-    RESET_TPMESTABLISHED = 0x0B
-    GET_STATEBLOB = 0x0C
-    SET_STATEBLOB = 0x0D
-    STOP = 0x0E
-    GET_CONFIG = 0x0F
-    SET_DATAFD = 0x10
-    SET_BUFFERSIZE = 0x11
-    GET_INFO = 0x12
-    LOCK_STORAGE = 0x13
-
-
-class CtrlResult(enum.IntEnum):
-    """Result codes (TPM 1.2 TPM_RESULT values, as swtpm answers them)."""
-
-    SUCCESS = 0x00
-    BAD_PARAMETER = 0x03
-    FAIL = 0x09
-    BAD_ORDINAL = 0x0A
-    IO_ERROR = 0x1F
-
-
-class Capability(enum.IntFlag):
-    INIT = 1 << 0
-    SHUTDOWN = 1 << 1
-    GET_TPMESTABLISHED = 1 << 2
-    SET_LOCALITY = 1 << 3
-    HASHING = 1 << 4
-    CANCEL_TPM_CMD = 1 << 5
-    STORE_VOLATILE = 1 << 6
-    RESET_TPMESTABLISHED = 1 << 7
-    GET_STATEBLOB = 1 << 8
-    SET_STATEBLOB = 1 << 9
-    STOP = 1 << 10
-    GET_CONFIG = 1 << 11
-    SET_DATAFD = 1 << 12
-    SET_BUFFERSIZE = 1 << 13
-    GET_INFO = 1 << 14
-    SEND_COMMAND_HEADER = 1 << 15
-    LOCK_STORAGE = 1 << 16
-
-
-class StateBlobType(enum.IntEnum):
-    PERMANENT = 1
-    VOLATILE = 2
-    SAVESTATE = 3
-
-
-INIT_FLAG_DELETE_VOLATILE = 0x1
-STATE_FLAG_DECRYPTED = 0x1
-STATE_FLAG_ENCRYPTED = 0x2
-
-
-def _u32(name: str, value: int) -> None:
-    if not 0 <= value <= 0xFFFFFFFF:
-        raise LocalProtocolError(f"{name}={value} does not fit in 32 bits")
-
-
-def _locality(value: int) -> None:
-    if not 0 <= value <= 4:
-        raise LocalProtocolError(f"locality {value} is out of range 0..4")
-
-
-# requests -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GetCapability:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Init:
-    flags: int = 0
-
-    def __post_init__(self) -> None:
-        _u32("flags", self.flags)
-
-
-@dataclass(frozen=True, slots=True)
-class Shutdown:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class GetTpmEstablished:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class SetLocality:
-    locality: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.locality <= 0xFF:
-            raise LocalProtocolError(f"locality {self.locality} does not fit in a byte")
-
-
-@dataclass(frozen=True, slots=True)
-class HashStart:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class HashData:
-    data: bytes
-
-    def __post_init__(self) -> None:
-        if len(self.data) > MAX_HASH_DATA:
-            raise LocalProtocolError(f"hash data of {len(self.data)} bytes is too long")
-
-
-@dataclass(frozen=True, slots=True)
-class HashEnd:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class CancelTpmCmd:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class StoreVolatile:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class ResetTpmEstablished:
-    locality: int
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.locality <= 0xFF:
-            raise LocalProtocolError(f"locality {self.locality} does not fit in a byte")
-
-
-@dataclass(frozen=True, slots=True)
-class GetStateBlob:
-    flags: int
-    blob_type: int
-    offset: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("flags", "blob_type", "offset"):
-            _u32(name, getattr(self, name))
-
-
-@dataclass(frozen=True, slots=True)
-class SetStateBlob:
-    flags: int
-    blob_type: int
-    data: bytes
-
-    def __post_init__(self) -> None:
-        _u32("flags", self.flags)
-        _u32("blob_type", self.blob_type)
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class GetConfig:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class SetDataFd:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class SetBufferSize:
-    size: int
-
-    def __post_init__(self) -> None:
-        _u32("size", self.size)
-
-
-@dataclass(frozen=True, slots=True)
-class GetInfo:
-    flags: int
-    offset: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.flags <= 0xFFFFFFFFFFFFFFFF:
-            raise LocalProtocolError("GET_INFO flags do not fit in 64 bits")
-        _u32("offset", self.offset)
-
-
-@dataclass(frozen=True, slots=True)
-class LockStorage:
-    retries: int = 0
-
-    def __post_init__(self) -> None:
-        _u32("retries", self.retries)
-
-
-Request = (
-    GetCapability
-    | Init
-    | Shutdown
-    | GetTpmEstablished
-    | SetLocality
-    | HashStart
-    | HashData
-    | HashEnd
-    | CancelTpmCmd
-    | StoreVolatile
-    | ResetTpmEstablished
-    | GetStateBlob
-    | SetStateBlob
-    | Stop
-    | GetConfig
-    | SetDataFd
-    | SetBufferSize
-    | GetInfo
-    | LockStorage
+from typing import cast
+
+from vtpm.errors import LocalProtocolError
+from vtpm.wire._common import Sentinel
+from vtpm.wire._layout import Exchange, Layout, RequestClient, RequestServer, code_bytes
+from vtpm.wire.ctrl_events import (
+    INIT_FLAG_DELETE_VOLATILE,
+    MAX_HASH_DATA,
+    STATE_FLAG_DECRYPTED,
+    STATE_FLAG_ENCRYPTED,
+    BufferSizeResult,
+    CancelTpmCmd,
+    Capability,
+    CapabilityResult,
+    ConfigResult,
+    CtrlCommand,
+    CtrlResult,
+    EstablishedResult,
+    GetCapability,
+    GetConfig,
+    GetInfo,
+    GetStateBlob,
+    GetTpmEstablished,
+    HashData,
+    HashEnd,
+    HashStart,
+    InfoResult,
+    Init,
+    LockStorage,
+    Request,
+    ResetTpmEstablished,
+    Response,
+    Result,
+    SetBufferSize,
+    SetDataFd,
+    SetLocality,
+    SetStateBlob,
+    Shutdown,
+    StateBlobResult,
+    StateBlobType,
+    Stop,
+    StoreVolatile,
 )
 
-# responses ----------------------------------------------------------------------------------
+__all__ = [
+    "BufferSizeResult",
+    "CancelTpmCmd",
+    "Capability",
+    "CapabilityResult",
+    "ConfigResult",
+    "ControlClientConnection",
+    "ControlServerConnection",
+    "CtrlCommand",
+    "CtrlResult",
+    "EstablishedResult",
+    "GetCapability",
+    "GetConfig",
+    "GetInfo",
+    "GetStateBlob",
+    "GetTpmEstablished",
+    "HashData",
+    "HashEnd",
+    "HashStart",
+    "INIT_FLAG_DELETE_VOLATILE",
+    "InfoResult",
+    "Init",
+    "LockStorage",
+    "MAX_HASH_DATA",
+    "Request",
+    "ResetTpmEstablished",
+    "Response",
+    "Result",
+    "STATE_FLAG_DECRYPTED",
+    "STATE_FLAG_ENCRYPTED",
+    "SetBufferSize",
+    "SetDataFd",
+    "SetLocality",
+    "SetStateBlob",
+    "Shutdown",
+    "StateBlobResult",
+    "StateBlobType",
+    "Stop",
+    "StoreVolatile",
+    "encode_request",
+    "encode_response",
+    "error_bytes_for_unknown",
+]
 
+# the protocol as data: per code, the request's layout and the response's ------------------
 
-@dataclass(frozen=True, slots=True)
-class Result:
-    result: int
-
-    def __post_init__(self) -> None:
-        _u32("result", self.result)
-
-
-@dataclass(frozen=True, slots=True)
-class CapabilityResult:
-    result: int
-    caps: int
-
-    def __post_init__(self) -> None:
-        _u32("result", self.result)
-        _u32("caps", self.caps)
-
-
-@dataclass(frozen=True, slots=True)
-class EstablishedResult:
-    result: int
-    established: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StateBlobResult:
-    result: int
-    flags: int
-    total_length: int
-    data: bytes
-
-    def __post_init__(self) -> None:
-        for name in ("result", "flags", "total_length"):
-            _u32(name, getattr(self, name))
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigResult:
-    result: int
-    flags: int
-
-
-@dataclass(frozen=True, slots=True)
-class BufferSizeResult:
-    result: int
-    size: int
-    minimum: int
-    maximum: int
-
-
-@dataclass(frozen=True, slots=True)
-class InfoResult:
-    result: int
-    total_length: int
-    data: bytes
-
-
-Response = (
-    Result
-    | CapabilityResult
-    | EstablishedResult
-    | StateBlobResult
-    | ConfigResult
-    | BufferSizeResult
-    | InfoResult
+RESULT = Layout(Result, "I", ("result",))
+_RESPONSES = {
+    GetCapability: Layout(CapabilityResult, "II", ("result", "caps")),
+    GetTpmEstablished: Layout(
+        EstablishedResult,
+        "IB3x",
+        ("result", "established"),
+        convert=(("established", lambda bit: bool(bit & 1)),),
+    ),
+    GetStateBlob: Layout(
+        StateBlobResult,
+        "IIII",
+        ("result", "flags", "total_length"),
+        tail="data",
+        tail_what="state blob",
+    ),
+    GetConfig: Layout(ConfigResult, "II", ("result", "flags")),
+    SetBufferSize: Layout(BufferSizeResult, "IIII", ("result", "size", "minimum", "maximum")),
+    GetInfo: Layout(InfoResult, "III", ("result", "total_length"), tail="data", tail_what="info"),
+}
+# code, request event, request fields after the code (struct format, names), tail, its bound
+_REQUESTS: tuple[tuple[CtrlCommand, type, str, tuple[str, ...], str | None, int | None], ...] = (
+    (CtrlCommand.GET_CAPABILITY, GetCapability, "", (), None, None),
+    (CtrlCommand.INIT, Init, "I", ("flags",), None, None),
+    (CtrlCommand.SHUTDOWN, Shutdown, "", (), None, None),
+    (CtrlCommand.GET_TPMESTABLISHED, GetTpmEstablished, "", (), None, None),
+    (CtrlCommand.SET_LOCALITY, SetLocality, "B", ("locality",), None, None),
+    (CtrlCommand.HASH_START, HashStart, "", (), None, None),
+    (CtrlCommand.HASH_DATA, HashData, "I", (), "data", MAX_HASH_DATA),
+    (CtrlCommand.HASH_END, HashEnd, "", (), None, None),
+    (CtrlCommand.CANCEL_TPM_CMD, CancelTpmCmd, "", (), None, None),
+    (CtrlCommand.STORE_VOLATILE, StoreVolatile, "", (), None, None),
+    (CtrlCommand.RESET_TPMESTABLISHED, ResetTpmEstablished, "B", ("locality",), None, None),
+    (CtrlCommand.GET_STATEBLOB, GetStateBlob, "III", ("flags", "blob_type", "offset"), None, None),
+    (CtrlCommand.SET_STATEBLOB, SetStateBlob, "III", ("flags", "blob_type"), "data", None),
+    (CtrlCommand.STOP, Stop, "", (), None, None),
+    (CtrlCommand.GET_CONFIG, GetConfig, "", (), None, None),
+    (CtrlCommand.SET_DATAFD, SetDataFd, "", (), None, None),
+    (CtrlCommand.SET_BUFFERSIZE, SetBufferSize, "I", ("size",), None, None),
+    (CtrlCommand.GET_INFO, GetInfo, "QI4x", ("flags", "offset"), None, None),
+    (CtrlCommand.LOCK_STORAGE, LockStorage, "I", ("retries",), None, None),
 )
-
-# the protocol as data: per code, the request type and the response type it takes -----------
-
-_RESPONSE_FOR: dict[type, type] = {
-    GetCapability: CapabilityResult,
-    GetTpmEstablished: EstablishedResult,
-    GetStateBlob: StateBlobResult,
-    GetConfig: ConfigResult,
-    SetBufferSize: BufferSizeResult,
-    GetInfo: InfoResult,
+_TAIL_WHAT = {CtrlCommand.HASH_DATA: "HASH_DATA", CtrlCommand.SET_STATEBLOB: "state blob"}
+_COMMANDS: dict[int, Exchange] = {
+    code: Exchange(
+        f"command {code:#x} ({code.name})",
+        Layout(event, fmt, fields, tail, bound, _TAIL_WHAT.get(code, ""), code_bytes(code)),
+        _RESPONSES.get(event, RESULT),
+        ends=code == CtrlCommand.SHUTDOWN,
+        code=code,
+    )
+    for code, event, fmt, fields, tail, bound in _REQUESTS
 }
-_NO_BODY: dict[int, type] = {
-    CtrlCommand.GET_CAPABILITY: GetCapability,
-    CtrlCommand.SHUTDOWN: Shutdown,
-    CtrlCommand.GET_TPMESTABLISHED: GetTpmEstablished,
-    CtrlCommand.HASH_START: HashStart,
-    CtrlCommand.HASH_END: HashEnd,
-    CtrlCommand.CANCEL_TPM_CMD: CancelTpmCmd,
-    CtrlCommand.STORE_VOLATILE: StoreVolatile,
-    CtrlCommand.STOP: Stop,
-    CtrlCommand.GET_CONFIG: GetConfig,
-    CtrlCommand.SET_DATAFD: SetDataFd,
-}
-_CODE_OF: dict[type, int] = {v: k for k, v in _NO_BODY.items()} | {
-    Init: CtrlCommand.INIT,
-    SetLocality: CtrlCommand.SET_LOCALITY,
-    HashData: CtrlCommand.HASH_DATA,
-    ResetTpmEstablished: CtrlCommand.RESET_TPMESTABLISHED,
-    GetStateBlob: CtrlCommand.GET_STATEBLOB,
-    SetStateBlob: CtrlCommand.SET_STATEBLOB,
-    SetBufferSize: CtrlCommand.SET_BUFFERSIZE,
-    GetInfo: CtrlCommand.GET_INFO,
-    LockStorage: CtrlCommand.LOCK_STORAGE,
-}
-_PADDED = (SetLocality, ResetTpmEstablished)
+_BY_TYPE: dict[object, Exchange] = {ex.request.event: ex for ex in _COMMANDS.values()}
+# one locality byte; QEMU pads it to four bytes (see the rules above)
+_PADDED = frozenset({CtrlCommand.SET_LOCALITY, CtrlCommand.RESET_TPMESTABLISHED})
+_PAD = bytes(3)
 
 
 def error_bytes_for_unknown() -> bytes:
@@ -376,249 +185,98 @@ def error_bytes_for_unknown() -> bytes:
     return struct.pack(">I", CtrlResult.BAD_ORDINAL)
 
 
+def _exchange(kind: object) -> Exchange:
+    ex = _BY_TYPE.get(kind)
+    if ex is None:
+        raise LocalProtocolError(f"{kind!r} is not a control request")
+    return ex
+
+
+def _request_bytes(ex: Exchange, req: object, short_locality: bool) -> bytes:
+    out = ex.request.encode(req)
+    return out if short_locality or ex.code not in _PADDED else out + _PAD
+
+
+def _answer_bytes(ex: Exchange, resp: object) -> bytes:
+    layout = ex.answer
+    assert layout is not None
+    if isinstance(resp, Result) and layout.event is not Result:
+        if resp.result == 0:
+            raise LocalProtocolError(f"{ex.name} needs a {layout.name} on success")
+        return layout.zero_filled(resp.result)
+    if type(resp) is not layout.event:
+        raise LocalProtocolError(
+            f"{ex.name} is answered by {layout.name}, not {type(resp).__name__}"
+        )
+    return layout.encode(resp)
+
+
 def encode_request(req: Request, short_locality: bool = False) -> bytes:
-    code = struct.pack(">I", _CODE_OF[type(req)])
-    match req:
-        case Init(flags=f) | SetBufferSize(size=f) | LockStorage(retries=f):
-            return code + struct.pack(">I", f)
-        case SetLocality(locality=loc) | ResetTpmEstablished(locality=loc):
-            return code + (bytes([loc]) if short_locality else bytes([loc, 0, 0, 0]))
-        case HashData(data=d):
-            return code + struct.pack(">I", len(d)) + d
-        case GetStateBlob(flags=f, blob_type=t, offset=o):
-            return code + struct.pack(">III", f, t, o)
-        case SetStateBlob(flags=f, blob_type=t, data=d):
-            return code + struct.pack(">III", f, t, len(d)) + d
-        case GetInfo(flags=f, offset=o):
-            return code + struct.pack(">QII", f, o, 0)
-    return code
+    return _request_bytes(_exchange(type(req)), req, short_locality)
 
 
 def encode_response(resp: Response, pending: type) -> bytes:
     """Bytes of `resp` answering a request of type `pending`."""
-    want = _RESPONSE_FOR.get(pending, Result)
-    if isinstance(resp, Result) and want is not Result:
-        if resp.result == 0:
-            raise LocalProtocolError(f"{pending.__name__} needs a {want.__name__} on success")
-        return _zero_filled(want, resp.result)
-    if not isinstance(resp, want):
-        raise LocalProtocolError(
-            f"{pending.__name__} is answered by {want.__name__}, not {type(resp).__name__}"
-        )
-    match resp:
-        case Result(result=r):
-            return struct.pack(">I", r)
-        case CapabilityResult(result=r, caps=c):
-            return struct.pack(">II", r, c)
-        case EstablishedResult(result=r, established=e):
-            return struct.pack(">IB3x", r, int(e))
-        case StateBlobResult(result=r, flags=f, total_length=t, data=d):
-            return struct.pack(">IIII", r, f, t, len(d)) + d
-        case ConfigResult(result=r, flags=f):
-            return struct.pack(">II", r, f)
-        case BufferSizeResult(result=r, size=s, minimum=lo, maximum=hi):
-            return struct.pack(">IIII", r, s, lo, hi)
-        case InfoResult(result=r, total_length=t, data=d):
-            return struct.pack(">III", r, t, len(d)) + d
-    raise LocalProtocolError(f"cannot encode {type(resp).__name__}")
+    return _answer_bytes(_exchange(pending), resp)
 
 
-_FIXED_SIZE = {
-    CapabilityResult: 8,
-    EstablishedResult: 8,
-    ConfigResult: 8,
-    BufferSizeResult: 16,
-    StateBlobResult: 16,
-    InfoResult: 12,
-    Result: 4,
-}
-
-
-def _zero_filled(kind: type, result: int) -> bytes:
-    return struct.pack(">I", result) + bytes(_FIXED_SIZE[kind] - 4)
-
-
-class ControlServerConnection:
+class ControlServerConnection(RequestServer):
     """Decodes requests, encodes responses."""
 
+    _protocol = "control"
+    _unknown = "unknown control command {code:#x}"
+    _after_end = "data after SHUTDOWN"
+
     def __init__(self, max_message: int = 1 << 20) -> None:
-        self._buf = ReceiveBuffer(max_message + 64)
-        self._max = max_message
-        self._pending: type | None = None
+        super().__init__(_COMMANDS, max_message + 64, max_message)
         self._maybe_pad = False
-        self._done = False
 
-    def receive_data(self, data: bytes) -> None:
-        self._buf.feed(data)
-
-    def _skip_pad(self) -> bool:
+    def _ready(self) -> bool:
         """Settle the pad question after a locality byte; False if more bytes are needed."""
         if not self._maybe_pad:
             return True
-        if len(self._buf) >= 4:
-            peek = self._buf.peek(4)
+        buf = self._buf
+        if len(buf) >= 4:
+            peek = buf.peek(4)
             assert peek is not None
             if peek[3] == 0:
-                self._buf.take(3)
-            self._maybe_pad = False
-            return True
-        if self._buf.eof:
-            self._buf.take(len(self._buf))
-            self._maybe_pad = False
-            return True
-        return False
+                buf.take(3)
+        elif buf.eof:
+            buf.take(len(buf))
+        else:
+            return False
+        self._maybe_pad = False
+        return True
 
     def next_event(self) -> Request | Sentinel:
-        if self._pending is not None:
-            return NEED_DATA
-        if self._done:
-            if len(self._buf):
-                raise RemoteProtocolError("data after SHUTDOWN")
-            return CLOSED if self._buf.eof else NEED_DATA
-        if not self._skip_pad():
-            return NEED_DATA
-        code = self._buf.peek_u32()
-        if code is None:
-            if self._buf.eof:
-                if len(self._buf):
-                    raise RemoteProtocolError("connection closed inside a command code")
-                return CLOSED
-            return NEED_DATA
-        event = self._parse(code)
-        if event is NEED_DATA:
-            if self._buf.eof:
-                raise RemoteProtocolError(f"connection closed inside command {code:#x}")
-            return NEED_DATA
-        assert not isinstance(event, Sentinel)
-        self._pending = type(event)
-        if isinstance(event, _PADDED):
-            self._maybe_pad = True
-        return event
+        got = self._next()
+        if isinstance(got, Sentinel):
+            return got
+        ex, event = got
+        self._maybe_pad = ex.code in _PADDED
+        return cast("Request", event)
 
-    def _parse(self, code: int) -> Request | Sentinel:
-        buf = self._buf
-        if code in _NO_BODY:
-            buf.take(4)
-            ev: Request = _NO_BODY[code]()
-            return ev
-        if code in (CtrlCommand.INIT, CtrlCommand.SET_BUFFERSIZE, CtrlCommand.LOCK_STORAGE):
-            raw = buf.peek(8)
-            if raw is None:
-                return NEED_DATA
-            buf.take(8)
-            (value,) = struct.unpack_from(">I", raw, 4)
-            if code == CtrlCommand.INIT:
-                return Init(value)
-            if code == CtrlCommand.SET_BUFFERSIZE:
-                return SetBufferSize(value)
-            return LockStorage(value)
-        if code in (CtrlCommand.SET_LOCALITY, CtrlCommand.RESET_TPMESTABLISHED):
-            raw = buf.peek(5)
-            if raw is None:
-                return NEED_DATA
-            buf.take(5)
-            if code == CtrlCommand.SET_LOCALITY:
-                return SetLocality(raw[4])
-            return ResetTpmEstablished(raw[4])
-        if code == CtrlCommand.HASH_DATA:
-            n = buf.peek_u32(4)
-            if n is None:
-                return NEED_DATA
-            if n > MAX_HASH_DATA:
-                raise RemoteProtocolError(f"HASH_DATA of {n} bytes exceeds {MAX_HASH_DATA}")
-            if len(buf) < 8 + n:
-                return NEED_DATA
-            return HashData(buf.take(8 + n)[8:])
-        if code == CtrlCommand.GET_STATEBLOB:
-            raw = buf.peek(16)
-            if raw is None:
-                return NEED_DATA
-            buf.take(16)
-            return GetStateBlob(*struct.unpack_from(">III", raw, 4))
-        if code == CtrlCommand.SET_STATEBLOB:
-            raw = buf.peek(16)
-            if raw is None:
-                return NEED_DATA
-            flags, kind, n = struct.unpack_from(">III", raw, 4)
-            if n > self._max:
-                raise RemoteProtocolError(f"state blob of {n} bytes exceeds {self._max}")
-            if len(buf) < 16 + n:
-                return NEED_DATA
-            return SetStateBlob(flags, kind, buf.take(16 + n)[16:])
-        if code == CtrlCommand.GET_INFO:
-            raw = buf.peek(20)
-            if raw is None:
-                return NEED_DATA
-            buf.take(20)
-            flags, offset, _pad = struct.unpack_from(">QII", raw, 4)
-            return GetInfo(flags, offset)
-        raise RemoteProtocolError(f"unknown control command {code:#x}")
+    def _encode_answer(self, ex: Exchange, answer: object) -> bytes:
+        return _answer_bytes(ex, answer)
 
     def send(self, resp: Response) -> bytes:
-        if self._pending is None:
-            raise LocalProtocolError("no control request is waiting for an answer")
-        out = encode_response(resp, self._pending)
-        if self._pending is Shutdown:
-            self._done = True
-        self._pending = None
-        return out
+        return self._send(resp)
 
 
-class ControlClientConnection:
+class ControlClientConnection(RequestClient):
     """Encodes requests, decodes responses (for tests and benchmarks)."""
 
+    _protocol = "control"
+
     def __init__(self, short_locality: bool = False, max_message: int = 1 << 20) -> None:
-        self._buf = ReceiveBuffer(max_message + 64)
+        super().__init__(_BY_TYPE, max_message + 64, max_message)
         self._short = short_locality
-        self._pending: type | None = None
+
+    def _encode_request(self, ex: Exchange, request: object) -> bytes:
+        return _request_bytes(ex, request, self._short)
 
     def send(self, req: Request) -> bytes:
-        if self._pending is not None:
-            raise LocalProtocolError("a control request is already in flight")
-        self._pending = type(req)
-        return encode_request(req, self._short)
-
-    def receive_data(self, data: bytes) -> None:
-        self._buf.feed(data)
+        return self._send(req)
 
     def next_event(self) -> Response | Sentinel:
-        buf = self._buf
-        if self._pending is None:
-            if len(buf):
-                raise RemoteProtocolError("answer without a request")
-            return CLOSED if buf.eof else NEED_DATA
-        want = _RESPONSE_FOR.get(self._pending, Result)
-        raw = buf.peek(_FIXED_SIZE[want])
-        if raw is None:
-            if buf.eof:
-                raise RemoteProtocolError("connection closed inside an answer")
-            return NEED_DATA
-        result = struct.unpack_from(">I", raw)[0]
-        resp: Response
-        if want in (StateBlobResult, InfoResult):
-            n = struct.unpack_from(">I", raw, len(raw) - 4)[0]
-            if len(buf) < len(raw) + n:
-                if buf.eof:
-                    raise RemoteProtocolError("connection closed inside an answer")
-                return NEED_DATA
-            data = buf.take(len(raw) + n)[len(raw) :]
-            if want is StateBlobResult:
-                _r, flags, total, _n = struct.unpack_from(">IIII", raw)
-                resp = StateBlobResult(result, flags, total, data)
-            else:
-                resp = InfoResult(result, struct.unpack_from(">I", raw, 4)[0], data)
-        else:
-            buf.take(len(raw))
-            match want:
-                case _ if want is CapabilityResult:
-                    resp = CapabilityResult(result, struct.unpack_from(">I", raw, 4)[0])
-                case _ if want is EstablishedResult:
-                    resp = EstablishedResult(result, bool(raw[4] & 1))
-                case _ if want is ConfigResult:
-                    resp = ConfigResult(result, struct.unpack_from(">I", raw, 4)[0])
-                case _ if want is BufferSizeResult:
-                    resp = BufferSizeResult(result, *struct.unpack_from(">III", raw, 4))
-                case _:
-                    resp = Result(result)
-        self._pending = None
-        return resp
+        return cast("Response | Sentinel", self._next())

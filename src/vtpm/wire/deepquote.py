@@ -24,6 +24,10 @@ DeepQuoteInfo, all integers big-endian (version 1):
 Flags: FLAG_PCRS (the PCR values are the vTPM's, read at request time), FLAG_VTPM_QUOTE (the
 vTPM's own quote is included). Unknown flag bits are refused, as is anything after the end.
 
+Building a DeepQuoteInfo or a PathStep that breaks these rules, or a tree of no leaves, raises
+LocalProtocolError; `DeepQuoteInfo.unmarshal` turns any defect of peer bytes into
+RemoteProtocolError. PCR banks and digest sizes are `vtpm.tpm.constants.DIGEST_SIZES`.
+
 Merkle tree (SHA-256, domain-separated): leaf = H(0x00 || info), node = H(0x01 || left ||
 right); levels are paired left to right and an odd last node is carried up unchanged. A path is
 the list of (sibling side, sibling hash) from the leaf upwards.
@@ -37,7 +41,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vtpm.errors import RemoteProtocolError
+from vtpm.errors import LocalProtocolError, RemoteProtocolError
+from vtpm.tpm.constants import DIGEST_SIZES, TPM_ALG
 
 MAGIC = b"VTDQ"
 VERSION = 1
@@ -47,8 +52,6 @@ KNOWN_FLAGS = FLAG_PCRS | FLAG_VTPM_QUOTE
 MAX_NONCE = 64
 MAX_LABEL = 256
 MAX_VTPM_QUOTE = 8192
-DIGEST_SIZES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}  # sha1, sha256, sha384, sha512
-SHA256 = 0x000B
 LEAF = b"\x00"
 NODE = b"\x01"
 
@@ -63,7 +66,7 @@ class DeepQuoteInfo:
     vtpm_uuid: uuid.UUID
     group_uuid: uuid.UUID
     label: str
-    pcr_bank: int = SHA256
+    pcr_bank: int = TPM_ALG.SHA256
     pcrs: tuple[tuple[int, bytes], ...] = ()
     vtpm_quote: bytes = b""
     flags: int = FLAG_PCRS
@@ -72,32 +75,35 @@ class DeepQuoteInfo:
 
     def __post_init__(self) -> None:
         if self.version != VERSION:
-            raise ValueError(f"DeepQuoteInfo version {self.version} is not {VERSION}")
+            raise LocalProtocolError(f"DeepQuoteInfo version {self.version} is not {VERSION}")
         if self.flags & ~KNOWN_FLAGS:
-            raise ValueError(f"unknown DeepQuoteInfo flags {self.flags:#x}")
+            raise LocalProtocolError(f"unknown DeepQuoteInfo flags {self.flags:#x}")
         if not 1 <= len(self.nonce) <= MAX_NONCE:
-            raise ValueError(f"a nonce is 1..{MAX_NONCE} bytes, not {len(self.nonce)}")
-        raw_label = self.label.encode()
+            raise LocalProtocolError(f"a nonce is 1..{MAX_NONCE} bytes, not {len(self.nonce)}")
+        try:
+            raw_label = self.label.encode()
+        except UnicodeEncodeError:  # a ValueError: not to leave this module as one
+            raise LocalProtocolError("a label must be valid Unicode") from None
         if not 1 <= len(raw_label) <= MAX_LABEL:
-            raise ValueError(f"a label is 1..{MAX_LABEL} bytes")
+            raise LocalProtocolError(f"a label is 1..{MAX_LABEL} bytes")
         if not self.label_hash:
             object.__setattr__(self, "label_hash", _h(raw_label))
         elif self.label_hash != _h(raw_label):
-            raise ValueError("the label hash is not SHA-256 of the label")
+            raise LocalProtocolError("the label hash is not SHA-256 of the label")
         size = DIGEST_SIZES.get(self.pcr_bank)
         if size is None:
-            raise ValueError(f"unknown PCR bank {self.pcr_bank:#06x}")
+            raise LocalProtocolError(f"unknown PCR bank {self.pcr_bank:#06x}")
         last = -1
         for index, value in self.pcrs:
             if not last < index <= 23:
-                raise ValueError("PCR indices must increase and lie in 0..23")
+                raise LocalProtocolError("PCR indices must increase and lie in 0..23")
             if len(value) != size:
-                raise ValueError(f"PCR {index}: a digest of this bank is {size} bytes")
+                raise LocalProtocolError(f"PCR {index}: a digest of this bank is {size} bytes")
             last = index
         if bool(self.flags & FLAG_VTPM_QUOTE) != bool(self.vtpm_quote):
-            raise ValueError("FLAG_VTPM_QUOTE is set exactly when a vTPM quote is included")
+            raise LocalProtocolError("FLAG_VTPM_QUOTE is set exactly when a vTPM quote is included")
         if len(self.vtpm_quote) > MAX_VTPM_QUOTE:
-            raise ValueError("the vTPM quote is too long")
+            raise LocalProtocolError("the vTPM quote is too long")
 
     def pcr_dict(self) -> dict[int, bytes]:
         return dict(self.pcrs)
@@ -156,7 +162,7 @@ class DeepQuoteInfo:
                 nonce, vtpm_uuid, group_uuid, label, bank, tuple(pcrs), vtpm_quote, flags,
                 version, label_hash,
             )  # fmt: skip
-        except (UnicodeDecodeError, ValueError) as e:
+        except (UnicodeDecodeError, LocalProtocolError) as e:
             raise RemoteProtocolError(f"DeepQuoteInfo: {e}") from None
 
 
@@ -199,7 +205,7 @@ class PathStep:
 
     def __post_init__(self) -> None:
         if self.side not in ("L", "R") or len(self.sibling) != 32:
-            raise ValueError("a Merkle path step is (L|R, 32-byte hash)")
+            raise LocalProtocolError("a Merkle path step is (L|R, 32-byte hash)")
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:
@@ -209,7 +215,7 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
 def merkle_tree(leaves: Sequence[bytes]) -> list[list[bytes]]:
     """All levels, leaves first, root last."""
     if not leaves:
-        raise ValueError("a Merkle tree needs at least one leaf")
+        raise LocalProtocolError("a Merkle tree needs at least one leaf")
     levels = [list(leaves)]
     while len(levels[-1]) > 1:
         cur = levels[-1]

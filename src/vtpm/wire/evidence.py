@@ -26,7 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from vtpm.errors import RemoteProtocolError
+from vtpm.errors import LocalProtocolError, RemoteProtocolError
+from vtpm.tpm.constants import DIGEST_SIZES, HASH_NAMES
 from vtpm.wire.deepquote import DeepQuoteInfo, PathStep
 
 BUNDLE_FORMAT = "vtpm-group-bundle/1"
@@ -182,7 +183,7 @@ class Evidence:
                 PathStep(str(_obj(s, "path step").get("side")), _hex(s.get("hash"), "path hash"))
                 for s in steps
             )
-        except ValueError as e:
+        except LocalProtocolError as e:
             raise RemoteProtocolError(f"path: {e}") from None
         batch = d.get("batch_size", 1)
         return cls(
@@ -198,17 +199,27 @@ class Evidence:
 #   u16 attest length | attest | u16 signature length | signature |
 #   u16 bank | u8 n | n x (u8 index | digest) | u16 batch size
 
-_BANKS = {"sha1": 0x0004, "sha256": 0x000B, "sha384": 0x000C, "sha512": 0x000D}
-_BANK_NAMES = {v: k for k, v in _BANKS.items()}
+_BANK_IDS = {name: alg for alg, name in HASH_NAMES.items()}
 
 
 def encode_evidence(ev: Evidence) -> bytes:
+    """The compact binary form; LocalProtocolError if `ev` does not fit it."""
+    bank = _BANK_IDS.get(ev.host.pcr_bank)
+    if bank is None:
+        raise LocalProtocolError(f"deep-quote evidence: unknown bank {ev.host.pcr_bank!r}")
+    try:
+        return _encode(ev, bank)
+    except struct.error as e:  # a length or count beyond its field
+        raise LocalProtocolError(f"deep-quote evidence does not fit its layout: {e}") from None
+
+
+def _encode(ev: Evidence, bank: int) -> bytes:
     info = ev.info.marshal()
     out = [struct.pack(">I", len(info)), info, struct.pack(">B", len(ev.path))]
     out += [struct.pack(">B", s.side == "R") + s.sibling for s in ev.path]
     q = ev.host
     out += [struct.pack(">H", len(q.attest)), q.attest, struct.pack(">H", len(q.signature))]
-    out += [q.signature, struct.pack(">HB", _BANKS[q.pcr_bank], len(q.pcrs))]
+    out += [q.signature, struct.pack(">HB", bank, len(q.pcrs))]
     out += [struct.pack(">B", i) + v for i, v in sorted(q.pcrs.items())]
     out.append(struct.pack(">H", ev.batch_size))
     return b"".join(out)
@@ -239,9 +250,9 @@ def decode_evidence(data: bytes) -> Evidence:
     attest = take(u(">H"))
     signature = take(u(">H"))
     bank = u(">H")
-    if bank not in _BANK_NAMES:
+    size = DIGEST_SIZES.get(bank)
+    if size is None:
         raise RemoteProtocolError(f"deep-quote evidence: unknown bank {bank:#06x}")
-    size = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}[bank]
     pcrs = {}
     for _ in range(u(">B")):
         idx = take(1)[0]
@@ -250,5 +261,5 @@ def decode_evidence(data: bytes) -> Evidence:
     if pos != len(data):
         raise RemoteProtocolError("deep-quote evidence: bytes after the end")
     return Evidence(
-        info, tuple(path), SignedQuote(attest, signature, pcrs, _BANK_NAMES[bank]), batch
+        info, tuple(path), SignedQuote(attest, signature, pcrs, HASH_NAMES[bank]), batch
     )

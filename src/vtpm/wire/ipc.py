@@ -35,12 +35,13 @@ Messages (type: layout; names are 1..32 of [a-z0-9_], multi-byte integers big-en
 JSON is sent canonically (sorted keys, no blanks, UTF-8 rather than \\u escapes) and read
 leniently as to layout, strictly as to content: exactly the keys above, no key twice in an
 object, no NaN or Infinity, integers within -2**63..2**64-1, containers nested at most 32
-deep inside "args" / "result", strings that are valid Unicode.
+deep inside "args" / "result", strings that are valid Unicode (`vtpm.wire.ipc_json`).
 
 Roles: the MANAGER receives Hello, StateWritten, StateDeleted, Goodbye, Ready, AdminRequest,
 QuoteRequest and PcrReply and sends KeyGrant, Refused, Ack, AdminReply, QuoteReply and
 PcrRequest; the PEER (instance or admin client) the reverse. The events and their field rules
-are in `vtpm.wire.ipc_events` (re-exported here).
+are in `vtpm.wire.ipc_events` (re-exported here); PCR banks and digest sizes are
+`vtpm.tpm.constants.DIGEST_SIZES`.
 The order of messages is the adapter's business; this codec only checks direction and layout.
 
 Errors: bytes that break these rules (a bad length or type, a type the role does not receive,
@@ -52,27 +53,23 @@ sending one the role may not send or one that does not fit in max_frame, raises
 
 from __future__ import annotations
 
-import json
 import struct
 import uuid
 from collections.abc import Callable
 from typing import Final, cast
 
 from vtpm.errors import LocalProtocolError, RemoteProtocolError
+from vtpm.tpm.constants import DIGEST_SIZES
 from vtpm.wire._common import CLOSED, NEED_DATA, ReceiveBuffer, Sentinel
 from vtpm.wire.ipc_events import (
-    BANK_SIZES,
     DEFAULT_MAX_FRAME,
     DIGEST_SIZE,
     KEY_SIZE,
     MAX_DIGESTS,
-    MAX_JSON_DEPTH,
-    MAX_JSON_INT,
     MAX_LENGTH,
     MAX_NAME,
     MAX_NONCE,
     MAX_REASON,
-    MIN_JSON_INT,
     MIN_MAX_FRAME,
     PROTOCOL_VERSION,
     RESERVED_TYPES,
@@ -82,7 +79,6 @@ from vtpm.wire.ipc_events import (
     Event,
     Goodbye,
     Hello,
-    JSONValue,
     KeyGrant,
     ManagerEvent,
     MessageType,
@@ -96,14 +92,22 @@ from vtpm.wire.ipc_events import (
     Role,
     StateDeleted,
     StateWritten,
+)
+from vtpm.wire.ipc_json import (
+    MAX_JSON_DEPTH,
+    MAX_JSON_INT,
+    MIN_JSON_INT,
+    JSONValue,
     check_json,
+    dump_json,
+    expect_keys,
+    load_object,
 )
 
 __all__ = [
     "Ack",
     "AdminReply",
     "AdminRequest",
-    "BANK_SIZES",
     "DEFAULT_MAX_FRAME",
     "DIGEST_SIZE",
     "Event",
@@ -145,53 +149,6 @@ _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">IB")
 _COUNTER = struct.Struct(">Q")
 
-# the protocol as data ------------------------------------------------------------------------
-
-_TYPE_OF: dict[type[Event], MessageType] = {
-    Hello: MessageType.HELLO,
-    KeyGrant: MessageType.KEY_GRANT,
-    Refused: MessageType.REFUSED,
-    StateWritten: MessageType.STATE_WRITTEN,
-    StateDeleted: MessageType.STATE_DELETED,
-    Ack: MessageType.ACK,
-    Goodbye: MessageType.GOODBYE,
-    Ready: MessageType.READY,
-    AdminRequest: MessageType.ADMIN_REQUEST,
-    AdminReply: MessageType.ADMIN_REPLY,
-    QuoteRequest: MessageType.QUOTE_REQUEST,
-    QuoteReply: MessageType.QUOTE_REPLY,
-    PcrRequest: MessageType.PCR_REQUEST,
-    PcrReply: MessageType.PCR_REPLY,
-}
-_SENDS: dict[Role, frozenset[MessageType]] = {
-    Role.MANAGER: frozenset(
-        {
-            MessageType.KEY_GRANT,
-            MessageType.REFUSED,
-            MessageType.ACK,
-            MessageType.ADMIN_REPLY,
-            MessageType.QUOTE_REPLY,
-            MessageType.PCR_REQUEST,
-        }
-    ),
-    Role.PEER: frozenset(
-        {
-            MessageType.HELLO,
-            MessageType.STATE_WRITTEN,
-            MessageType.STATE_DELETED,
-            MessageType.GOODBYE,
-            MessageType.READY,
-            MessageType.ADMIN_REQUEST,
-            MessageType.QUOTE_REQUEST,
-            MessageType.PCR_REPLY,
-        }
-    ),
-}
-_RECEIVES: dict[Role, frozenset[MessageType]] = {
-    Role.MANAGER: _SENDS[Role.PEER],
-    Role.PEER: _SENDS[Role.MANAGER],
-}
-
 # encoding --------------------------------------------------------------------------------------
 
 
@@ -213,7 +170,7 @@ def _take_values(body: bytes, pos: int, what: str) -> tuple[int, tuple[tuple[int
     if pos + 3 > len(body):
         raise RemoteProtocolError(f"{what} ends before its PCR values")
     bank, count = struct.unpack_from(">HB", body, pos)
-    size = BANK_SIZES.get(bank)
+    size = DIGEST_SIZES.get(bank)
     if size is None:
         raise RemoteProtocolError(f"{what}: unknown PCR bank {bank:#06x}")
     pos += 3
@@ -229,16 +186,6 @@ def _take_values(body: bytes, pos: int, what: str) -> tuple[int, tuple[tuple[int
 def _name_bytes(name: str) -> bytes:
     raw = name.encode("ascii")
     return bytes([len(raw)]) + raw
-
-
-def _dump_json(what: str, obj: dict[str, JSONValue]) -> bytes:
-    try:
-        text = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        )
-        return text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:  # args mutated after construction
-        raise LocalProtocolError(f"{what} cannot be encoded as JSON: {exc}") from exc
 
 
 def _encode_body(event: Event) -> bytes:
@@ -260,12 +207,12 @@ def _encode_body(event: Event) -> bytes:
             return b""
         case AdminRequest(op=op, args=args):
             check_json("AdminRequest.args", args)
-            return _dump_json("AdminRequest", {"args": args, "op": op})
+            return dump_json("AdminRequest", {"args": args, "op": op})
         case AdminReply(ok=True, result=result):
             check_json("AdminReply.result", result)
-            return _dump_json("AdminReply", {"ok": True, "result": result})
+            return dump_json("AdminReply", {"ok": True, "result": result})
         case AdminReply(error=error):
-            return _dump_json("AdminReply", {"error": error, "ok": False})
+            return dump_json("AdminReply", {"error": error, "ok": False})
         case QuoteRequest(nonce=nonce, host_pcrs=host, bank=bank, pcrs=pcrs):
             head = struct.pack(">H", len(nonce)) + nonce + struct.pack(">I", _mask(host))
             return head + _values_bytes(bank, pcrs)
@@ -336,6 +283,16 @@ def _decode_refused(body: bytes) -> Refused:
         raise RemoteProtocolError("Refused reason is not UTF-8") from exc
 
 
+def _empty(event: type[Ack | Goodbye | Ready]) -> Callable[[bytes], Event]:
+    """The decoder of a message with an empty body."""
+
+    def decode(body: bytes) -> Event:
+        _expect_size(body, 0, event.__name__)
+        return event()
+
+    return decode
+
+
 def _decode_state_written(body: bytes) -> StateWritten:
     name, pos = _take_name(body, 0, "StateWritten")
     _expect_size(body, pos + _COUNTER.size + DIGEST_SIZE, "StateWritten")
@@ -347,16 +304,6 @@ def _decode_state_deleted(body: bytes) -> StateDeleted:
     name, pos = _take_name(body, 0, "StateDeleted")
     _expect_size(body, pos, "StateDeleted")
     return StateDeleted(name)
-
-
-def _decode_ack(body: bytes) -> Ack:
-    _expect_size(body, 0, "Ack")
-    return Ack()
-
-
-def _decode_goodbye(body: bytes) -> Goodbye:
-    _expect_size(body, 0, "Goodbye")
-    return Goodbye()
 
 
 def _decode_quote_request(body: bytes) -> QuoteRequest:
@@ -371,10 +318,6 @@ def _decode_quote_request(body: bytes) -> QuoteRequest:
     return QuoteRequest(nonce, _unmask(mask, "QuoteRequest"), bank, values)
 
 
-def _decode_quote_reply(body: bytes) -> QuoteReply:
-    return QuoteReply(body)
-
-
 def _decode_pcr_request(body: bytes) -> PcrRequest:
     _expect_size(body, 6, "PcrRequest")
     bank, mask = struct.unpack(">HI", body)
@@ -386,42 +329,9 @@ def _decode_pcr_reply(body: bytes) -> PcrReply:
     return PcrReply(bank, values)
 
 
-def _decode_ready(body: bytes) -> Ready:
-    _expect_size(body, 0, "Ready")
-    return Ready()
-
-
-def _no_constants(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise ValueError("an object names a key twice")
-    return obj
-
-
-def _load_object(body: bytes, what: str) -> dict[str, object]:
-    try:
-        value = json.loads(
-            body.decode("utf-8"), parse_constant=_no_constants, object_pairs_hook=_unique_keys
-        )
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise RemoteProtocolError(f"{what} is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise RemoteProtocolError(f"{what} is not a JSON object")
-    return value
-
-
-def _expect_keys(obj: dict[str, object], keys: set[str], what: str) -> None:
-    if obj.keys() != keys:
-        raise RemoteProtocolError(f"{what} has keys {sorted(obj)}, not {sorted(keys)}")
-
-
 def _decode_admin_request(body: bytes) -> AdminRequest:
-    obj = _load_object(body, "AdminRequest")
-    _expect_keys(obj, {"op", "args"}, "AdminRequest")
+    obj = load_object(body, "AdminRequest")
+    expect_keys(obj, {"op", "args"}, "AdminRequest")
     op, args = obj["op"], obj["args"]
     if not isinstance(op, str) or not op:
         raise RemoteProtocolError("AdminRequest op is not a non-empty string")
@@ -431,14 +341,14 @@ def _decode_admin_request(body: bytes) -> AdminRequest:
 
 
 def _decode_admin_reply(body: bytes) -> AdminReply:
-    obj = _load_object(body, "AdminReply")
+    obj = load_object(body, "AdminReply")
     ok = obj.get("ok")
     if ok is True:
-        _expect_keys(obj, {"ok", "result"}, "AdminReply")
+        expect_keys(obj, {"ok", "result"}, "AdminReply")
         # AdminReply checks that the result is JSON data within the bounds
         return AdminReply(True, cast("JSONValue", obj["result"]))
     if ok is False:
-        _expect_keys(obj, {"ok", "error"}, "AdminReply")
+        expect_keys(obj, {"ok", "error"}, "AdminReply")
         error = obj["error"]
         if not isinstance(error, str):
             raise RemoteProtocolError("AdminReply error is not a string")
@@ -446,22 +356,25 @@ def _decode_admin_reply(body: bytes) -> AdminReply:
     raise RemoteProtocolError("AdminReply ok is not true or false")
 
 
-_DECODERS: dict[MessageType, Callable[[bytes], Event]] = {
-    MessageType.HELLO: _decode_hello,
-    MessageType.KEY_GRANT: _decode_key_grant,
-    MessageType.REFUSED: _decode_refused,
-    MessageType.STATE_WRITTEN: _decode_state_written,
-    MessageType.STATE_DELETED: _decode_state_deleted,
-    MessageType.ACK: _decode_ack,
-    MessageType.GOODBYE: _decode_goodbye,
-    MessageType.READY: _decode_ready,
-    MessageType.QUOTE_REQUEST: _decode_quote_request,
-    MessageType.QUOTE_REPLY: _decode_quote_reply,
-    MessageType.PCR_REQUEST: _decode_pcr_request,
-    MessageType.PCR_REPLY: _decode_pcr_reply,
-    MessageType.ADMIN_REQUEST: _decode_admin_request,
-    MessageType.ADMIN_REPLY: _decode_admin_reply,
+# the protocol as data: per message type, its event, the role that sends it, its decoder -----
+
+_MESSAGES: dict[MessageType, tuple[type[Event], Role, Callable[[bytes], Event]]] = {
+    MessageType.HELLO: (Hello, Role.PEER, _decode_hello),
+    MessageType.KEY_GRANT: (KeyGrant, Role.MANAGER, _decode_key_grant),
+    MessageType.REFUSED: (Refused, Role.MANAGER, _decode_refused),
+    MessageType.STATE_WRITTEN: (StateWritten, Role.PEER, _decode_state_written),
+    MessageType.STATE_DELETED: (StateDeleted, Role.PEER, _decode_state_deleted),
+    MessageType.ACK: (Ack, Role.MANAGER, _empty(Ack)),
+    MessageType.GOODBYE: (Goodbye, Role.PEER, _empty(Goodbye)),
+    MessageType.READY: (Ready, Role.PEER, _empty(Ready)),
+    MessageType.ADMIN_REQUEST: (AdminRequest, Role.PEER, _decode_admin_request),
+    MessageType.ADMIN_REPLY: (AdminReply, Role.MANAGER, _decode_admin_reply),
+    MessageType.QUOTE_REQUEST: (QuoteRequest, Role.PEER, _decode_quote_request),
+    MessageType.QUOTE_REPLY: (QuoteReply, Role.MANAGER, QuoteReply),
+    MessageType.PCR_REQUEST: (PcrRequest, Role.MANAGER, _decode_pcr_request),
+    MessageType.PCR_REPLY: (PcrReply, Role.PEER, _decode_pcr_reply),
 }
+_TYPE_OF: dict[type[Event], MessageType] = {ev: kind for kind, (ev, _, _) in _MESSAGES.items()}
 
 # the connection --------------------------------------------------------------------------------
 
@@ -503,7 +416,7 @@ class IpcConnection:
             return self._incomplete()
         body = buf.take(_LENGTH.size + length)[_HEADER.size :]
         try:
-            return _DECODERS[kind](body)
+            return _MESSAGES[kind][2](body)
         except LocalProtocolError as exc:  # the event's own checks, failed by peer bytes
             raise RemoteProtocolError(f"bad {kind.name}: {exc}") from exc
 
@@ -513,7 +426,7 @@ class IpcConnection:
         if code not in MessageType._value2member_map_:
             raise RemoteProtocolError(f"unknown message type {code:#04x}")
         kind = MessageType(code)
-        if kind not in _RECEIVES[self.role]:
+        if _MESSAGES[kind][1] is self.role:
             raise RemoteProtocolError(f"the {self.role.value} does not receive {kind.name}")
         return kind
 
@@ -527,7 +440,7 @@ class IpcConnection:
         kind = _TYPE_OF.get(type(event))
         if kind is None:
             raise LocalProtocolError(f"{type(event).__name__} is not a Manager IPC event")
-        if kind not in _SENDS[self.role]:
+        if _MESSAGES[kind][1] is not self.role:
             raise LocalProtocolError(f"the {self.role.value} does not send {kind.name}")
         body = _encode_body(event)
         length = 1 + len(body)

@@ -1,19 +1,22 @@
 """The Manager IPC's vocabulary: message types, roles and events with their field rules.
 
 Each event is a frozen, slotted dataclass that checks its fields on construction
-(LocalProtocolError). The wire layout of each message and the codec are in `vtpm.wire.ipc`.
+(LocalProtocolError). The wire layout of each message and the codec are in `vtpm.wire.ipc`;
+the JSON rules in `vtpm.wire.ipc_json`. PCR banks and their digest sizes are
+`vtpm.tpm.constants.DIGEST_SIZES`.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 from vtpm.errors import LocalProtocolError
+from vtpm.tpm.constants import DIGEST_SIZES
+from vtpm.wire.ipc_json import JSONValue, check_json, check_text
 
 PROTOCOL_VERSION: Final = 1
 DEFAULT_MAX_FRAME: Final = 65536
@@ -24,16 +27,10 @@ DIGEST_SIZE: Final = 32
 MAX_DIGESTS: Final = 8
 MAX_NAME: Final = 32
 MAX_REASON: Final = 1024
-MAX_JSON_DEPTH: Final = 32
-MIN_JSON_INT: Final = -(2**63)
-MAX_JSON_INT: Final = 2**64 - 1
 RESERVED_TYPES: Final = range(0x24, 0x30)
-BANK_SIZES: Final = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
 MAX_NONCE: Final = 64
 
 _NAME = re.compile(r"[a-z0-9_]{1,32}")
-
-JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"] | None
 
 
 class MessageType(enum.IntEnum):
@@ -69,44 +66,6 @@ def _check_bytes(what: str, value: object, size: int) -> None:
 def _check_name(what: str, name: object) -> None:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None:
         raise LocalProtocolError(f"{what} {name!r} is not 1..{MAX_NAME} of [a-z0-9_]")
-
-
-def _check_text(what: str, text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise LocalProtocolError(f"{what} is not valid Unicode") from exc
-
-
-def check_json(what: str, value: object) -> None:
-    """Plain JSON data within the bounds, or LocalProtocolError. Iterative: depth is data."""
-    stack: list[tuple[object, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if item is None or kind is bool:
-            continue
-        if isinstance(item, int) and kind is int:
-            if not MIN_JSON_INT <= item <= MAX_JSON_INT:
-                raise LocalProtocolError(f"{what}: integer {item} is out of range")
-        elif isinstance(item, float) and kind is float:
-            if not math.isfinite(item):
-                raise LocalProtocolError(f"{what}: {item} is not a JSON number")
-        elif isinstance(item, str) and kind is str:
-            _check_text(what, item)
-        elif isinstance(item, list | dict) and kind in (list, dict):
-            if depth >= MAX_JSON_DEPTH:
-                raise LocalProtocolError(f"{what} is nested more than {MAX_JSON_DEPTH} deep")
-            if isinstance(item, dict):
-                for key, member in item.items():
-                    if type(key) is not str:
-                        raise LocalProtocolError(f"{what}: object key {key!r} is not a string")
-                    _check_text(what, key)
-                    stack.append((member, depth + 1))
-            else:
-                stack.extend((member, depth + 1) for member in item)
-        else:
-            raise LocalProtocolError(f"{what}: {kind.__name__} is not JSON data")
 
 
 # events ---------------------------------------------------------------------------------------
@@ -161,7 +120,7 @@ class Refused:
     def __post_init__(self) -> None:
         if not isinstance(self.reason, str):
             raise LocalProtocolError("Refused.reason must be a str")
-        _check_text("Refused.reason", self.reason)
+        check_text("Refused.reason", self.reason)
         if len(self.reason.encode("utf-8")) > MAX_REASON:
             raise LocalProtocolError(f"Refused.reason is longer than {MAX_REASON} bytes")
 
@@ -209,7 +168,7 @@ def _check_mask(what: str, pcrs: object) -> None:
 
 
 def _check_values(what: str, bank: object, values: object) -> None:
-    if type(bank) is not int or bank not in BANK_SIZES:
+    if type(bank) is not int or bank not in DIGEST_SIZES:
         raise LocalProtocolError(f"{what}: unknown PCR bank {bank!r}")
     if not isinstance(values, tuple):
         raise LocalProtocolError(f"{what} must be a tuple of (index, digest)")
@@ -217,7 +176,7 @@ def _check_values(what: str, bank: object, values: object) -> None:
     for entry in values:
         if len(entry) != 2:
             raise LocalProtocolError(f"{what} entries are (index, digest)")
-        _check_bytes(f"{what} digest", entry[1], BANK_SIZES[bank])
+        _check_bytes(f"{what} digest", entry[1], DIGEST_SIZES[bank])
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,7 +242,7 @@ class AdminRequest:
     def __post_init__(self) -> None:
         if not isinstance(self.op, str) or not self.op:
             raise LocalProtocolError("AdminRequest.op must be a non-empty str")
-        _check_text("AdminRequest.op", self.op)
+        check_text("AdminRequest.op", self.op)
         if type(self.args) is not dict:
             raise LocalProtocolError("AdminRequest.args must be a dict")
         check_json("AdminRequest.args", self.args)
@@ -306,7 +265,7 @@ class AdminReply:
             raise LocalProtocolError("a successful AdminReply carries no error")
         if not self.ok and self.result is not None:
             raise LocalProtocolError("a failed AdminReply carries no result")
-        _check_text("AdminReply.error", self.error)
+        check_text("AdminReply.error", self.error)
         check_json("AdminReply.result", self.result)
 
 

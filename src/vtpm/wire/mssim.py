@@ -10,18 +10,65 @@ SESSION_END (20) and STOP (21) end the session without an answer.
 Platform port: every signal is a bare u32 code answered by u32 0;
 GET_COMMAND_RESPONSE_SIZES (25) is answered by u32 command size, u32 response size, u32 0.
 tcti-mssim sends POWER_ON then NV_ON when it connects, and simply closes when done.
+
+Rules this codec keeps: one request in flight; a length above the connection's bound
+(`max_command` on the server, for SEND_COMMAND and HASH_DATA alike; `max_response` on the
+client) is a `RemoteProtocolError` as soon as the length is in, whether the rest of the frame
+has arrived or not; an unknown code is a `RemoteProtocolError` (its length is unknown); nothing
+may follow SESSION_END or STOP; an answer must end with the u32 0.
+
+The protocol is data: `_TPM_PORT` and `_PLATFORM_PORT` hold one row per code, its request
+layout and its answer's (`vtpm.wire._layout`), read by both sides in both directions.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass
+from typing import cast
 
-from vtpm.errors import LocalProtocolError, RemoteProtocolError
-from vtpm.wire._common import CLOSED, NEED_DATA, ReceiveBuffer, Sentinel
+from vtpm.errors import LocalProtocolError
+from vtpm.wire._common import Sentinel
+from vtpm.wire._layout import (
+    ACK,
+    Exchange,
+    Layout,
+    RequestClient,
+    RequestServer,
+    check_uint,
+    code_bytes,
+)
 
-ACK = b"\x00\x00\x00\x00"
+__all__ = [
+    "ACK",
+    "Ack",
+    "CommandResponse",
+    "GetCommandResponseSizes",
+    "HANDSHAKE_FLAGS",
+    "HandshakeResponse",
+    "HashData",
+    "HashEnd",
+    "HashStart",
+    "MssimClientConnection",
+    "MssimServerConnection",
+    "PlatformAck",
+    "PlatformClientConnection",
+    "PlatformCode",
+    "PlatformRequest",
+    "PlatformResponse",
+    "PlatformServerConnection",
+    "PlatformSessionEnd",
+    "PlatformSignal",
+    "RemoteHandshake",
+    "SendCommand",
+    "SessionEnd",
+    "SizesResponse",
+    "Stop",
+    "TpmPortCode",
+    "TpmPortRequest",
+    "TpmPortResponse",
+]
+
 HANDSHAKE_FLAGS = 0x01 | 0x08  # platform available, supports physical presence
 
 
@@ -85,6 +132,9 @@ class HashEnd:
 class RemoteHandshake:
     client_version: int
 
+    def __post_init__(self) -> None:
+        check_uint("client_version", self.client_version)
+
 
 @dataclass(frozen=True, slots=True)
 class SessionEnd:
@@ -111,24 +161,14 @@ class HandshakeResponse:
     server_version: int
     flags: int
 
+    def __post_init__(self) -> None:
+        check_uint("server_version", self.server_version)
+        check_uint("flags", self.flags)
+
 
 TpmPortRequest = SendCommand | HashStart | HashData | HashEnd | RemoteHandshake | SessionEnd | Stop
 TpmPortResponse = CommandResponse | Ack | HandshakeResponse
 
-_BARE: dict[TpmPortCode, type[HashStart | HashEnd | SessionEnd | Stop]] = {
-    TpmPortCode.HASH_START: HashStart,
-    TpmPortCode.HASH_END: HashEnd,
-    TpmPortCode.SESSION_END: SessionEnd,
-    TpmPortCode.STOP: Stop,
-}
-_ANSWER = {
-    SendCommand: CommandResponse,
-    RemoteHandshake: HandshakeResponse,
-    HashStart: Ack,
-    HashData: Ack,
-    HashEnd: Ack,
-}
-_ENDS = (SessionEnd, Stop)
 
 # platform port ------------------------------------------------------------------------------
 
@@ -166,243 +206,136 @@ class SizesResponse:
     command_size: int
     response_size: int
 
+    def __post_init__(self) -> None:
+        check_uint("command_size", self.command_size)
+        check_uint("response_size", self.response_size)
+
 
 PlatformRequest = PlatformSignal | GetCommandResponseSizes | PlatformSessionEnd
 PlatformResponse = PlatformAck | SizesResponse
 
 
-class _Server:
-    def __init__(self, limit: int) -> None:
-        self._buf = ReceiveBuffer(limit)
-        self._pending: type | None = None
-        self._ended = False
-
-    def receive_data(self, data: bytes) -> None:
-        self._buf.feed(data)
-
-    def _header(self) -> int | Sentinel:
-        """The next code, or a sentinel, honouring the end-of-session rules."""
-        if self._pending is not None:
-            return NEED_DATA
-        if self._ended:
-            if len(self._buf):
-                raise RemoteProtocolError("data after the end of the session")
-            return CLOSED if self._buf.eof else NEED_DATA
-        code = self._buf.peek_u32()
-        if code is None:
-            if self._buf.eof:
-                if len(self._buf):
-                    raise RemoteProtocolError("connection closed inside a code")
-                return CLOSED
-            return NEED_DATA
-        return code
-
-    def _incomplete(self, what: str) -> Sentinel:
-        if self._buf.eof:
-            raise RemoteProtocolError(f"connection closed inside {what}")
-        return NEED_DATA
+# the protocol as data: per code, the request's layout and the answer's ----------------------
 
 
-class MssimServerConnection(_Server):
+_ACK = Layout(Ack, trailer=ACK)
+_TPM_PORT: dict[int, Exchange] = {
+    code: Exchange(
+        code.name,
+        Layout(event, fmt, fields, tail, None, what, code_bytes(code)),
+        answer,
+        answer is None,
+        code,
+    )
+    for code, event, fmt, fields, tail, what, answer in (
+        (
+            TpmPortCode.SEND_COMMAND,
+            SendCommand,
+            "BI",
+            ("locality",),
+            "command",
+            "command",
+            Layout(CommandResponse, "I", (), "response", None, "response", trailer=ACK),
+        ),
+        (TpmPortCode.HASH_START, HashStart, "", (), None, "", _ACK),
+        (TpmPortCode.HASH_DATA, HashData, "I", (), "data", "hash data", _ACK),
+        (TpmPortCode.HASH_END, HashEnd, "", (), None, "", _ACK),
+        (
+            TpmPortCode.REMOTE_HANDSHAKE,
+            RemoteHandshake,
+            "I",
+            ("client_version",),
+            None,
+            "",
+            Layout(HandshakeResponse, "II", ("server_version", "flags"), trailer=ACK),
+        ),
+        (TpmPortCode.SESSION_END, SessionEnd, "", (), None, "", None),  # no answer: it ends
+        (TpmPortCode.STOP, Stop, "", (), None, "", None),
+    )
+}
+_TPM_PORT_BY_TYPE: dict[object, Exchange] = {ex.request.event: ex for ex in _TPM_PORT.values()}
+
+
+def _platform(code: PlatformCode) -> Exchange:
+    prefix = code_bytes(code)
+    if code == PlatformCode.GET_COMMAND_RESPONSE_SIZES:
+        sizes = Layout(SizesResponse, "II", ("command_size", "response_size"), trailer=ACK)
+        return Exchange(code.name, Layout(GetCommandResponseSizes, prefix=prefix), sizes, code=code)
+    if code in (PlatformCode.SESSION_END, PlatformCode.STOP):
+        return Exchange(code.name, Layout(PlatformSessionEnd, prefix=prefix), None, True, code)
+    signal = Layout(PlatformSignal, prefix=prefix, fixed=(("code", code),))
+    return Exchange(code.name, signal, Layout(PlatformAck, trailer=ACK), code=code)
+
+
+_PLATFORM_PORT: dict[int, Exchange] = {code: _platform(code) for code in PlatformCode}
+# a signal is encoded by its code; the rest by event type (PlatformSessionEnd as SESSION_END)
+_PLATFORM_BY_KEY: dict[object, Exchange] = {
+    ex.code if ex.request.event is PlatformSignal else ex.request.event: ex
+    for ex in reversed(_PLATFORM_PORT.values())
+}
+
+
+class MssimServerConnection(RequestServer):
     """Command port, server side."""
 
+    _protocol = "simulator"
+    _unknown = "unknown simulator command {code}"
+
     def __init__(self, max_command: int = 4096) -> None:
-        super().__init__(max_command + 64)
-        self._max = max_command
+        super().__init__(_TPM_PORT, max_command + 64, max_command)
 
     def next_event(self) -> TpmPortRequest | Sentinel:
-        code = self._header()
-        if isinstance(code, Sentinel):
-            return code
-        buf = self._buf
-        ev: TpmPortRequest
-        if code == TpmPortCode.SEND_COMMAND:
-            raw = buf.peek(9)
-            if raw is None:
-                return self._incomplete("SEND_COMMAND")
-            loc, n = raw[4], struct.unpack_from(">I", raw, 5)[0]
-            if n > self._max:
-                raise RemoteProtocolError(f"command of {n} bytes exceeds {self._max}")
-            if len(buf) < 9 + n:
-                return self._incomplete("SEND_COMMAND")
-            ev = SendCommand(loc, buf.take(9 + n)[9:])
-        elif code == TpmPortCode.HASH_DATA:
-            n = buf.peek_u32(4)
-            if n is None or len(buf) < 8 + n:
-                if n is not None and n > self._max:
-                    raise RemoteProtocolError(f"hash data of {n} bytes exceeds {self._max}")
-                return self._incomplete("HASH_DATA")
-            ev = HashData(buf.take(8 + n)[8:])
-        elif code == TpmPortCode.REMOTE_HANDSHAKE:
-            raw = buf.peek(8)
-            if raw is None:
-                return self._incomplete("REMOTE_HANDSHAKE")
-            buf.take(8)
-            ev = RemoteHandshake(struct.unpack_from(">I", raw, 4)[0])
-        elif code in (
-            TpmPortCode.HASH_START,
-            TpmPortCode.HASH_END,
-            TpmPortCode.SESSION_END,
-            TpmPortCode.STOP,
-        ):
-            buf.take(4)
-            ev = _BARE[TpmPortCode(code)]()
-        else:
-            raise RemoteProtocolError(f"unknown simulator command {code}")
-        if isinstance(ev, _ENDS):
-            self._ended = True
-        else:
-            self._pending = type(ev)
-        return ev
+        got = self._next()
+        return got if isinstance(got, Sentinel) else cast("TpmPortRequest", got[1])
 
     def send(self, resp: TpmPortResponse) -> bytes:
-        if self._pending is None:
-            raise LocalProtocolError("no simulator request is waiting for an answer")
-        want = _ANSWER[self._pending]
-        if not isinstance(resp, want):
-            raise LocalProtocolError(f"{self._pending.__name__} is answered by {want.__name__}")
-        self._pending = None
-        match resp:
-            case CommandResponse(response=r):
-                return struct.pack(">I", len(r)) + r + ACK
-            case HandshakeResponse(server_version=v, flags=f):
-                return struct.pack(">II", v, f) + ACK
-        return ACK
+        return self._send(resp)
 
 
-class PlatformServerConnection(_Server):
+class PlatformServerConnection(RequestServer):
     """Platform port, server side."""
 
+    _protocol = "platform"
+    _unknown = "unknown platform command {code}"
+
     def __init__(self) -> None:
-        super().__init__(4096)
+        super().__init__(_PLATFORM_PORT, 4096, 0)
 
     def next_event(self) -> PlatformRequest | Sentinel:
-        code = self._header()
-        if isinstance(code, Sentinel):
-            return code
-        self._buf.take(4)
-        ev: PlatformRequest
-        if code == PlatformCode.GET_COMMAND_RESPONSE_SIZES:
-            ev = GetCommandResponseSizes()
-        elif code in (PlatformCode.SESSION_END, PlatformCode.STOP):
-            self._ended = True
-            return PlatformSessionEnd()
-        elif code in PlatformCode._value2member_map_:
-            ev = PlatformSignal(PlatformCode(code))
-        else:
-            raise RemoteProtocolError(f"unknown platform command {code}")
-        self._pending = type(ev)
-        return ev
+        got = self._next()
+        return got if isinstance(got, Sentinel) else cast("PlatformRequest", got[1])
 
     def send(self, resp: PlatformResponse) -> bytes:
-        if self._pending is None:
-            raise LocalProtocolError("no platform request is waiting for an answer")
-        want = SizesResponse if self._pending is GetCommandResponseSizes else PlatformAck
-        if not isinstance(resp, want):
-            raise LocalProtocolError(f"{self._pending.__name__} is answered by {want.__name__}")
-        self._pending = None
-        if isinstance(resp, SizesResponse):
-            return struct.pack(">II", resp.command_size, resp.response_size) + ACK
-        return ACK
+        return self._send(resp)
 
 
 # client side (tests, benchmarks) -------------------------------------------------------------
 
 
-class MssimClientConnection:
+class MssimClientConnection(RequestClient):
+    _protocol = "simulator"
+
     def __init__(self, max_response: int = 65536) -> None:
-        self._buf = ReceiveBuffer(max_response + 64)
-        self._pending: type | None = None
+        super().__init__(_TPM_PORT_BY_TYPE, max_response + 64, max_response)
 
     def send(self, req: TpmPortRequest) -> bytes:
-        if self._pending is not None:
-            raise LocalProtocolError("a simulator request is already in flight")
-        match req:
-            case SendCommand(locality=loc, command=cmd):
-                out = struct.pack(">IBI", TpmPortCode.SEND_COMMAND, loc, len(cmd)) + cmd
-            case HashData(data=d):
-                out = struct.pack(">II", TpmPortCode.HASH_DATA, len(d)) + d
-            case RemoteHandshake(client_version=v):
-                out = struct.pack(">II", TpmPortCode.REMOTE_HANDSHAKE, v)
-            case HashStart():
-                out = struct.pack(">I", TpmPortCode.HASH_START)
-            case HashEnd():
-                out = struct.pack(">I", TpmPortCode.HASH_END)
-            case SessionEnd():
-                return struct.pack(">I", TpmPortCode.SESSION_END)
-            case Stop():
-                return struct.pack(">I", TpmPortCode.STOP)
-        self._pending = type(req)
-        return out
-
-    def receive_data(self, data: bytes) -> None:
-        self._buf.feed(data)
+        return self._send(req)
 
     def next_event(self) -> TpmPortResponse | Sentinel:
-        buf = self._buf
-        if self._pending is None:
-            if len(buf):
-                raise RemoteProtocolError("answer without a request")
-            return CLOSED if buf.eof else NEED_DATA
-        if self._pending is SendCommand:
-            n = buf.peek_u32()
-            need = None if n is None else 8 + n
-        elif self._pending is RemoteHandshake:
-            need = 12
-        else:
-            need = 4
-        if need is None or len(buf) < need:
-            if buf.eof:
-                raise RemoteProtocolError("connection closed inside an answer")
-            return NEED_DATA
-        raw = buf.take(need)
-        if raw[-4:] != ACK:
-            raise RemoteProtocolError("answer not followed by the 0 acknowledgement")
-        kind, self._pending = self._pending, None
-        if kind is SendCommand:
-            return CommandResponse(raw[4:-4])
-        if kind is RemoteHandshake:
-            return HandshakeResponse(*struct.unpack_from(">II", raw))
-        return Ack()
+        return cast("TpmPortResponse | Sentinel", self._next())
 
 
-class PlatformClientConnection:
+class PlatformClientConnection(RequestClient):
+    _protocol = "platform"
+
     def __init__(self) -> None:
-        self._buf = ReceiveBuffer(4096)
-        self._pending: type | None = None
+        super().__init__(_PLATFORM_BY_KEY, 4096, 0)
+
+    def _key(self, request: object) -> object:
+        return request.code if isinstance(request, PlatformSignal) else type(request)
 
     def send(self, req: PlatformRequest) -> bytes:
-        if self._pending is not None:
-            raise LocalProtocolError("a platform request is already in flight")
-        match req:
-            case PlatformSignal(code=c):
-                out = struct.pack(">I", c)
-            case GetCommandResponseSizes():
-                out = struct.pack(">I", PlatformCode.GET_COMMAND_RESPONSE_SIZES)
-            case PlatformSessionEnd():
-                return struct.pack(">I", PlatformCode.SESSION_END)
-        self._pending = type(req)
-        return out
-
-    def receive_data(self, data: bytes) -> None:
-        self._buf.feed(data)
+        return self._send(req)
 
     def next_event(self) -> PlatformResponse | Sentinel:
-        buf = self._buf
-        if self._pending is None:
-            if len(buf):
-                raise RemoteProtocolError("answer without a request")
-            return CLOSED if buf.eof else NEED_DATA
-        need = 12 if self._pending is GetCommandResponseSizes else 4
-        raw = buf.peek(need)
-        if raw is None:
-            if buf.eof:
-                raise RemoteProtocolError("connection closed inside an answer")
-            return NEED_DATA
-        buf.take(need)
-        if raw[-4:] != ACK:
-            raise RemoteProtocolError(f"platform command failed with {raw[-4:].hex()}")
-        kind, self._pending = self._pending, None
-        if kind is GetCommandResponseSizes:
-            return SizesResponse(*struct.unpack_from(">II", raw))
-        return PlatformAck()
+        return cast("PlatformResponse | Sentinel", self._next())

@@ -8,6 +8,7 @@ import pytest
 
 from tests.vectors_trace import splits
 from vtpm.errors import LocalProtocolError, RemoteProtocolError
+from vtpm.tpm.constants import TPM_ALG
 from vtpm.wire import ipc as w
 from vtpm.wire._common import CLOSED, NEED_DATA
 
@@ -501,3 +502,13 @@ def test_key_grant_repr_hides_the_key() -> None:
         assert "permanent" in text
     secret = w.KeyGrant(b"S3CRET" * 5 + b"!!", ())
     assert "S3CRET" not in repr(secret)
+
+
+def test_a_bank_given_as_tpm_alg_is_the_same_as_its_number() -> None:
+    """The instance and the Manager name banks by TPM_ALG (an IntEnum); the bytes are the same
+    (a guest's deep quote was refused when this check asked for exactly `int`)."""
+    peer = w.IpcConnection(w.Role.PEER)
+    by_enum = peer.send(w.PcrReply(TPM_ALG.SHA256, ((0, bytes(32)),)))
+    assert by_enum == peer.send(w.PcrReply(0x000B, ((0, bytes(32)),)))
+    with pytest.raises(LocalProtocolError):
+        w.PcrReply(True, ())

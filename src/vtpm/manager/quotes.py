@@ -49,7 +49,7 @@ class DeepQuotes:
             host_pcrs = g.pcr_states[0].pcrs
         try:
             info = DeepQuoteInfo(nonce, rec.uuid, g.uuid, rec.label, bank, values)
-        except (LocalProtocolError, ValueError) as e:
+        except LocalProtocolError as e:
             raise RequestError(f"deep quote: {e}") from None
         return self._quoter.request(g.uuid, info, tuple(sorted(set(host_pcrs))))
 

@@ -168,7 +168,8 @@ def _check_mask(what: str, pcrs: object) -> None:
 
 
 def _check_values(what: str, bank: object, values: object) -> None:
-    if type(bank) is not int or bank not in DIGEST_SIZES:
+    # an int or a TPM_ALG member (an IntEnum), never a bool
+    if not isinstance(bank, int) or isinstance(bank, bool) or bank not in DIGEST_SIZES:
         raise LocalProtocolError(f"{what}: unknown PCR bank {bank!r}")
     if not isinstance(values, tuple):
         raise LocalProtocolError(f"{what} must be a tuple of (index, digest)")

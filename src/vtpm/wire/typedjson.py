@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from vtpm.errors import VtpmError
-from vtpm.wire.ipc_events import JSONValue
+from vtpm.wire.ipc_json import JSONValue
 
 T = TypeVar("T")
 

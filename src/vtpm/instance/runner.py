@@ -138,9 +138,10 @@ class Instance:
         dev = self.device
         assert dev is not None
         max_frame = max(cfg.buffer_size or 4096, 4096)
+        idle = cfg.idle_timeout
 
         def raw(conn: socket.socket, peer: str) -> None:
-            serve_frames(dev, conn, peer, max_frame)
+            serve_frames(dev, conn, peer, max_frame, idle_timeout=idle)
 
         data_server: Server | None = None
         for ep in cfg.server:
@@ -150,10 +151,12 @@ class Instance:
             self.servers.append(data_server)
         for ep in cfg.ctrl:
             assert data_server is not None
-            self._server("ctrl", ep, ControlHandler(dev, data_server.spawn, self.stopped.set))
+            ctrl = ControlHandler(dev, data_server.spawn, self.stopped.set, idle_timeout=idle)
+            self._server("ctrl", ep, ctrl)
         for ep in cfg.mssim:
-            self._server("mssim", ep, CommandPortHandler(dev, max_frame))
-            self._server("mssim-platform", ep.with_port_offset(1), PlatformPortHandler(dev))
+            self._server("mssim", ep, CommandPortHandler(dev, max_frame, idle_timeout=idle))
+            platform = PlatformPortHandler(dev, idle_timeout=idle)
+            self._server("mssim-platform", ep.with_port_offset(1), platform)
         for s in self.servers:
             s.start()
 

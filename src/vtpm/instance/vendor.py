@@ -34,7 +34,7 @@ TPM_CC_VTPM_DEEP_QUOTE = 0x20000101
 CODE_BYTES = struct.pack(">I", TPM_CC_VTPM_DEEP_QUOTE)
 TPM_RC_SIZE = 0x095
 MAX_NONCE = 64
-SHA256 = TPM_ALG.SHA256
+SHA256 = int(TPM_ALG.SHA256)  # a plain int: the IPC events refuse IntEnum members as banks
 PCR_READ_BATCH = 8  # TPM2_PCR_Read returns at most eight digests per call
 
 Execute = Callable[[bytes], bytes]

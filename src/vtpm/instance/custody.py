@@ -122,7 +122,7 @@ class ManagerLink:
         try:
             if reader is not None:
                 values = reader(req.bank, req.pcrs)
-        except (VtpmError, ValueError) as e:  # e.g. the guest has not started the TPM yet
+        except VtpmError as e:  # e.g. the guest has not started the TPM yet
             log.warning("the Manager asked for PCR values that cannot be read: %s", e)
         try:
             self._send(ipc.PcrReply(req.bank, values))  # empty: could not read them

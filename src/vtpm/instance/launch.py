@@ -45,7 +45,7 @@ import logging
 import struct
 
 from vtpm.engine.engine import StateType, TpmVersion
-from vtpm.errors import LaunchError, VtpmError
+from vtpm.errors import LaunchError, TpmResponseError, VtpmError
 from vtpm.instance import launchlog as launch_log
 from vtpm.instance.device import Device, failure_response
 from vtpm.launchrecord import LaunchRecord
@@ -169,7 +169,8 @@ class Launch:
                 alloc = frames.parse_pcr_allocation(
                     dev.process(frames.get_capability_pcrs(), EXTEND_LOCALITY)
                 )
-            except (ValueError, struct.error) as e:
+            # ValueError, struct.error: until tpm.frames raises TpmResponseError for them
+            except (TpmResponseError, ValueError, struct.error) as e:
                 raise LaunchError(f"reading the active PCR banks failed: {e}") from None
             banks = tuple(sorted(alg for alg, pcrs in alloc.items() if pcrs & LAUNCH_PCRS))
             for m in self._record.measurements:

@@ -54,7 +54,8 @@ class Instance:
         self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link)
         self.store.open()
         try:
-            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size)
+            quote = None if self.link is None else self.link.deep_quote
+            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote)
             self.device.power_on()
             if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
                 Launch(self.device, cfg.launch).arm()
@@ -71,16 +72,16 @@ class Instance:
             "vTPM %s (TPM %s, libtpms %s) serving %s",
             ident.vtpm_uuid,
             cfg.tpm_version.value,
-            self.device.engine.library_version,
+            self.device.library_version,
             ", ".join(f"{s.name} {s.endpoint}" for s in self.servers),
         )
         return ident
 
     @staticmethod
     def _serve_manager(link: ManagerLink, device: Device) -> None:
-        """Deep quotes: the guest's vendor command goes to the Manager; the Manager's requests
-        for this vTPM's PCR values are read through the engine."""
-        device.deep_quote = link.deep_quote
+        """Deep quotes: the guest's vendor command goes to the Manager (the device was built
+        with `link.deep_quote`); the Manager's requests for this vTPM's PCR values are read
+        through the device."""
 
         def pcrs(bank: int, indices: Sequence[int]) -> tuple[tuple[int, bytes], ...]:
             if bank != vendor.SHA256:

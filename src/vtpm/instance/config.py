@@ -34,6 +34,9 @@ class InstanceConfig:
     label: str | None = None  # this vTPM's security label: frontend peers are checked against it
     labels_file: Path | None = None  # uid/gid -> label map for peers the kernel does not label
     launch: LaunchRecord | None = None  # a measured launch to apply after Startup(CLEAR)
+    # seconds a frontend peer may stay silent before it is dropped (`serving.IdleTimeoutError`);
+    # None: no limit (QEMU keeps its control channel idle between guest resets)
+    idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -49,6 +52,8 @@ class InstanceConfig:
             )
         if not 1 <= self.max_clients <= 1024:
             raise ConfigError("--max-clients must be between 1 and 1024")
+        if self.idle_timeout is not None and not self.idle_timeout > 0:
+            raise ConfigError(f"idle timeout {self.idle_timeout} is not a positive number")
         for ep in self.mssim:
             if ep.kind != "tcp":
                 raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")

@@ -22,10 +22,10 @@ import threading
 import uuid
 from collections.abc import Callable, Sequence
 
+from vtpm import serving
 from vtpm.errors import ManagerError, RemoteProtocolError, StateError, VtpmError
 from vtpm.instance.statekey import StateKey
 from vtpm.wire import ipc
-from vtpm.wire._common import CLOSED, NEED_DATA
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class ManagerLink:
         self._sock = sock
         self._uuid = vtpm_uuid
         self._codec = ipc.IpcConnection(ipc.Role.PEER)
+        # the Manager's events, read first by hello() and then by the reader thread
+        self._events = serving.events(sock, self._codec)
         self._digests: dict[str, bytes] = {}
         self._replies: queue.Queue[object] = queue.Queue()
         self._request = threading.Lock()  # one request in flight at a time
@@ -120,7 +122,7 @@ class ManagerLink:
         try:
             if reader is not None:
                 values = reader(req.bank, req.pcrs)
-        except (VtpmError, ValueError) as e:  # e.g. the guest has not started the TPM yet
+        except VtpmError as e:  # e.g. the guest has not started the TPM yet
             log.warning("the Manager asked for PCR values that cannot be read: %s", e)
         try:
             self._send(ipc.PcrReply(req.bank, values))  # empty: could not read them
@@ -156,19 +158,13 @@ class ManagerLink:
             self._sock.sendall(self._codec.send(event))
 
     def _read_one(self) -> object:
-        """Read until one event arrives (before the reader thread runs)."""
-        while True:
-            ev = self._codec.next_event()
-            if ev is NEED_DATA:
-                try:
-                    data = self._sock.recv(65536)
-                except OSError as e:
-                    raise ManagerError(f"the link to the Manager failed: {e.strerror}") from None
-                self._codec.receive_data(data)
-                continue
-            if ev is CLOSED:
-                raise ManagerError("the Manager closed the link")
-            return ev
+        """The Manager's next event (before the reader thread runs, then on it)."""
+        try:
+            return next(self._events)
+        except StopIteration:
+            raise ManagerError("the Manager closed the link") from None
+        except serving.ConnectionLostError as e:
+            raise ManagerError(f"the link to the Manager failed: {e}") from None
 
     def _read_loop(self) -> None:
         try:

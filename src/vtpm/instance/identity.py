@@ -25,13 +25,18 @@ class Identity:
 
 
 def read(state_dir: Path) -> Identity | None:
+    """The recorded identity, None if there is none yet, StateError if it is unreadable."""
     path = state_dir / FILENAME
     try:
-        raw = json.loads(path.read_text())
-        return Identity(uuid.UUID(raw["uuid"]), TpmVersion(raw["tpm"]))
+        text = path.read_bytes()
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError) as e:
+    except OSError as e:
+        raise StateError(f"{path} cannot be read ({e.strerror}); refusing to start") from None
+    try:
+        raw = json.loads(text)
+        return Identity(uuid.UUID(raw["uuid"]), TpmVersion(raw["tpm"]))
+    except (ValueError, KeyError, TypeError) as e:  # what json, uuid and TpmVersion raise
         raise StateError(f"{path} is unreadable ({e}); refusing to start") from None
 
 

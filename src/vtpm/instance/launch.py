@@ -45,7 +45,7 @@ import logging
 import struct
 
 from vtpm.engine.engine import StateType, TpmVersion
-from vtpm.errors import LaunchError, VtpmError
+from vtpm.errors import LaunchError, TpmResponseError, VtpmError
 from vtpm.instance import launchlog as launch_log
 from vtpm.instance.device import Device, failure_response
 from vtpm.launchrecord import LaunchRecord
@@ -65,7 +65,8 @@ def is_startup_clear(command: bytes) -> bool:
 
 
 class Launch:
-    """A launch armed on `device`: `arm()` once at start; then the device calls `execute`."""
+    """A launch armed on `device`: `arm()` once at start; it makes itself the device's
+    `Interposer`, so the device then calls `execute` for every command and `end` at close."""
 
     def __init__(self, device: Device, record: LaunchRecord) -> None:
         if device.version is not TpmVersion.TPM20:
@@ -86,12 +87,12 @@ class Launch:
             banks = self._reset_to_clear(rehearse=True)
         except VtpmError:
             # refused: the TPM is put back as it was (no rehearsal PCRs left to resume)
-            dev.engine.stop(orderly=False)
+            dev.power_off(orderly=False)
             dev.set_state_blob(StateType.PERMANENT, before)
             raise
         self._remove_log()  # it describes an earlier launch
         dev.power_on()
-        dev.launch = self
+        dev.interpose(self)
         log.info(
             "measured launch armed (%s; banks %s): applied after each TPM2_Startup(CLEAR)",
             ", ".join(m.event_data for m in self._record.measurements),
@@ -99,9 +100,9 @@ class Launch:
         )
 
     def end(self) -> None:
-        """At instance exit: remove the event log and leave the TPM off with Shutdown(CLEAR),
-        so no later run of this vTPM can TPM2_Startup(STATE) into the launch's PCR values.
-        Logs, never raises."""
+        """At instance exit (`device.Interposer`, from `Device.close`): remove the event log
+        and leave the TPM off with Shutdown(CLEAR), so no later run of this vTPM can
+        TPM2_Startup(STATE) into the launch's PCR values. Logs, never raises."""
         try:
             self._remove_log()  # the PCRs it describes are gone
             self._reset_to_clear(rehearse=False)
@@ -118,7 +119,7 @@ class Launch:
         self._expect(dev.process(frames.shutdown(TPM_SU.CLEAR)), "TPM2_Shutdown(CLEAR)")
         # TPM2_Shutdown(CLEAR) was the orderly shutdown: the usual Shutdown(STATE) at stop
         # would let a Startup(STATE) resume these PCRs
-        dev.engine.stop(orderly=False)
+        dev.power_off(orderly=False)
         return banks
 
     @staticmethod
@@ -131,7 +132,7 @@ class Launch:
 
     def execute(self, command: bytes, locality: int | None) -> bytes:
         """Run `command`; after a successful TPM2_Startup(CLEAR), apply the launch first.
-        Called by `Device.execute` with the device's power lock held."""
+        (`device.Interposer`: the device's power lock is held.)"""
         if self.failed:
             return self._failure
         response = self._device.process(command, locality)
@@ -169,7 +170,8 @@ class Launch:
                 alloc = frames.parse_pcr_allocation(
                     dev.process(frames.get_capability_pcrs(), EXTEND_LOCALITY)
                 )
-            except (ValueError, struct.error) as e:
+            # ValueError, struct.error: until tpm.frames raises TpmResponseError for them
+            except (TpmResponseError, ValueError, struct.error) as e:
                 raise LaunchError(f"reading the active PCR banks failed: {e}") from None
             banks = tuple(sorted(alg for alg, pcrs in alloc.items() if pcrs & LAUNCH_PCRS))
             for m in self._record.measurements:

@@ -56,7 +56,8 @@ class Instance:
         self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link)
         self.store.open()
         try:
-            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size)
+            quote = None if self.link is None else self.link.deep_quote
+            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote)
             self.device.power_on()
             if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
                 Launch(self.device, cfg.launch).arm()
@@ -73,16 +74,16 @@ class Instance:
             "vTPM %s (TPM %s, libtpms %s) serving %s",
             ident.vtpm_uuid,
             cfg.tpm_version.value,
-            self.device.engine.library_version,
+            self.device.library_version,
             ", ".join(f"{s.name} {s.endpoint}" for s in self.servers),
         )
         return ident
 
     @staticmethod
     def _serve_manager(link: ManagerLink, device: Device) -> None:
-        """Deep quotes: the guest's vendor command goes to the Manager; the Manager's requests
-        for this vTPM's PCR values are read through the engine."""
-        device.deep_quote = link.deep_quote
+        """Deep quotes: the guest's vendor command goes to the Manager (the device was built
+        with `link.deep_quote`); the Manager's requests for this vTPM's PCR values are read
+        through the device."""
 
         def pcrs(bank: int, indices: Sequence[int]) -> tuple[tuple[int, bytes], ...]:
             if bank != vendor.SHA256:
@@ -140,9 +141,10 @@ class Instance:
         dev = self.device
         assert dev is not None
         max_frame = max(cfg.buffer_size or 4096, 4096)
+        idle = cfg.idle_timeout
 
         def raw(conn: socket.socket, peer: str) -> None:
-            serve_frames(dev, conn, peer, max_frame)
+            serve_frames(dev, conn, peer, max_frame, idle_timeout=idle)
 
         data_server: Server | None = None
         for ep in cfg.server:
@@ -152,10 +154,12 @@ class Instance:
             self.servers.append(data_server)
         for ep in cfg.ctrl:
             assert data_server is not None
-            self._server("ctrl", ep, ControlHandler(dev, data_server.spawn, self.stopped.set))
+            ctrl = ControlHandler(dev, data_server.spawn, self.stopped.set, idle_timeout=idle)
+            self._server("ctrl", ep, ctrl)
         for ep in cfg.mssim:
-            self._server("mssim", ep, CommandPortHandler(dev, max_frame))
-            self._server("mssim-platform", ep.with_port_offset(1), PlatformPortHandler(dev))
+            self._server("mssim", ep, CommandPortHandler(dev, max_frame, idle_timeout=idle))
+            platform = PlatformPortHandler(dev, idle_timeout=idle)
+            self._server("mssim-platform", ep.with_port_offset(1), platform)
         for s in self.servers:
             s.start()
 

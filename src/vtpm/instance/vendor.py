@@ -24,7 +24,7 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 
-from vtpm.errors import VtpmError
+from vtpm.errors import TpmResponseError, VtpmError
 from vtpm.tpm import frames
 from vtpm.tpm.constants import HEADER_SIZE, TPM_ALG, TPM_RC, TPM_ST
 
@@ -34,7 +34,7 @@ TPM_CC_VTPM_DEEP_QUOTE = 0x20000101
 CODE_BYTES = struct.pack(">I", TPM_CC_VTPM_DEEP_QUOTE)
 TPM_RC_SIZE = 0x095
 MAX_NONCE = 64
-SHA256 = TPM_ALG.SHA256
+SHA256 = int(TPM_ALG.SHA256)  # a plain int: the IPC events refuse IntEnum members as banks
 PCR_READ_BATCH = 8  # TPM2_PCR_Read returns at most eight digests per call
 
 Execute = Callable[[bytes], bytes]
@@ -57,14 +57,18 @@ def command(nonce: bytes, host_pcrs: Sequence[int], vtpm_pcrs: Sequence[int]) ->
 
 
 def parse_response(response: bytes) -> bytes:
-    """The evidence bytes of a response; ValueError with the response code otherwise."""
+    """The evidence bytes of a response; TpmResponseError with the response code otherwise."""
+    if len(response) < HEADER_SIZE:
+        raise TpmResponseError("the deep-quote response is shorter than a TPM header")
     rc = frames.response_code(response)
     if rc != TPM_RC.SUCCESS:
-        raise ValueError(f"the vTPM answered the deep-quote command with TPM_RC {rc:#x}")
+        raise TpmResponseError(f"the vTPM answered the deep-quote command with TPM_RC {rc:#x}")
+    if len(response) < HEADER_SIZE + 4:
+        raise TpmResponseError("the deep-quote response is truncated")
     (n,) = struct.unpack_from(">I", response, HEADER_SIZE)
     evidence = response[HEADER_SIZE + 4 : HEADER_SIZE + 4 + n]
     if len(evidence) != n:
-        raise ValueError("the deep-quote response is truncated")
+        raise TpmResponseError("the deep-quote response is truncated")
     return evidence
 
 
@@ -73,14 +77,19 @@ def _answer(rc: int, body: bytes = b"") -> bytes:
 
 
 def read_pcrs(execute: Execute, pcrs: Sequence[int]) -> tuple[tuple[int, bytes], ...]:
-    """SHA-256 values of `pcrs` read through the engine, eight at a time."""
+    """SHA-256 values of `pcrs` read through the engine, eight at a time. TpmResponseError when
+    the TPM refuses (e.g. the guest has not started it yet) or does not hold them all."""
     out: list[tuple[int, bytes]] = []
     wanted = sorted(set(pcrs))
     for i in range(0, len(wanted), PCR_READ_BATCH):
         chunk = wanted[i : i + PCR_READ_BATCH]
-        values = frames.parse_pcr_read(execute(frames.pcr_read(SHA256, chunk)))
+        response = execute(frames.pcr_read(SHA256, chunk))
+        try:
+            values = frames.parse_pcr_read(response)
+        except (ValueError, struct.error) as e:  # until tpm.frames raises TpmResponseError
+            raise TpmResponseError(f"TPM2_PCR_Read: {e}") from None
         if len(values) != len(chunk):
-            raise VtpmError("the vTPM's SHA-256 bank does not hold every PCR asked for")
+            raise TpmResponseError("the vTPM's SHA-256 bank does not hold every PCR asked for")
         out += zip(chunk, values, strict=True)
     return tuple(out)
 
@@ -102,7 +111,7 @@ def handle(command_bytes: bytes, execute: Execute, quote: Quote | None) -> bytes
     try:
         values = read_pcrs(execute, mask_to_pcrs(vtpm_mask))
         evidence = quote(nonce, mask_to_pcrs(host_mask), SHA256, values)
-    except (VtpmError, ValueError) as e:
+    except VtpmError as e:  # the PCRs could not be read, or the Manager did not quote
         log.warning("deep quote for the guest failed: %s", e)
         return _answer(TPM_RC.FAILURE)
     return _answer(TPM_RC.SUCCESS, struct.pack(">I", len(evidence)) + evidence)

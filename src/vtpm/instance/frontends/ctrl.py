@@ -14,16 +14,16 @@ import os
 import socket
 from collections.abc import Callable
 
+from vtpm import serving
 from vtpm.engine.engine import StateType
 from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.instance.device import Device
 from vtpm.wire import ctrl as w
-from vtpm.wire._common import CLOSED, NEED_DATA
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 MAX_FDS = 4
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 # What this instance implements (every command QEMU's backend and tcti-swtpm use).
 CAPABILITIES = (
@@ -58,6 +58,38 @@ FAIL = int(w.CtrlResult.FAIL)
 BAD_PARAMETER = int(w.CtrlResult.BAD_PARAMETER)
 
 
+class PassedDescriptors:
+    """The descriptors a control connection's peer passes with SCM_RIGHTS (`recv` is the read
+    `serving.events` uses on a UNIX socket).
+
+    A descriptor belongs to the read it arrived with: a SET_DATAFD answered from that read takes
+    it (`take`); any the read's requests did not take is closed when the next read starts, that
+    is as soon as they are answered, so a peer cannot pile descriptors up in this process.
+    `close()` at the end of the connection closes any still held."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._fds: list[int] = []
+
+    def recv(self, size: int) -> bytes:
+        self.close()  # brought by the previous read and taken by no SET_DATAFD
+        data, ancdata, _flags, _addr = self._conn.recvmsg(size, _ANCILLARY_SPACE)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                self._fds.extend(got)
+        return data
+
+    def take(self) -> int | None:
+        """The descriptor passed with the current read (the caller owns it), or None."""
+        return self._fds.pop() if self._fds else None
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+
 class ControlHandler:
     """Serves one control connection against `device`."""
 
@@ -66,26 +98,21 @@ class ControlHandler:
         device: Device,
         spawn_data: Callable[[socket.socket, str], None],
         on_shutdown: Callable[[], None],
+        *,
+        idle_timeout: float | None = None,
     ) -> None:
         self._device = device
         self._spawn_data = spawn_data
         self._on_shutdown = on_shutdown
+        self._idle_timeout = idle_timeout
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         codec = w.ControlServerConnection()
-        fds: list[int] = []
-        unix = conn.family == socket.AF_UNIX
+        requests: serving.Codec[w.Request] = codec
+        fds = PassedDescriptors(conn)
+        recv = fds.recv if conn.family == socket.AF_UNIX else None
         try:
-            while True:
-                event = codec.next_event()
-                if event is NEED_DATA:
-                    data = self._read(conn, fds, unix)
-                    if data is None:
-                        return
-                    codec.receive_data(data)
-                    continue
-                if event is CLOSED:
-                    return
+            for event in serving.events(conn, requests, idle_timeout=self._idle_timeout, recv=recv):
                 reply = self._answer(event, fds, peer)
                 conn.sendall(codec.send(reply))
                 if isinstance(event, w.Shutdown):
@@ -95,37 +122,21 @@ class ControlHandler:
             log.warning("ctrl %s: dropped: %s", peer, e)
             with contextlib.suppress(OSError):
                 conn.sendall(w.error_bytes_for_unknown())
+        except serving.ConnectionLostError as e:
+            log.info("ctrl %s: connection lost: %s", peer, e)
         except OSError as e:
             log.info("ctrl %s: connection lost: %s", peer, e.strerror)
         finally:
-            for fd in fds:
-                os.close(fd)
+            fds.close()
 
-    @staticmethod
-    def _read(conn: socket.socket, fds: list[int], unix: bool) -> bytes | None:
-        try:
-            if not unix:
-                return conn.recv(READ_SIZE)
-            data, ancdata, _flags, _addr = conn.recvmsg(
-                READ_SIZE, socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
-            )
-        except OSError:
-            return None
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                fds.extend(got)
-        return data
-
-    def _answer(self, ev: w.Request, fds: list[int], peer: str) -> w.Response:
+    def _answer(self, ev: w.Request, fds: PassedDescriptors, peer: str) -> w.Response:
         try:
             return self._dispatch(ev, fds, peer)
         except VtpmError as e:
             log.error("ctrl %s: %s failed: %s", peer, type(ev).__name__, e)
             return w.Result(FAIL)
 
-    def _dispatch(self, ev: w.Request, fds: list[int], peer: str) -> w.Response:
+    def _dispatch(self, ev: w.Request, fds: PassedDescriptors, peer: str) -> w.Response:
         dev = self._device
         match ev:
             case w.GetCapability():
@@ -183,10 +194,10 @@ class ControlHandler:
             case w.LockStorage():
                 return w.Result(OK)  # the state directory is locked for the instance's life
             case w.SetDataFd():
-                if not fds:
+                fd = fds.take()
+                if fd is None:
                     log.warning("ctrl %s: SET_DATAFD without a descriptor", peer)
                     return w.Result(BAD_PARAMETER)
-                fd = fds.pop()
                 try:
                     data_sock = socket.socket(fileno=fd)
                 except OSError:

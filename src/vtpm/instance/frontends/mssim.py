@@ -10,33 +10,33 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 
+from vtpm import serving
 from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.instance.device import Device
 from vtpm.wire import mssim as w
-from vtpm.wire._common import CLOSED, NEED_DATA
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 SERVER_VERSION = 1
 
 
 class CommandPortHandler:
-    def __init__(self, device: Device, max_command: int) -> None:
+    def __init__(
+        self, device: Device, max_command: int, *, idle_timeout: float | None = None
+    ) -> None:
         self._device = device
         self._max = max_command
+        self._idle_timeout = idle_timeout
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         codec = w.MssimServerConnection(max_command=self._max)
+        requests: serving.Codec[w.TpmPortRequest] = codec
         dev = self._device
         try:
-            while True:
-                ev = codec.next_event()
-                if ev is NEED_DATA:
-                    codec.receive_data(conn.recv(READ_SIZE))
-                    continue
-                if ev is CLOSED or isinstance(ev, w.SessionEnd | w.Stop):
+            for ev in serving.events(conn, requests, idle_timeout=self._idle_timeout):
+                if isinstance(ev, w.SessionEnd | w.Stop):
                     return
                 reply: w.CommandResponse | w.Ack | w.HandshakeResponse
                 match ev:
@@ -58,31 +58,29 @@ class CommandPortHandler:
                 conn.sendall(codec.send(reply))
         except RemoteProtocolError as e:
             log.warning("mssim %s: dropped: %s", peer, e)
+        except serving.ConnectionLostError as e:
+            log.info("mssim %s: connection lost: %s", peer, e)
         except OSError as e:
             log.info("mssim %s: connection lost: %s", peer, e.strerror)
 
 
-def _quietly(fn: object, peer: str) -> None:
+def _quietly(fn: Callable[[], None], peer: str) -> None:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except VtpmError as e:
         log.error("mssim %s: %s", peer, e)
 
 
 class PlatformPortHandler:
-    def __init__(self, device: Device) -> None:
+    def __init__(self, device: Device, *, idle_timeout: float | None = None) -> None:
         self._device = device
+        self._idle_timeout = idle_timeout
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         codec = w.PlatformServerConnection()
+        requests: serving.Codec[w.PlatformRequest] = codec
         try:
-            while True:
-                ev = codec.next_event()
-                if ev is NEED_DATA:
-                    codec.receive_data(conn.recv(READ_SIZE))
-                    continue
-                if ev is CLOSED:
-                    return
+            for ev in serving.events(conn, requests, idle_timeout=self._idle_timeout):
                 if isinstance(ev, w.GetCommandResponseSizes):
                     size = self._device.buffer_size(0).size
                     conn.sendall(codec.send(w.SizesResponse(size, size)))
@@ -94,6 +92,8 @@ class PlatformPortHandler:
                 return  # session end / stop
         except RemoteProtocolError as e:
             log.warning("mssim-platform %s: dropped: %s", peer, e)
+        except serving.ConnectionLostError as e:
+            log.info("mssim-platform %s: connection lost: %s", peer, e)
         except OSError as e:
             log.info("mssim-platform %s: connection lost: %s", peer, e.strerror)
 

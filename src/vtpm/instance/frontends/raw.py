@@ -5,53 +5,40 @@ from __future__ import annotations
 import logging
 import socket
 
+from vtpm import serving
 from vtpm.errors import RemoteProtocolError
 from vtpm.instance.device import Device
-from vtpm.wire._common import CLOSED, NEED_DATA
-from vtpm.wire.tpmframe import FrameServerConnection, TpmCommand
+from vtpm.wire.tpmframe import FrameServerConnection
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 65536
 
-
-def serve_frames(device: Device, conn: socket.socket, peer: str, max_size: int) -> None:
+def serve_frames(
+    device: Device,
+    conn: socket.socket,
+    peer: str,
+    max_size: int,
+    *,
+    idle_timeout: float | None = None,
+) -> None:
     """Answer TPM commands on `conn` until the peer closes or breaks the framing."""
     codec = FrameServerConnection(max_size=max_size)
-    inbox = bytearray(READ_SIZE)  # reused: a fresh 64 KiB bytes per read costs more
-    view = memoryview(inbox)
     execute = device.execute
+    respond = codec.respond
+    sendall = conn.sendall
+    # the usual read holds one whole command: `whole_command` takes it past the codec's buffer
+    requests = serving.events(
+        conn, codec, idle_timeout=idle_timeout, whole_message=codec.whole_command
+    )
     try:
-        while True:
+        for request in requests:
+            command = request if isinstance(request, bytes) else request.data
             try:
-                n = conn.recv_into(inbox)
+                sendall(respond(execute(command)))
             except OSError as e:
-                log.info("raw %s: connection lost: %s", peer, e.strerror)
+                log.info("raw %s: peer went away before its answer: %s", peer, e.strerror)
                 return
-            data = bytes(view[:n])  # one copy
-            command = codec.whole_command(data)  # the usual case: one read, one command
-            if command is not None:
-                if not _answer(conn, codec, execute(command), peer):
-                    return
-                continue
-            codec.receive_data(data)
-            while True:
-                event = codec.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    return
-                assert isinstance(event, TpmCommand)
-                if not _answer(conn, codec, execute(event.data), peer):
-                    return
     except RemoteProtocolError as e:
         log.warning("raw %s: dropped: %s", peer, e)
-
-
-def _answer(conn: socket.socket, codec: FrameServerConnection, reply: bytes, peer: str) -> bool:
-    try:
-        conn.sendall(codec.respond(reply))
-    except OSError as e:
-        log.info("raw %s: peer went away before its answer: %s", peer, e.strerror)
-        return False
-    return True
+    except serving.ConnectionLostError as e:
+        log.info("raw %s: connection lost: %s", peer, e)

@@ -143,7 +143,7 @@ __all__ = [
 ]
 
 # A sans-IO buffer cannot refuse bytes it is handed, so it bounds what it holds: one
-# incomplete frame plus one read (asyncio reads at most 256 KiB at a time).
+# incomplete frame plus one read of at most 256 KiB (the adapters read 64 KiB at a time).
 _MAX_READ: Final = 1 << 18
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">IB")

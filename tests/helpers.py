@@ -245,3 +245,23 @@ def raw_call(sock: socket.socket, command: bytes) -> bytes:
             raise ConnectionError("the instance closed the connection")
         buf += chunk
     return buf
+
+
+class MemoryStore:
+    """Blobs held in memory: the device's state backend for tests that need no encryption or
+    files (the engine and libtpms stay real)."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[str, bytes] = {}
+
+    def load(self, name: str) -> bytes | None:
+        return self.blobs.get(name)
+
+    def store(self, name: str, data: bytes) -> None:
+        self.blobs[name] = data
+
+    def delete(self, name: str, must_exist: bool) -> bool:
+        return self.blobs.pop(name, None) is not None
+
+    def exists(self, name: str) -> bool:
+        return name in self.blobs

@@ -13,28 +13,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import MemoryStore
 from vtpm.engine.engine import TpmVersion
 from vtpm.instance.device import Device
 from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.wire import ctrl as w
 from vtpm.wire._common import NEED_DATA
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def load(self, name: str) -> bytes | None:
-        return self.blobs.get(name)
-
-    def store(self, name: str, data: bytes) -> None:
-        self.blobs[name] = data
-
-    def delete(self, name: str, must_exist: bool) -> bool:
-        return self.blobs.pop(name, None) is not None
-
-    def exists(self, name: str) -> bool:
-        return name in self.blobs
 
 
 class Served:

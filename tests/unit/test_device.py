@@ -8,29 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers import MemoryStore
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import DeviceError
 from vtpm.instance import vendor
 from vtpm.instance.device import Device
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC, TPM_SU
-
-
-class MemoryStore:
-    def __init__(self) -> None:
-        self.blobs: dict[str, bytes] = {}
-
-    def load(self, name: str) -> bytes | None:
-        return self.blobs.get(name)
-
-    def store(self, name: str, data: bytes) -> None:
-        self.blobs[name] = data
-
-    def delete(self, name: str, must_exist: bool) -> bool:
-        return self.blobs.pop(name, None) is not None
-
-    def exists(self, name: str) -> bool:
-        return name in self.blobs
 
 
 class Recorder:

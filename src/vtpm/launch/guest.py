@@ -18,10 +18,11 @@ a guest without a display needs no VGA.
 
 Firmware: qboot (Debian's qemu-system-data ships it) loads the kernel and initrd and measures
 nothing, so PCR 4 and 5 hold exactly the launch's measurements. SeaBIOS, QEMU's default, logs
-its own events into PCR 4/5 as well (its boot and option-ROM events, a separator); with it, or with OVMF, the guest's PCR 4/5
-combine both logs and no longer equal the launch's reference values. With qboot, nobody sends
-TPM2_Startup before Linux, which sends TPM2_Startup(CLEAR) itself when its first command is
-answered TPM_RC_INITIALIZE; that Startup is what applies the launch.
+its own events into PCR 4/5 as well (boot and option-ROM events, a separator); with it, or
+with OVMF, the guest's PCR 4/5 combine both logs and no longer equal the launch's reference
+values. With qboot, nobody sends TPM2_Startup before Linux, which sends TPM2_Startup(CLEAR)
+itself when its first command is answered TPM_RC_INITIALIZE; that Startup is what applies the
+launch.
 
 QEMU runs with -daemonize: its first process exits 0 only once the machine is set up (the TPM
 backend connected to the vTPM's control socket included) and the guest runs, or non-zero with

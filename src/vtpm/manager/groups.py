@@ -55,14 +55,6 @@ class GroupStatus:
     matched: int | None = None  # index of the permitted state the host is in
     differing: dict[int, str] = field(default_factory=dict)  # PCR -> current value (hex)
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "unlocked": self.unlocked,
-            "reason": self.reason,
-            "matched_state": self.matched,
-            "differing_pcrs": {str(k): v for k, v in sorted(self.differing.items())},
-        }
-
 
 def _match(states: Sequence[PcrState], current: dict[int, bytes]) -> int | None:
     for i, s in enumerate(states):

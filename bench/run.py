@@ -209,6 +209,7 @@ FLOOR_CODE = """
 import json, sys, time
 from vtpm.engine.engine import Engine, TpmVersion
 from vtpm.tpm import frames
+from vtpm.tpm.constants import TPM_ALG
 class Mem:
     def __init__(self): self.d = {}
     def load(self, n): return self.d.get(n)

@@ -24,7 +24,6 @@ import errno
 import hashlib
 import re
 import socket
-import struct
 import tomllib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from vtpm.errors import ConfigError, LabelError
+from vtpm.listen import MAX_ID, peer_credentials
 
 WILDCARD = "*"
 MAX_FIELD = 64
@@ -40,7 +40,6 @@ MAX_FIELD = 64
 SO_PEERSEC: int = getattr(socket, "SO_PEERSEC", 31)
 # Python's getsockopt refuses larger buffers; a longer context is refused (LabelError).
 PEERSEC_BUFSIZE = 1024
-MAX_ID = 2**32 - 2  # (uid_t)-1 means "no id"
 
 MANAGER_PEER_TYPES = frozenset({"vtpm_t"})
 VTPM_PEER_TYPES = frozenset({"guest_t", "hwdom_t"})
@@ -235,27 +234,15 @@ def peer_context(sock: socket.socket) -> str | None:
     return text
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
-    """(uid, gid) of a UNIX-socket peer (SO_PEERCRED); None for other sockets."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    fmt = "=iII"  # struct ucred: pid_t, uid_t, gid_t
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    _pid, uid, gid = struct.unpack(fmt, raw)
-    if uid > MAX_ID or gid > MAX_ID:
-        return None
-    return uid, gid
-
-
 def resolve_peer(sock: socket.socket, labels: LabelMap) -> Label | None:
     """The peer's label: its SELinux context, else the map by uid then gid, else None."""
     context = peer_context(sock)
     if context is not None and ":" in context:
         return Label.from_context(context)
     creds = peer_credentials(sock)
-    if creds is None:
+    if creds is None or creds.uid is None or creds.gid is None:
         return None
-    return labels.label_for(*creds)
+    return labels.label_for(creds.uid, creds.gid)
 
 
 def _check(allowed: bool) -> None:

@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "platform": {"errors", "files"},
     "errors": set(),
     "files": {"errors"},
-    "labels": {"errors"},
+    "labels": {"errors", "listen"},
     "listen": {"errors"},
     "serving": {"errors", "wire"},
     "launchrecord": {"errors", "files", "tpm"},

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,12 +23,12 @@ from typing import Literal
 
 from vtpm.errors import ConfigError, LabelError
 from vtpm.labels import Label, manager_accepts, vtpm_accepts
+from vtpm.listen import MAX_ID, peer_credentials
 
 # SO_PEERSEC is 31 on every Linux architecture; older Pythons do not export the name.
 SO_PEERSEC: int = getattr(socket, "SO_PEERSEC", 31)
 # Python's getsockopt refuses larger buffers; a longer context is refused (LabelError).
 PEERSEC_BUFSIZE = 1024
-MAX_ID = 2**32 - 2  # (uid_t)-1 means "no id"
 
 Unlabeled = Literal["refuse", "allow"]
 
@@ -134,27 +133,15 @@ def peer_context(sock: socket.socket) -> str | None:
     return text
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
-    """(uid, gid) of a UNIX-socket peer (SO_PEERCRED); None for other sockets."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    fmt = "=iII"  # struct ucred: pid_t, uid_t, gid_t
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    _pid, uid, gid = struct.unpack(fmt, raw)
-    if uid > MAX_ID or gid > MAX_ID:
-        return None
-    return uid, gid
-
-
 def resolve_peer(sock: socket.socket, labels: LabelMap) -> Label | None:
     """The peer's label: its SELinux context, else the map by uid then gid, else None."""
     context = peer_context(sock)
     if context is not None and ":" in context:
         return Label.from_context(context)
     creds = peer_credentials(sock)
-    if creds is None:
+    if creds is None or creds.uid is None or creds.gid is None:
         return None
-    return labels.label_for(*creds)
+    return labels.label_for(creds.uid, creds.gid)
 
 
 def _check(allowed: bool) -> None:

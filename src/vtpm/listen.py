@@ -113,25 +113,40 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of a UNIX-socket peer."""
+MAX_ID = 2**32 - 2  # the largest uid/gid: (uid_t)-1 means "no id"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """A UNIX-socket peer's SO_PEERCRED. `uid`/`gid` are None where the kernel reports no id
+    ((uid_t)-1, e.g. a peer that never connected)."""
+
+    pid: int
+    uid: int | None
+    gid: int | None
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    """The credentials of a UNIX-socket peer; None for other sockets (no peer identity)."""
     if sock.family != socket.AF_UNIX:
         return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return pid, uid, gid
+    fmt = "=iII"  # struct ucred: pid_t, uid_t, gid_t
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    pid, uid, gid = struct.unpack(fmt, raw)
+    return PeerCredentials(pid, uid if uid <= MAX_ID else None, gid if gid <= MAX_ID else None)
 
 
-def peer_allowed(creds: tuple[int, int, int] | None, policy: SocketPolicy) -> bool:
+def peer_allowed(creds: PeerCredentials | None, policy: SocketPolicy) -> bool:
+    """Whether the policy admits the peer: root or the socket's owner, or its group with 0660.
+    A non-UNIX peer (None) is admitted (no identity to check); a peer without ids is not."""
     if creds is None:
         return True
-    _pid, uid, gid = creds
     owner = os.getuid() if policy.uid is None else policy.uid
-    if uid in (0, owner):
+    if creds.uid is not None and creds.uid in (0, owner):
         return True
     if policy.mode == 0o660:
         group = os.getgid() if policy.gid is None else policy.gid
-        return gid == group
+        return creds.gid is not None and creds.gid == group
     return False
 
 
@@ -188,7 +203,7 @@ class Server:
                     return
                 continue
             creds = peer_credentials(conn)
-            peer = f"pid={creds[0]} uid={creds[1]}" if creds else f"{addr[0]}:{addr[1]}"
+            peer = f"pid={creds.pid} uid={creds.uid}" if creds else f"{addr[0]}:{addr[1]}"
             if not peer_allowed(creds, self._policy):
                 log.warning(
                     "%s: refused peer %s (not the socket's owner or group)", self.name, peer

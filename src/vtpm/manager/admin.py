@@ -241,7 +241,7 @@ class AdminHandler:
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         creds = peer_credentials(conn)
-        actor = f"uid={creds[1]} pid={creds[0]}" if creds else peer
+        actor = f"uid={creds.uid} pid={creds.pid}" if creds else peer
         codec = ipc.IpcConnection(ipc.Role.MANAGER)
         try:
             for ev in events(conn, codec):

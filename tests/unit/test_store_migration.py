@@ -72,7 +72,7 @@ def test_a_v1_database_opens_under_v2_with_its_groups_intact(tmp_path: Path) -> 
     s = Store(path)
     s.open()
     try:
-        assert s.meta("schema_version") == str(store_mod.SCHEMA_VERSION) == "2"
+        assert s.meta("schema_version") == str(store_mod.SCHEMA_VERSION) == "3"
         assert s.meta("manager_uuid") == MANAGER  # not replaced by the migration
         g = s.group("legacy")
         assert g == GroupRecord(
@@ -108,7 +108,7 @@ def test_a_v1_database_opens_under_v2_with_its_groups_intact(tmp_path: Path) -> 
     s.open()
     try:
         g3 = s.group("legacy")
-        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "2"
+        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "3"
     finally:
         s.close()
 
@@ -117,7 +117,7 @@ def test_a_new_database_is_created_at_v2_and_keeps_the_ak(tmp_path: Path) -> Non
     s = Store(tmp_path / "manager.db")
     s.open()
     try:
-        assert s.meta("schema_version") == "2"
+        assert s.meta("schema_version") == "3"
         assert s.meta("manager_uuid")
         g = GroupRecord(
             uuid=GROUP,

@@ -234,6 +234,7 @@ def _describe(g: api.GroupView) -> str:
         f"group {g.name}  uuid {g.uuid}",
         f"  status: {'unlocked' if s.unlocked else 'LOCKED: ' + s.reason}",
         f"  sequence {g.seq}, owner-approved states: {'yes' if g.owner_approved else 'no'}",
+        f"  approval epoch: {_epoch_text(g)}",
         f"  attestation key: {(g.ak or 'none yet (made on first need)').upper()}",
         f"  labels: {', '.join(g.labels) or '(none)'}",
         f"  vTPMs: {g.vtpms}",
@@ -247,6 +248,13 @@ def _describe(g: api.GroupView) -> str:
     for pcr, now in s.differing_pcrs.items():
         lines.append(f"  host PCR {pcr} is now {now}")
     return "\n".join(lines)
+
+
+def _epoch_text(g: api.GroupView) -> str:
+    e = g.approval_epoch
+    if e is None:
+        return "none (approvals not revocable by the TPM yet)"
+    return f"{e.value} (NV counter 0x{e.nv:08x}; the next request approves {e.value + 1})"
 
 
 def cmd_new(args: argparse.Namespace) -> int:
@@ -346,13 +354,16 @@ def cmd_sign(args: argparse.Namespace) -> int:
     labels += [x for x in args.add_label if x not in labels]
     if not states:
         raise ConfigError("the request would leave the group with no permitted PCR state")
-    request = _ownerreq().sign_request(key, group_uuid, seq, states, labels)
+    # the epoch this request will open: once applied, the TPM refuses every earlier approval
+    epoch = None if g.approval_epoch is None else g.approval_epoch.next()
+    request = _ownerreq().sign_request(key, group_uuid, seq, states, labels, epoch)
     if args.output is None:
         sys.stdout.write(request.decode() + "\n")
     else:
         args.output.write_bytes(request)
         print(
             f"signed request for group {g.name} (sequence {seq}, "
+            f"{'' if epoch is None else f'epoch {epoch.value}, '}"
             f"{len(states)} state(s), {len(labels)} label(s)) written to {args.output}",
             file=sys.stderr,
         )

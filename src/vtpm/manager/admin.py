@@ -79,6 +79,7 @@ class AdminService:
                 matched_state=st.matched,
                 differing_pcrs={str(k): v for k, v in sorted(st.differing.items())},
             ),
+            approval_epoch=self._s.groups.epoch(g),
         )
 
     def vtpm_view(self, v: VtpmRecord) -> api.VtpmView:

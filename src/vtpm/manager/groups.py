@@ -1,10 +1,10 @@
 """Group keys: sealed to the hardware TPM, unlocked only in a permitted host state.
 
 Each group has a random 32-byte key that exists on disk only as a hardware-TPM sealed object
-whose policy is `PolicyOR(states_root, PolicyAuthorize(owner))` (see `vtpm.tpm.policy`). At
-start, and again before every key release, the Manager reads the host PCRs:
-- if they match one of the group's permitted states and the key was sealed under that list, the
-  PCR branch opens it;
+whose policy is `PolicyOR(epoch(states_root), PolicyAuthorize(owner))` (see `vtpm.tpm.policy`).
+At start, and again before every key release, the Manager reads the host PCRs:
+- if they match one of the group's permitted states and the key was sealed under that list at
+  the current approval epoch, the PCR branch opens it;
 - if the owner has since signed a new list (the key is still sealed under the old one), the
   owner's approval opens it through the PolicyAuthorize branch and the key is sealed again under
   the new list;
@@ -12,6 +12,26 @@ start, and again before every key release, the Manager reads the host PCRs:
   the reason (which PCRs differ from the closest permitted state, their current values) is kept
   for `status`. Nothing is lost: the sealed key and every vTPM stay as they are.
 vTPM state keys are stored wrapped (AES-256-GCM) under a key derived from the group key.
+
+Revocation by the TPM (approval epochs, `vtpm.manager.epochs`). Each group has an NV counter
+on the hardware TPM (`approval_nv`); its value is the group's epoch, and both branches of the
+seal require it: the PCR branch was sealed at one epoch, and each owner approval names one.
+Applying owner request N (which must name epoch E+1, E being the counter now):
+ 1. reseal the key (if in memory) under request N's states at E+1, and write the group (seq,
+    states, approval, sealed key) to the database in one transaction: the commit point;
+ 2. increment the counter to E+1: from then on every approval and every seal of epoch <= E,
+    wherever a copy of it is kept, fails PolicyNV at the TPM, so a state the owner removed no
+    longer opens the key, even for a Manager that skips its own checks.
+A crash between 1 and 2 leaves a stored approval for E+1 with the counter at E; the next
+unseal or request sees that (the owner's signature verifies for E+1) and does step 2 then. A
+crash before 1 changes nothing. A compromised Manager can push the counter forward (revoking
+everything: the group stays locked until the owner signs for the new epoch) but never back,
+and cannot make an approval for a past epoch, or a seal of one, open the key again. What it can
+still do is what any holder of the key in memory can: use it while the host is in a permitted
+state. A group from before counters (approval_nv 0) keeps its old seal until the Manager first
+holds its key; it then gets a counter, is sealed anew under it (with a policyRef no old approval
+was signed for), and its old approval is dropped. Copies of its old sealed blob stay openable
+in the states they were sealed for: re-create the group to be rid of those.
 
 Each group also has an attestation key (AK) on the hardware TPM (`vtpm.manager.attestation`),
 made with the group; a group from before AKs existed gets one the first time it needs it.
@@ -36,10 +56,11 @@ from vtpm.errors import ConfigError, HwTpmError, ManagerError, SealError, VtpmEr
 from vtpm.labels import Label
 from vtpm.manager import ownerreq
 from vtpm.manager.attestation import AK_ALGS, DEFAULT_AK_ALG, AttestationTpm
+from vtpm.manager.epochs import ApprovalCounters
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.manager.sealing import SealingTpm
 from vtpm.manager.store import GroupRecord, Store
-from vtpm.tpm.policy import OrTree, PcrState, check_pcrs, seal_policy
+from vtpm.tpm.policy import Epoch, OrTree, PcrState, at_epoch, check_pcrs, seal_policy
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +106,10 @@ class GroupKeys:
         self._hw = hw
         self.attestation = AttestationTpm(hw)
         self.sealing = SealingTpm(hw)
+        self.counters = ApprovalCounters(hw)
         self._keys: dict[uuid.UUID, bytes] = {}
+        self._epochs: dict[uuid.UUID, int] = {}  # last value read of each group's counter
+        self._no_upgrade: set[uuid.UUID] = set()  # legacy groups whose upgrade failed
         self._status: dict[uuid.UUID, GroupStatus] = {}
         self._lock = threading.RLock()
 
@@ -120,6 +144,7 @@ class GroupKeys:
             return
         if g.uuid in self._keys:
             self._status[g.uuid] = GroupStatus(True, matched=idx)
+            self._upgrade(g)
             return
         try:
             key = self._unseal(g, idx)
@@ -134,15 +159,17 @@ class GroupKeys:
         self._keys[g.uuid] = key
         self._status[g.uuid] = GroupStatus(True, matched=idx)
         log.info("group %s (%s) unlocked (host in permitted state #%d)", g.name, g.uuid, idx)
+        self._upgrade(self._store.group(str(g.uuid)) or g)
 
     def _unseal(self, g: GroupRecord, idx: int) -> bytes:
         pub = ownerreq.load_public_key(g.owner_pub)
         obj = SealedObject(g.sealed_public, g.sealed_private)
         tree = OrTree.of_states(g.pcr_states)
         state = g.pcr_states[idx]
-        if tree.root == g.sealed_root:
-            auth = ownerreq.authorize_digest(pub, g.uuid)
-            return self.sealing.unseal_with_pcrs(obj, state, tree, idx, auth)
+        epoch = self._settle(g)
+        if at_epoch(tree.root, epoch) == g.sealed_root:
+            auth = ownerreq.authorize_digest(pub, g.uuid, g.approval_nv)
+            return self.sealing.unseal_with_pcrs(obj, state, tree, idx, auth, epoch)
         if not g.approval:
             raise SealError("unsealing failed")
         key = self.sealing.unseal_with_approval(
@@ -152,24 +179,90 @@ class GroupKeys:
             idx,
             g.sealed_root,
             ownerreq.tpm_public(pub),
-            ownerreq.policy_ref(g.uuid),
+            ownerreq.policy_ref(g.uuid, g.approval_nv),
             g.approval,
+            epoch,
         )
-        self._reseal(g, key)  # from now on the PCR branch opens it under the new list
+        self._reseal(g, key, epoch)  # from now on the PCR branch opens it under the new list
         return key
 
-    def _reseal(self, g: GroupRecord, key: bytes) -> GroupRecord:
+    def _reseal(self, g: GroupRecord, key: bytes, epoch: Epoch | None) -> GroupRecord:
+        """`g` with `key` sealed anew under its states at `epoch`, stored."""
         pub = ownerreq.load_public_key(g.owner_pub)
-        root = OrTree.of_states(g.pcr_states).root
-        sealed = self.sealing.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, g.uuid)))
+        branch = at_epoch(OrTree.of_states(g.pcr_states).root, epoch)
+        auth = ownerreq.authorize_digest(pub, g.uuid, g.approval_nv)
+        sealed = self.sealing.seal(key, seal_policy(branch, auth))
         new = replace(
             g,
             sealed_public=sealed.public,
             sealed_private=sealed.private,
-            sealed_root=root,
+            sealed_root=branch,
         )
         self._store.update_group(new)
         return new
+
+    # approval epochs ------------------------------------------------------------------------
+
+    def _settle(self, g: GroupRecord) -> Epoch | None:
+        """The group's epoch as the TPM holds it, after finishing an increment a crash cut off
+        (the stored approval, signed by the owner, is for the next epoch); None: no counter."""
+        if not g.approval_nv:
+            return None
+        epoch = Epoch(g.approval_nv, self.counters.read(g.approval_nv))
+        pub = ownerreq.load_public_key(g.owner_pub)
+        ahead = epoch.next()
+        if g.approval and ownerreq.verify_approval(pub, g.pcr_states, g.uuid, g.approval, ahead):
+            log.warning(
+                "group %s (%s): request %d was stored but its epoch not reached; advancing "
+                "approval counter 0x%08x",
+                g.name,
+                g.uuid,
+                g.seq,
+                g.approval_nv,
+            )
+            epoch = Epoch(g.approval_nv, self.counters.increment(g.approval_nv))
+        self._epochs[g.uuid] = epoch.value
+        return epoch
+
+    def epoch(self, g: GroupRecord) -> Epoch | None:
+        """The group's current epoch for display (last value read; read now if none yet, or
+        None if the TPM cannot say); None too for a group without a counter."""
+        if not g.approval_nv:
+            return None
+        with self._lock:
+            value = self._epochs.get(g.uuid)
+            if value is None:
+                try:
+                    value = self._epochs[g.uuid] = self.counters.read(g.approval_nv)
+                except HwTpmError as e:
+                    log.debug("group %s: approval counter unreadable: %s", g.uuid, e)
+                    return None
+            return Epoch(g.approval_nv, value)
+
+    def _upgrade(self, g: GroupRecord) -> None:
+        """Give a group from before approval counters its counter, and seal its key (in
+        memory) under it; on failure the group keeps working as it was (retried next start)."""
+        if g.approval_nv or g.uuid in self._no_upgrade:
+            return
+        key = self._keys[g.uuid]
+        try:
+            epoch = self.counters.allocate(self._taken())
+            new = self._reseal(replace(g, approval=b"", approval_nv=epoch.nv), key, epoch)
+        except (HwTpmError, SealError) as e:
+            self._no_upgrade.add(g.uuid)
+            log.warning("group %s (%s): no approval counter yet: %s", g.name, g.uuid, e)
+            return
+        self._epochs[g.uuid] = epoch.value
+        log.info(
+            "group %s (%s): approvals now revocable by the TPM (counter 0x%08x, epoch %d)",
+            new.name,
+            new.uuid,
+            epoch.nv,
+            epoch.value,
+        )
+
+    def _taken(self) -> set[int]:
+        return {g.approval_nv for g in self._store.groups() if g.approval_nv}
 
     def status(self, group_uuid: uuid.UUID) -> GroupStatus:
         with self._lock:
@@ -207,8 +300,10 @@ class GroupKeys:
             state = PcrState.from_values(self._hw.read_pcrs(check_pcrs(pcrs)))
             gid = uuid.uuid4()
             key = secrets.token_bytes(KEY_SIZE)
-            root = OrTree.of_states([state]).root
-            sealed = self.sealing.seal(key, seal_policy(root, ownerreq.authorize_digest(pub, gid)))
+            epoch = self.counters.allocate(self._taken())
+            root = at_epoch(OrTree.of_states([state]).root, epoch)
+            auth = ownerreq.authorize_digest(pub, gid, epoch.nv)
+            sealed = self.sealing.seal(key, seal_policy(root, auth))
             ak = self.attestation.create_ak(ak_alg)
             rec = GroupRecord(
                 uuid=gid,
@@ -225,18 +320,23 @@ class GroupKeys:
                 ak_alg=ak_alg,
                 ak_public=ak.public,
                 ak_private=ak.private,
+                approval_nv=epoch.nv,
             )
             self._store.add_group(rec)
+            self._epochs[gid] = epoch.value
             self._keys[gid] = key
             self._status[gid] = GroupStatus(True, matched=0)
             return rec
 
     def apply_owner_request(self, g: GroupRecord, data: bytes) -> GroupRecord:
         """Verify and apply a request signed by the group's owner (raises AuthError,
-        ReplayError or ConfigError, leaving the group as it was)."""
+        ReplayError or ConfigError, leaving the group as it was), then advance the group's
+        approval epoch (see the module's docstring for the order and crashes)."""
         pub = ownerreq.load_public_key(g.owner_pub)
-        req = ownerreq.verify_request(data, pub, group=g.uuid, last_seq=g.seq)
         with self._lock:
+            now = self._settle(g)
+            want = None if now is None else now.next()
+            req = ownerreq.verify_request(data, pub, group=g.uuid, last_seq=g.seq, epoch=want)
             new = replace(
                 g,
                 seq=req.seq,
@@ -246,9 +346,11 @@ class GroupKeys:
             )
             key = self._keys.get(g.uuid)
             if key is not None:
-                new = self._reseal(new, key)
+                new = self._reseal(new, key, want)
             else:
                 self._store.update_group(new)
+            if want is not None:
+                self._advance(new, want)
             try:
                 current = self._read_pcrs([new])
             except HwTpmError as e:
@@ -256,6 +358,17 @@ class GroupKeys:
                 return new
             self._refresh_one(new, current)
             return self._store.group(str(g.uuid)) or new
+
+    def _advance(self, g: GroupRecord, want: Epoch) -> None:
+        """Step 2: the counter to `want` (stored already; a failure here is finished later)."""
+        try:
+            value = self.counters.increment(want.nv)
+        except HwTpmError as e:
+            log.warning("group %s: epoch %d stored, not reached: %s", g.uuid, want.value, e)
+            return
+        self._epochs[g.uuid] = value
+        if value != want.value:  # someone else pushed the counter: the owner must sign again
+            log.warning("group %s: approval counter at %d, not %d", g.uuid, value, want.value)
 
     def ensure_ak(self, g: GroupRecord) -> GroupRecord:
         """`g` with its attestation key, made (ECC) and stored now if it has none yet."""

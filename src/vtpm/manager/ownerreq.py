@@ -5,10 +5,17 @@ group owner signs (ECDSA P-256) with a strictly increasing sequence number, so t
 administrator alone cannot re-point a group. The same key approves, for the hardware TPM, the
 new set of PCR states: it signs the aHash of PolicyAuthorize,
 
-    approval = ECDSA(SHA-256(OrTree(states).root || policy_ref(group)))
+    approval = ECDSA(SHA-256(epoch(OrTree(states).root) || policy_ref(group)))
 
 which lets a group whose seal no longer matches the host's PCRs be opened through the
-PolicyAuthorize branch of its seal policy (see `vtpm.tpm.policy`).
+PolicyAuthorize branch of its seal policy (see `vtpm.tpm.policy`). `epoch(.)` is PolicyNV on
+the group's approval counter: each request names the epoch it approves (the counter's value
+after the Manager applies it: the group's current epoch + 1, which `group show` gives), so an
+approval opens the key only until the owner's next request is applied (`vtpm.manager.groups`).
+A group from before approval counters has none until the Manager gives it one
+(`approval_nv` 0): its requests and approvals have no epoch and its policyRef is the bare uuid;
+an epoch group's policyRef is prefixed (`EPOCH_REF`), so no approval signed for the legacy seal
+satisfies the new one.
 
 Request file (UTF-8 JSON):
 
@@ -16,7 +23,8 @@ Request file (UTF-8 JSON):
      "request": "<canonical JSON of the body>",
      "signature": "<hex DER ECDSA-SHA256 over the UTF-8 bytes of that string>"}
 
-The body is `{"approval", "group", "labels", "pcr_states", "seq"}`, serialised with sorted keys
+The body is `{"approval", "approval_nv", "epoch", "group", "labels", "pcr_states", "seq"}`
+(without `approval_nv` and `epoch` for a group without a counter), serialised with sorted keys
 and no spaces; the signature covers that exact string, and a body that is not in canonical form
 is refused, so one request has exactly one meaning.
 """
@@ -38,7 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 from vtpm.errors import AuthError, ConfigError, LabelError, ReplayError
 from vtpm.labels import Label
 from vtpm.tpm import policy
-from vtpm.tpm.policy import OrTree, PcrState
+from vtpm.tpm.policy import Epoch, OrTree, PcrState
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ FORMAT = "vtpm-owner-request/1"
 MAX_REQUEST_SIZE = 1 << 20
 COORD_SIZE = 32
 BODY_KEYS = frozenset({"approval", "group", "labels", "pcr_states", "seq"})
+EPOCH_KEYS = frozenset({"approval_nv", "epoch"})
+EPOCH_REF = b"vtpm approval epoch/1:"  # policyRef prefix of a group with an approval counter
 BAD_SIGNATURE = "the owner's signature on the request is not valid"
 
 PublicKey = ec.EllipticCurvePublicKey
@@ -138,36 +148,52 @@ def key_name(pub: PublicKey) -> bytes:
     return policy.object_name(tpm_public(pub))
 
 
-def policy_ref(group_uuid: uuid.UUID) -> bytes:
-    """The policyRef that binds an owner approval to one group: its uuid's 16 bytes."""
-    return group_uuid.bytes
+def policy_ref(group_uuid: uuid.UUID, approval_nv: int = 0) -> bytes:
+    """The policyRef that binds an owner approval to one group: its uuid's 16 bytes, after
+    `EPOCH_REF` once the group has an approval counter (`approval_nv` not 0)."""
+    return (EPOCH_REF if approval_nv else b"") + group_uuid.bytes
 
 
-def authorize_digest(pub: PublicKey, group_uuid: uuid.UUID) -> bytes:
+def authorize_digest(pub: PublicKey, group_uuid: uuid.UUID, approval_nv: int = 0) -> bytes:
     """The PolicyAuthorize branch of a group's seal policy."""
-    return policy.policy_authorize(key_name(pub), policy_ref(group_uuid))
+    return policy.policy_authorize(key_name(pub), policy_ref(group_uuid, approval_nv))
 
 
 # -- approvals -------------------------------------------------------------------------------
 
 
-def _approval_hash(states: Sequence[PcrState], group: uuid.UUID) -> bytes:
-    return policy.authorization_hash(OrTree.of_states(states).root, policy_ref(group))
+def approved_policy(states: Sequence[PcrState], epoch: Epoch | None) -> bytes:
+    """The policy digest an approval of `states` (at `epoch`, if the group has a counter)
+    authorizes: what PolicyAuthorize is given as approvedPolicy."""
+    return policy.at_epoch(OrTree.of_states(states).root, epoch)
 
 
-def sign_approval(key: PrivateKey, states: Sequence[PcrState], group: uuid.UUID) -> bytes:
-    """DER ECDSA signature approving `states` for `group` (what TPM2_PolicyAuthorize checks)."""
-    return key.sign(_approval_hash(states, group), ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+def _approval_hash(states: Sequence[PcrState], group: uuid.UUID, epoch: Epoch | None) -> bytes:
+    ref = policy_ref(group, 0 if epoch is None else epoch.nv)
+    return policy.authorization_hash(approved_policy(states, epoch), ref)
+
+
+def sign_approval(
+    key: PrivateKey, states: Sequence[PcrState], group: uuid.UUID, epoch: Epoch | None = None
+) -> bytes:
+    """DER ECDSA signature approving `states` for `group` at `epoch` (what
+    TPM2_PolicyAuthorize checks)."""
+    digest = _approval_hash(states, group, epoch)
+    return key.sign(digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
 
 
 def verify_approval(
-    owner_pub: PublicKey, states: Sequence[PcrState], group: uuid.UUID, approval: bytes
+    owner_pub: PublicKey,
+    states: Sequence[PcrState],
+    group: uuid.UUID,
+    approval: bytes,
+    epoch: Epoch | None = None,
 ) -> bool:
-    """Whether `approval` is the owner's approval of `states` for `group`."""
+    """Whether `approval` is the owner's approval of `states` for `group` at `epoch`."""
     try:
         owner_pub.verify(
             approval,
-            _approval_hash(states, group),
+            _approval_hash(states, group, epoch),
             ec.ECDSA(utils.Prehashed(hashes.SHA256())),
         )
     except (InvalidSignature, ValueError):
@@ -187,6 +213,7 @@ class OwnerRequest:
     pcr_states: tuple[PcrState, ...]
     labels: tuple[str, ...]
     approval: bytes
+    epoch: Epoch | None = None  # the approval counter's value once applied (None: no counter)
 
     def __post_init__(self) -> None:
         if type(self.seq) is not int or self.seq < 1:
@@ -203,6 +230,8 @@ class OwnerRequest:
             raise ConfigError("a request lists a label twice")
         if not self.approval:
             raise ConfigError("a request needs the owner's approval of its PCR states")
+        if self.epoch is not None and not isinstance(self.epoch, Epoch):
+            raise ConfigError("a request's epoch must be an Epoch")
 
     def permitted_labels(self) -> tuple[Label, ...]:
         return tuple(Label.parse(t) for t in self.labels)
@@ -213,13 +242,15 @@ class OwnerRequest:
 
     def body(self) -> str:
         """The canonical JSON the owner signs."""
-        raw = {
+        raw: dict[str, object] = {
             "approval": self.approval.hex(),
             "group": str(self.group),
             "labels": list(self.labels),
             "pcr_states": [s.to_json() for s in self.pcr_states],
             "seq": self.seq,
         }
+        if self.epoch is not None:
+            raw |= {"approval_nv": self.epoch.nv, "epoch": self.epoch.value}
         return json.dumps(raw, sort_keys=True, separators=(",", ":"))
 
 
@@ -229,11 +260,14 @@ def sign_request(
     seq: int,
     pcr_states: Sequence[PcrState],
     labels: Sequence[str],
+    epoch: Epoch | None = None,
 ) -> bytes:
-    """A request file setting `group`'s PCR states and labels, signed with the owner's key."""
+    """A request file setting `group`'s PCR states and labels, signed with the owner's key;
+    `epoch`: the group's next epoch (its current one + 1), None for a group without a
+    counter."""
     states = tuple(pcr_states)
-    approval = sign_approval(key, states, group) if states else b""
-    req = OwnerRequest(group, seq, states, tuple(labels), approval)
+    approval = sign_approval(key, states, group, epoch) if states else b""
+    req = OwnerRequest(group, seq, states, tuple(labels), approval, epoch)
     body = req.body()
     signature = key.sign(body.encode(), ec.ECDSA(hashes.SHA256()))
     doc = {"format": FORMAT, "request": body, "signature": signature.hex()}
@@ -270,8 +304,9 @@ def _parse_body(body: str) -> OwnerRequest:
         raw = json.loads(body)
     except ValueError:
         raise ConfigError("the signed request is not JSON") from None
-    if not isinstance(raw, dict) or set(raw) != BODY_KEYS:
-        raise ConfigError(f"a signed request has exactly: {', '.join(sorted(BODY_KEYS))}")
+    if not isinstance(raw, dict) or set(raw) not in (BODY_KEYS, BODY_KEYS | EPOCH_KEYS):
+        keys = ", ".join(sorted(BODY_KEYS))
+        raise ConfigError(f"a signed request has exactly: {keys} (and approval_nv, epoch)")
     group, states, labels, approval = (
         raw["group"],
         raw["pcr_states"],
@@ -291,6 +326,7 @@ def _parse_body(body: str) -> OwnerRequest:
         raise ConfigError(
             "a signed request's group is not a uuid or its approval not hex"
         ) from None
+    epoch = Epoch(raw["approval_nv"], raw["epoch"]) if "epoch" in raw else None
     try:
         req = OwnerRequest(
             group_uuid,
@@ -298,6 +334,7 @@ def _parse_body(body: str) -> OwnerRequest:
             tuple(PcrState.from_json(s) for s in states),
             tuple(labels),
             approval_bytes,
+            epoch,
         )
     except LabelError as e:
         raise ConfigError(f"a signed request lists a bad label: {e}") from None
@@ -307,12 +344,20 @@ def _parse_body(body: str) -> OwnerRequest:
 
 
 def verify_request(
-    data: bytes, owner_pub: PublicKey, *, group: uuid.UUID, last_seq: int
+    data: bytes,
+    owner_pub: PublicKey,
+    *,
+    group: uuid.UUID,
+    last_seq: int,
+    epoch: Epoch | None = None,
 ) -> OwnerRequest:
-    """The request in `data`, once its signature, group, approval and sequence number check.
+    """The request in `data`, once its signature, group, approval, sequence number and epoch
+    check; `epoch` is the one it must approve (the group's next), None for a group without an
+    approval counter.
 
-    ConfigError: malformed file. AuthError: bad signature or approval, or another group's
-    request. ReplayError: sequence number not above `last_seq`.
+    ConfigError: malformed file, or a request for another counter or a later epoch.
+    AuthError: bad signature or approval, or another group's request. ReplayError: sequence
+    number not above `last_seq`, or an epoch the group has left.
     """
     body, signed, signature = _parse_envelope(data)
     try:
@@ -324,11 +369,34 @@ def verify_request(
     if req.group != group:
         log.debug("owner request refused: it is for group %s, not %s", req.group, group)
         raise AuthError(BAD_SIGNATURE)
-    if not verify_approval(owner_pub, req.pcr_states, group, req.approval):
+    if not verify_approval(owner_pub, req.pcr_states, group, req.approval, req.epoch):
         log.debug("owner request refused: approval of the PCR states does not verify")
         raise AuthError(BAD_SIGNATURE)
     if req.seq <= last_seq:
         raise ReplayError(
             f"request sequence number {req.seq} is not above the last accepted {last_seq}"
         )
+    _check_epoch(req.epoch, epoch)
     return req
+
+
+def _check_epoch(got: Epoch | None, want: Epoch | None) -> None:
+    if want is None and got is not None:
+        raise ConfigError("the request names an approval epoch; the group has no counter yet")
+    if want is None or got == want:
+        return
+    if got is None:
+        raise ConfigError(
+            f"the group approves by epoch (counter 0x{want.nv:08x}, next epoch {want.value}): "
+            "sign the request again (`vtpm group sign` takes the epoch from `group show`)"
+        )
+    if got.nv != want.nv:
+        raise ConfigError(
+            f"the request is for approval counter 0x{got.nv:08x}; the group's is 0x{want.nv:08x}"
+        )
+    if got.value < want.value:
+        raise ReplayError(
+            f"the request approves epoch {got.value}; the group is past it (next epoch "
+            f"{want.value}): sign it again"
+        )
+    raise ConfigError(f"the request approves epoch {got.value}; the group's next is {want.value}")

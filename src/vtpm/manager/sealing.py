@@ -1,9 +1,11 @@
 """Sealing to the hardware TPM: group keys sealed under a PCR policy, unsealed in a policy session.
 
-The policy layout is `vtpm.tpm.policy`'s: PolicyOR(states_root, PolicyAuthorize(owner)). A
-sealed object is released either because the host's PCRs match a permitted state (PolicyPCR,
-then PolicyOR up the states tree), or because the group owner signed a new set of states that
-includes the current one (PolicyAuthorize with a ticket from VerifySignature).
+The policy layout is `vtpm.tpm.policy`'s: PolicyOR(epoch(states_root), PolicyAuthorize(owner)).
+A sealed object is released either because the host's PCRs match a permitted state (PolicyPCR,
+then PolicyOR up the states tree, then PolicyNV on the group's approval counter), or because
+the group owner signed a new set of states that includes the current one, at the counter's
+current epoch (the same steps, then PolicyAuthorize with a ticket from VerifySignature). With
+`epoch=None` (a group from before approval counters) the PolicyNV step is left out.
 
 Rules:
 - A sealed object is a keyed-hash object under the storage primary with no userWithAuth: the
@@ -25,8 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss import (
     ESYS_TR,
     TPM2_ALG,
+    TPM2_EO,
     TPM2_SE,
     TPM2B_DIGEST,
+    TPM2B_OPERAND,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -44,7 +48,7 @@ from tpm2_pytss import (
 from vtpm.errors import ConfigError, SealError
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.tpm import policy
-from vtpm.tpm.policy import OrTree, PcrState
+from vtpm.tpm.policy import Epoch, OrTree, PcrState
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +98,21 @@ class SealingTpm:
         tree: OrTree,
         index: int,
         authorize_digest: bytes,
+        epoch: Epoch | None = None,
     ) -> bytes:
-        """Unseal `obj` because the host PCRs equal `state`, leaf `index` of `tree`.
+        """Unseal `obj` because the host PCRs equal `state`, leaf `index` of `tree`, and the
+        approval counter holds `epoch`.
 
-        The TPM compares its current PCRs (PolicyPCR with an empty pcrDigest); `state` and
-        `index` only name the OR branch to walk up, and must agree with each other."""
+        The TPM compares its current PCRs (PolicyPCR with an empty pcrDigest) and counter;
+        `state` and `index` only name the OR branch to walk up, and must agree with each other."""
         path = _path(tree, state, index)
-        top = [tree.root, authorize_digest]
+        top = [policy.at_epoch(tree.root, epoch), authorize_digest]
 
         def steps(ectx: Any, session: Any, _handles: list[Any]) -> None:
             ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
             for branches in path:
                 ectx.policy_or(session, _digest_list(branches))
+            _policy_epoch(ectx, session, epoch)
             ectx.policy_or(session, _digest_list(top))
 
         return self._unseal(obj, steps)
@@ -116,33 +123,38 @@ class SealingTpm:
         state: PcrState,
         approved: OrTree,
         index: int,
-        sealed_states_root: bytes,
+        sealed_branch: bytes,
         owner_public: bytes,
         policy_ref: bytes,
         signature_der: bytes,
+        epoch: Epoch | None = None,
     ) -> bytes:
-        """Unseal `obj` through PolicyAuthorize: the owner signed `approved`, whose leaf
-        `index` is the host's current `state`."""
+        """Unseal `obj` through PolicyAuthorize: the owner signed `approved` at `epoch` (which
+        the counter must hold), and its leaf `index` is the host's current `state`.
+        `sealed_branch` is the other branch of the seal's PolicyOR (`policy.at_epoch` of the states
+        it was sealed under)."""
         path = _path(approved, state, index)
         if len(policy_ref) > MAX_POLICY_REF:
             raise ConfigError(f"a policyRef is at most {MAX_POLICY_REF} bytes")
         external = _external_public(owner_public)
         owner_name = policy.object_name(owner_public)
-        top = [sealed_states_root, policy.policy_authorize(owner_name, policy_ref)]
-        a_hash = policy.authorization_hash(approved.root, policy_ref)
+        top = [sealed_branch, policy.policy_authorize(owner_name, policy_ref)]
+        approved_policy = policy.at_epoch(approved.root, epoch)
+        a_hash = policy.authorization_hash(approved_policy, policy_ref)
         signature = _ecdsa_signature(signature_der)
 
         def steps(ectx: Any, session: Any, handles: list[Any]) -> None:
             ectx.policy_pcr(session, TPM2B_DIGEST(), _pcr_selection(state))
             for branches in path:
                 ectx.policy_or(session, _digest_list(branches))
+            _policy_epoch(ectx, session, epoch)
             key = ectx.load_external(external, hierarchy=ESYS_TR.OWNER)
             handles.append(key)
             name = bytes(ectx.tr_get_name(key))
             ticket = ectx.verify_signature(key, TPM2B_DIGEST(a_hash), signature)
             handles.remove(key)  # free its slot before the sealed object loads
             ectx.flush_context(key)
-            ectx.policy_authorize(session, TPM2B_DIGEST(approved.root), name, ticket, policy_ref)
+            ectx.policy_authorize(session, TPM2B_DIGEST(approved_policy), name, ticket, policy_ref)
             ectx.policy_or(session, _digest_list(top))
 
         return self._unseal(obj, steps)
@@ -166,6 +178,17 @@ class SealingTpm:
             return bytes(data)
 
         return self.hw.run("unsealing", op, lambda: SealError("unsealing failed"))
+
+
+def _policy_epoch(ectx: Any, session: Any, epoch: Epoch | None) -> None:
+    """PolicyNV(approval counter == epoch); the TPM reads the counter itself."""
+    if epoch is None:
+        return
+    tr = ectx.tr_from_tpmpublic(epoch.nv)
+    try:
+        ectx.policy_nv(tr, tr, session, TPM2B_OPERAND(epoch.operand()), TPM2_EO.EQ)
+    finally:
+        ectx.tr_close(tr)
 
 
 def _path(tree: OrTree, state: PcrState, index: int) -> list[tuple[bytes, ...]]:

@@ -31,7 +31,7 @@ from uuid import UUID
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.tpm.policy import PcrState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,12 +84,14 @@ ALTER TABLE groups ADD COLUMN ak_alg TEXT NOT NULL DEFAULT '';
 ALTER TABLE groups ADD COLUMN ak_public BLOB NOT NULL DEFAULT x'';
 ALTER TABLE groups ADD COLUMN ak_private BLOB NOT NULL DEFAULT x''
 """
+# v3: each group's approval-epoch NV counter on the hardware TPM (0: none yet, see groups.py)
+_SCHEMA_V3 = "ALTER TABLE groups ADD COLUMN approval_nv INTEGER NOT NULL DEFAULT 0"
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 # column lists are constants: the f-strings below build no query from input
 _GROUP_COLS = (
     "uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, sealed_private, "
-    "sealed_root, approval, created, ak_alg, ak_public, ak_private"
+    "sealed_root, approval, approval_nv, created, ak_alg, ak_public, ak_private"
 )
 _VTPM_COLS = (
     "uuid, group_uuid, label, tpm, owner_uid, owner_gid, frontends, wrapped_key, "
@@ -113,10 +115,11 @@ class GroupRecord:
     ak_alg: str = ""  # "ecc" or "rsa"; "" while the group has no attestation key yet
     ak_public: bytes = b""  # the AK as the hardware TPM returned it: TPM2B_PUBLIC
     ak_private: bytes = b""  # ... and TPM2B_PRIVATE (useless off that TPM)
+    approval_nv: int = 0  # NV counter handle of the group's approval epoch; 0: none yet
 
 
 def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
-    """The columns `update_group` may change, in `_GROUP_COLS` order (seq .. approval)."""
+    """The columns `update_group` may change, in `_GROUP_COLS` order (seq .. approval_nv)."""
     return (
         g.seq,
         json.dumps([s.to_json() for s in g.pcr_states]),
@@ -125,6 +128,7 @@ def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
         g.sealed_private,
         g.sealed_root,
         g.approval,
+        g.approval_nv,
     )
 
 
@@ -249,7 +253,7 @@ class Store:
 
     @staticmethod
     def _group(row: Any) -> GroupRecord:
-        (u, name, pub, seq, states, labels, spub, spriv, root, approval, created, *ak) = row
+        (u, name, pub, seq, states, labels, spub, spriv, root, approval, nv, created, *ak) = row
         ak_alg, ak_public, ak_private = ak
         return GroupRecord(
             uuid=uuid.UUID(str(u)),
@@ -262,6 +266,7 @@ class Store:
             sealed_private=bytes(spriv),
             sealed_root=bytes(root),
             approval=bytes(approval),
+            approval_nv=int(nv),
             created=float(created),
             ak_alg=str(ak_alg),
             ak_public=bytes(ak_public),
@@ -273,7 +278,7 @@ class Store:
             if tx.execute("SELECT 1 FROM groups WHERE name=?", (g.name,)).fetchone():
                 raise ConfigError(f"a group named {g.name!r} exists already")
             tx.execute(
-                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     str(g.uuid),
                     g.name,
@@ -291,7 +296,7 @@ class Store:
         with self._tx() as tx:
             cur = tx.execute(
                 "UPDATE groups SET seq=?, pcr_states=?, labels=?, sealed_public=?, "
-                "sealed_private=?, sealed_root=?, approval=? WHERE uuid=?",
+                "sealed_private=?, sealed_root=?, approval=?, approval_nv=? WHERE uuid=?",
                 (*_mutable_group_fields(g), str(g.uuid)),
             )
             if cur.rowcount != 1:

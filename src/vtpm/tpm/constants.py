@@ -89,6 +89,20 @@ class TPMA_OBJECT(enum.IntFlag):  # noqa: N801 (spec name)
     X509SIGN = 1 << 19
 
 
+class TPMA_NV(enum.IntFlag):  # noqa: N801 (spec name)
+    """NV index attributes (Part 2, 13.4); only those vtpm's indices use."""
+
+    AUTHWRITE = 0x00000004
+    TPM_NT_COUNTER = 0x00000010  # TPM_NT (bits 4..7) = 1: a monotonic counter
+    AUTHREAD = 0x00040000
+    NO_DA = 0x02000000
+    WRITTEN = 0x20000000
+
+
+class TPM_EO(enum.IntEnum):  # noqa: N801 (spec name)
+    EQ = 0x0000
+
+
 class TPM_ST(enum.IntEnum):  # noqa: N801 (spec name)
     NO_SESSIONS = 0x8001
     SESSIONS = 0x8002
@@ -128,6 +142,7 @@ class TPM_CC(enum.IntEnum):  # noqa: N801
     SelfTest = 0x00000143
     Startup = 0x00000144
     Shutdown = 0x00000145
+    PolicyNV = 0x00000149
     NV_Read = 0x0000014E
     Create = 0x00000153
     Load = 0x00000157

@@ -1,15 +1,19 @@
 """TPM 2.0 policy digests, computed in software (SHA-256 policies, SHA-256 PCR bank).
 
-TCG TPM 2.0 Library Part 3: PolicyPCR (23.7), PolicyOR (23.6), PolicyAuthorize (23.16) and
-Part 1 (19.7, PolicyUpdate). The Manager seals each group key under
+TCG TPM 2.0 Library Part 3: PolicyPCR (23.7), PolicyOR (23.6), PolicyNV (23.9),
+PolicyAuthorize (23.16) and Part 1 (19.7, PolicyUpdate); NV public area and names: Part 2
+(13.5), Part 1 (16). The Manager seals each group key under
 
-    PolicyOR(states_root, PolicyAuthorize(owner key, policy_ref))
+    PolicyOR(epoch(states_root), PolicyAuthorize(owner key, policy_ref))
 
 where `states_root` is the root of an OR tree whose leaves are the PolicyPCR digests of the
-group's permitted host PCR states. PolicyOR takes at most eight branches, so more states are
-grouped eight at a time, level by level, until one digest remains; a group of one is passed up
-unchanged. The owner approves a new state set by signing SHA-256(new states_root || policy_ref),
-which lets a locked group be opened through the PolicyAuthorize branch.
+group's permitted host PCR states, and `epoch(d)` extends `d` by PolicyNV(the group's approval
+counter == the epoch the key was sealed at). PolicyOR takes at most eight branches, so more
+states are grouped eight at a time, level by level, until one digest remains; a group of one is
+passed up unchanged. The owner approves a new state set by signing
+SHA-256(epoch(new states_root) || policy_ref), which lets a locked group be opened through the
+PolicyAuthorize branch while the counter still holds that epoch (`vtpm.manager.groups` says why).
+Groups from before approval epochs have no counter: their seal and approvals lack `epoch(.)`.
 
 Nothing here touches a TPM; the same functions serve the Manager, the owner's signing tool and
 tests.
@@ -29,6 +33,8 @@ from vtpm.tpm.constants import (
     TPM_ALG,
     TPM_CC,
     TPM_ECC_CURVE,
+    TPM_EO,
+    TPMA_NV,
     TPMA_OBJECT,
 )
 from vtpm.tpm.frames import pcr_select
@@ -39,6 +45,17 @@ MAX_OR_BRANCHES = 8
 
 # sign + userWithAuth: an external key used only to verify the owner's signatures
 VERIFY_KEY_ATTRIBUTES = TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.USERWITHAUTH
+
+# Approval counters: one NV counter index per group, in this range (0x01500000.. is the
+# Manager's own floor counter). Empty authValue for reading (PolicyNV) and incrementing; no
+# dictionary-attack lockout for those empty-auth uses.
+APPROVAL_NV_FIRST = 0x01500100
+APPROVAL_NV_LAST = 0x015001FF
+APPROVAL_NV_ATTRIBUTES = (
+    TPMA_NV.TPM_NT_COUNTER | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA
+)
+COUNTER_SIZE = 8  # an NV counter is a big-endian UINT64
+MAX_EPOCH = 2**64 - 1
 
 
 def _h(*parts: bytes) -> bytes:
@@ -132,8 +149,99 @@ def authorization_hash(approved_policy: bytes, policy_ref: bytes) -> bytes:
     return _h(approved_policy, policy_ref)
 
 
+def check_approval_nv(handle: int) -> int:
+    """`handle` if it is in the approval-counter range, or ConfigError."""
+    if type(handle) is not int or not APPROVAL_NV_FIRST <= handle <= APPROVAL_NV_LAST:
+        raise ConfigError(
+            f"an approval counter is an NV index in 0x{APPROVAL_NV_FIRST:08x}.."
+            f"0x{APPROVAL_NV_LAST:08x}, not {handle!r}"
+        )
+    return handle
+
+
+def approval_nv_public(handle: int, *, written: bool = True) -> bytes:
+    """Marshalled TPMS_NV_PUBLIC of an approval counter (`written`: once incremented, which
+    is how the TPM names it from then on)."""
+    attributes = APPROVAL_NV_ATTRIBUTES | (TPMA_NV.WRITTEN if written else 0)
+    return struct.pack(
+        ">IHIHH", check_approval_nv(handle), TPM_ALG.SHA256, attributes, 0, COUNTER_SIZE
+    )
+
+
+def nv_name(nv_public: bytes) -> bytes:
+    """TPM name of an NV index with a SHA-256 nameAlg: nameAlg || SHA-256(TPMS_NV_PUBLIC)."""
+    return struct.pack(">H", TPM_ALG.SHA256) + _h(nv_public)
+
+
+def approval_nv_name(handle: int) -> bytes:
+    """The name PolicyNV binds: that of the approval counter at `handle`, written."""
+    return nv_name(approval_nv_public(handle))
+
+
+def policy_nv(previous: bytes, name: bytes, operand_b: bytes, offset: int = 0) -> bytes:
+    """PolicyNV digest: NV data at `offset` equal (TPM_EO_EQ) to `operand_b`, after
+    `previous`."""
+    args = _h(operand_b, struct.pack(">HH", offset, TPM_EO.EQ))
+    return _h(previous, struct.pack(">I", TPM_CC.PolicyNV), args, name)
+
+
+def check_epoch(epoch: int) -> int:
+    if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+        raise ConfigError(f"an approval epoch is an integer in 0..2**64-1, not {epoch!r}")
+    return epoch
+
+
+def epoch_operand(epoch: int) -> bytes:
+    """The counter value PolicyNV compares, as the TPM stores it."""
+    return check_epoch(epoch).to_bytes(COUNTER_SIZE, "big")
+
+
+def epoch_policy(states_root: bytes, approval_nv: int, epoch: int) -> bytes:
+    """`states_root`, then PolicyNV(approval counter at `approval_nv` == `epoch`): valid only
+    while the counter holds that value."""
+    return policy_nv(states_root, approval_nv_name(approval_nv), epoch_operand(epoch))
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """An approval counter (its NV handle) and the value a policy requires it to hold."""
+
+    nv: int
+    value: int
+
+    def __post_init__(self) -> None:
+        check_approval_nv(self.nv)
+        check_epoch(self.value)
+
+    def policy(self, states_root: bytes) -> bytes:
+        return epoch_policy(states_root, self.nv, self.value)
+
+    def operand(self) -> bytes:
+        return epoch_operand(self.value)
+
+    def next(self) -> Epoch:
+        """The epoch the counter holds after one more increment."""
+        return Epoch(self.nv, self.value + 1)
+
+    def to_json(self) -> dict[str, object]:
+        return {"nv": self.nv, "value": self.value}
+
+    @classmethod
+    def from_json(cls, raw: object) -> Epoch:
+        if not isinstance(raw, dict) or set(raw) != {"nv", "value"}:
+            raise ConfigError("an approval epoch is {nv: handle, value: count}")
+        return cls(raw["nv"], raw["value"])
+
+
+def at_epoch(states_root: bytes, epoch: Epoch | None) -> bytes:
+    """The PCR branch of a seal, or an approved policy: `states_root`, then PolicyNV at
+    `epoch` (unchanged for a group without an approval counter: `epoch` None)."""
+    return states_root if epoch is None else epoch.policy(states_root)
+
+
 def seal_policy(states_root: bytes, authorize: bytes) -> bytes:
-    """The authPolicy of a group's sealed key: its PCR states, or an owner-approved set."""
+    """The authPolicy of a group's sealed key: its PCR states (at an epoch, see
+    `epoch_policy`), or an owner-approved set."""
     return policy_or([states_root, authorize])
 
 

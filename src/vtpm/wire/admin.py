@@ -21,7 +21,7 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from vtpm.endpoints import Frontend
 from vtpm.errors import RemoteProtocolError, RequestError
-from vtpm.tpm.policy import PcrState
+from vtpm.tpm.policy import Epoch, PcrState
 from vtpm.wire.evidence import Bundle, Evidence
 from vtpm.wire.ipc_events import AdminReply, AdminRequest
 from vtpm.wire.typedjson import Bounds, DecodeError, Document, decode, encode
@@ -65,6 +65,7 @@ class GroupView:
     ak: str | None
     vtpms: Count
     status: GroupStatusView
+    approval_epoch: Epoch | None = None  # the group's approval counter now; sign for value + 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,10 @@ Then, with the Manager stopped and its software checks out of the way, this proc
 the sealing layer directly against the same TPM, as an attacker holding the Manager's data
 (database, old copies of it) and the TPM would: in state A, neither request 1's approval nor
 the sealed key as it was stored under request 1 opens the group key any more; request 2's
-approval and the current seal still do.
+approval and the current seal still do. In-process, with the Manager's GroupKeys on a real
+store and TPM: a crash between the database write and the counter increment is finished by
+the next Manager, and a group from before counters gets one, after which its old approvals no
+longer open the key.
 """
 
 from __future__ import annotations
@@ -14,15 +17,19 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.helpers import tpm2
 from tests.mgr import manager, new_group, owner_key
-from vtpm.errors import SealError
+from vtpm.errors import HwTpmError, ReplayError, SealError
 from vtpm.manager import ownerreq
+from vtpm.manager.epochs import ApprovalCounters
+from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.manager.sealing import SealingTpm
 from vtpm.manager.simulator import Simulator
@@ -174,3 +181,131 @@ def test_a_superseded_approval_no_longer_opens_the_key_at_the_tpm(tmp_path: Path
             assert by_pcrs == current
     finally:
         sim.stop()
+
+
+# in-process: the Manager's group keys on a real store and the simulated hardware TPM ----------
+
+
+class FaultInjectingCounters(ApprovalCounters):
+    """Increments fail, as if the Manager were killed right after its database write."""
+
+    def increment(self, handle: int) -> int:
+        raise HwTpmError("injected: killed before the counter moved")
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Iterator[tuple[GroupKeys, Store, HardwareTpm, Simulator]]:
+    sim = Simulator(tmp_path / "hwtpm")
+    sim.start()
+    store = Store(tmp_path / "manager.db")
+    store.open()
+    hw = HardwareTpm(sim.tcti, retries=2)
+    hw.open()
+    try:
+        yield GroupKeys(store, hw), store, hw, sim
+    finally:
+        hw.close()
+        store.close()
+        sim.stop()
+
+
+def _owner() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key, ownerreq.public_pem(key)
+
+
+def test_a_crash_between_database_and_counter_is_finished_at_the_next_start(
+    keys: tuple[GroupKeys, Store, HardwareTpm, Simulator],
+) -> None:
+    gk, store, hw, sim = keys
+    owner, pem = _owner()
+    g = gk.create("guests", pem, [PCR], [])
+    start = gk.epoch(g)
+    assert start is not None and start.nv == g.approval_nv
+    tpm2("pcrextend", f"{PCR}:sha256={EXTEND}", tcti=sim.tcti)
+    state_a = PcrState.from_values(hw.read_pcrs([PCR]))
+    request = ownerreq.sign_request(owner, g.uuid, 1, [*g.pcr_states, state_a], [], start.next())
+    gk.counters = FaultInjectingCounters(hw)
+    gk.apply_owner_request(g, request)
+    counters = ApprovalCounters(hw)
+    assert counters.read(g.approval_nv) == start.value  # stored, not yet reached
+
+    again = GroupKeys(store, hw)  # the next Manager
+    again.refresh()
+    assert again.status(g.uuid).unlocked, again.status(g.uuid).reason
+    assert again.key(g.uuid) == gk.key(g.uuid)
+    assert counters.read(g.approval_nv) == start.value + 1
+    # the request is now spent: applying it again is a replay, at the Manager and at the TPM
+    rec = store.group(str(g.uuid))
+    assert rec is not None
+    with pytest.raises(ReplayError):
+        again.apply_owner_request(rec, request)
+
+
+def test_a_legacy_group_gets_a_counter_and_its_old_approvals_stop_working(
+    keys: tuple[GroupKeys, Store, HardwareTpm, Simulator],
+) -> None:
+    gk, store, hw, sim = keys
+    owner, pem = _owner()
+    pub = ownerreq.load_public_key(pem)
+    gid = uuid.uuid4()
+    boot = PcrState.from_values(hw.read_pcrs([PCR]))
+    secret = bytes(range(32))
+    root = OrTree.of_states([boot]).root
+    legacy = SealingTpm(hw).seal(
+        secret, policy.seal_policy(root, ownerreq.authorize_digest(pub, gid))
+    )
+    store.add_group(
+        GroupRecord(
+            uuid=gid,
+            name="old",
+            owner_pub=pem,
+            seq=0,
+            pcr_states=(boot,),
+            labels=(),
+            sealed_public=legacy.public,
+            sealed_private=legacy.private,
+            sealed_root=root,
+            approval=b"",
+        )
+    )
+    gk.refresh()  # the first time this Manager holds the key: it gets its counter
+    assert gk.key(gid) == secret
+    rec = store.group(str(gid))
+    assert rec is not None and rec.approval_nv >= policy.APPROVAL_NV_FIRST
+    epoch = gk.epoch(rec)
+    assert epoch is not None
+    assert rec.sealed_root == epoch.policy(root)
+
+    tpm2("pcrextend", f"{PCR}:sha256={EXTEND}", tcti=sim.tcti)
+    state_a = PcrState.from_values(hw.read_pcrs([PCR]))
+    approved = OrTree.of_states([boot, state_a])
+    old_approval = ownerreq.sign_approval(owner, [boot, state_a], gid)  # a legacy approval
+    obj = SealedObject(rec.sealed_public, rec.sealed_private)
+    for ref in (ownerreq.policy_ref(gid), ownerreq.policy_ref(gid, rec.approval_nv)):
+        for claimed in (None, epoch):
+            extra = () if claimed is None else (claimed,)
+            with pytest.raises(SealError):
+                SealingTpm(hw).unseal_with_approval(
+                    obj,
+                    state_a,
+                    approved,
+                    1,
+                    rec.sealed_root,
+                    ownerreq.tpm_public(pub),
+                    ref,
+                    old_approval,
+                    *extra,
+                )
+    # what the README says stays: the legacy blob itself, kept somewhere, still opens with it
+    opened = SealingTpm(hw).unseal_with_approval(
+        legacy,
+        state_a,
+        approved,
+        1,
+        root,
+        ownerreq.tpm_public(pub),
+        ownerreq.policy_ref(gid),
+        old_approval,
+    )
+    assert opened == secret

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from vtpm.errors import ConfigError, HwTpmError, SealError
+from vtpm.manager.epochs import ApprovalCounters
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
 from vtpm.manager.sealing import SealingTpm
 from vtpm.manager.simulator import Simulator
@@ -29,8 +30,10 @@ from tpm2_pytss import (  # noqa: E402
     ESAPI,
     ESYS_TR,
     TPM2_CAP,
+    TPM2_EO,
     TPM2_SE,
     TPM2B_DIGEST,
+    TPM2B_OPERAND,
     TPM2B_PUBLIC,
     TPML_DIGEST,
     TPML_PCR_SELECTION,
@@ -46,6 +49,7 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")
 SELECTED = (0, 7, 16)
 REF = b"vtpm group 1"
 SECRET = bytes(range(32))
+ZERO_DIGEST = bytes(32)
 
 
 # fixtures and helpers --------------------------------------------------------------------------
@@ -427,3 +431,54 @@ def test_open_flushes_leftover_handles(sim: Simulator) -> None:
         obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(tree.root, authorize))
         assert SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize) == SECRET
     assert handles(sim.tcti, 0x80000000) == []  # close flushed the primary
+
+
+# approval counters -----------------------------------------------------------------------------
+
+
+def test_approval_counters_and_the_tpms_epoch_digest(hw: HardwareTpm, sim: Simulator) -> None:
+    counters = ApprovalCounters(hw)
+    first = counters.allocate(())
+    assert first.nv == policy.APPROVAL_NV_FIRST
+    # a foreign index in the range is skipped, and the next free one defined
+    foreign = policy.APPROVAL_NV_FIRST + 1
+    tpm2_tools = {**os.environ, "TPM2TOOLS_TCTI": sim.tcti}
+    subprocess.run(
+        ["tpm2_nvdefine", hex(foreign), "-C", "o", "-s", "8", "-a", "ownerread|ownerwrite"],
+        env=tpm2_tools,
+        check=True,
+        capture_output=True,
+        timeout=10,
+    )
+    second = counters.allocate({first.nv})
+    assert second.nv == foreign + 1
+    # a counter left by a deleted group is adopted, at its value (it only ever grows)
+    assert counters.increment(first.nv) == first.value + 1
+    adopted = counters.allocate(())
+    assert adopted == policy.Epoch(first.nv, first.value + 1)
+    assert counters.read(second.nv) == second.value
+    with pytest.raises(HwTpmError, match="not a vtpm approval counter"):
+        counters.read(foreign)
+    with pytest.raises(HwTpmError, match="not defined"):
+        counters.read(policy.APPROVAL_NV_LAST)
+
+    # the TPM's PolicyNV digest is ours, and the policy holds only at that epoch
+    state = current_state(hw)
+    tree = OrTree.of_states([state])
+    epoch = policy.Epoch(second.nv, counters.read(second.nv))
+    with ESAPI(sim.tcti) as ectx:
+        session = ectx.start_auth_session(
+            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL, TPMT_SYM_DEF.parse("null"), "sha256"
+        )
+        tr = ectx.tr_from_tpmpublic(epoch.nv)
+        assert bytes(ectx.tr_get_name(tr)) == policy.approval_nv_name(epoch.nv)
+        ectx.policy_nv(tr, tr, session, TPM2B_OPERAND(epoch.operand()), TPM2_EO.EQ)
+        assert bytes(ectx.policy_get_digest(session)) == epoch.policy(ZERO_DIGEST)
+        ectx.flush_context(session)
+    authorize = Owner().authorize
+    obj = SealingTpm(hw).seal(SECRET, policy.seal_policy(epoch.policy(tree.root), authorize))
+    assert SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize, epoch) == SECRET
+    counters.increment(epoch.nv)
+    for claimed in (epoch, epoch.next()):  # neither the old epoch nor a lie about it opens it
+        with pytest.raises(SealError):
+            SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize, claimed)

@@ -31,7 +31,8 @@ from vtpm.manager.ownerreq import (
     verify_approval,
     verify_request,
 )
-from vtpm.tpm.policy import PcrState
+from vtpm.tpm import policy
+from vtpm.tpm.policy import OrTree, PcrState
 
 GROUP = uuid.UUID("6a0d3bd8-8f4e-4a55-9d4b-1c1f0d2e3a4b")
 OTHER_GROUP = uuid.UUID("00000000-0000-4000-8000-000000000001")
@@ -373,3 +374,80 @@ def test_generated_key_signs_requests(tmp_path: Path) -> None:
     pub = load_public_key(public_pem(key))
     assert verify_request(data, pub, group=GROUP, last_seq=0).seq == 1
     assert os.stat(path).st_size > 0
+
+
+# -- approval epochs ---------------------------------------------------------------------------
+
+EPOCH = policy.Epoch(policy.APPROVAL_NV_FIRST, 7)
+
+
+def test_epoch_request_round_trip_and_binding() -> None:
+    data = sign_request(KEY, GROUP, 5, STATES, LABELS, EPOCH)
+    body = json.loads(json.loads(data)["request"])
+    assert (body["approval_nv"], body["epoch"]) == (EPOCH.nv, 7)
+    req = verify_request(data, PUB, group=GROUP, last_seq=4, epoch=EPOCH)
+    assert req.epoch == EPOCH
+    assert verify_approval(PUB, STATES, GROUP, req.approval, EPOCH)
+    # the approval is for that epoch of that counter only, and not a legacy approval
+    assert not verify_approval(PUB, STATES, GROUP, req.approval, EPOCH.next())
+    assert not verify_approval(PUB, STATES, GROUP, req.approval)
+    other_nv = policy.Epoch(EPOCH.nv + 1, 7)
+    assert not verify_approval(PUB, STATES, GROUP, req.approval, other_nv)
+    # what the TPM is asked to authorize: the states root, then PolicyNV at the epoch
+    root = OrTree.of_states(STATES).root
+    assert ownerreq.approved_policy(STATES, EPOCH) == policy.epoch_policy(root, EPOCH.nv, 7)
+    assert ownerreq.approved_policy(STATES, None) == root
+    assert policy_ref(GROUP, EPOCH.nv) == ownerreq.EPOCH_REF + GROUP.bytes
+    assert authorize_digest(PUB, GROUP, EPOCH.nv) != authorize_digest(PUB, GROUP)
+
+
+def test_epoch_mismatches_are_refused() -> None:
+    data = sign_request(KEY, GROUP, 5, STATES, LABELS, EPOCH)
+    with pytest.raises(ReplayError, match="past it"):  # signed before the group moved on
+        verify_request(data, PUB, group=GROUP, last_seq=4, epoch=EPOCH.next())
+    with pytest.raises(ConfigError, match="next is 6"):
+        verify_request(data, PUB, group=GROUP, last_seq=4, epoch=policy.Epoch(EPOCH.nv, 6))
+    with pytest.raises(ConfigError, match="counter"):
+        verify_request(data, PUB, group=GROUP, last_seq=4, epoch=policy.Epoch(EPOCH.nv + 1, 7))
+    with pytest.raises(ConfigError, match="no counter"):
+        verify_request(data, PUB, group=GROUP, last_seq=4)
+    legacy = sign_request(KEY, GROUP, 5, STATES, LABELS)
+    with pytest.raises(ConfigError, match="sign the request again"):
+        verify_request(legacy, PUB, group=GROUP, last_seq=4, epoch=EPOCH)
+    # the sequence number is still checked first: a replay stays a replay
+    with pytest.raises(ReplayError, match="sequence"):
+        verify_request(data, PUB, group=GROUP, last_seq=5, epoch=EPOCH)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"epoch": 8}, {"epoch": 6}, {"approval_nv": policy.APPROVAL_NV_FIRST + 1}],
+)
+def test_epoch_fields_are_signed(change: dict[str, object]) -> None:
+    doc = json.loads(sign_request(KEY, GROUP, 5, STATES, LABELS, EPOCH))
+    raw = json.loads(doc["request"])
+    raw.update(change)
+    doc["request"] = _canonical(raw)
+    with pytest.raises(AuthError, match=BAD):
+        verify_request(json.dumps(doc).encode(), PUB, group=GROUP, last_seq=0, epoch=EPOCH)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"epoch": -1},
+        {"epoch": 2**64},
+        {"epoch": True},
+        {"epoch": "7"},
+        {"approval_nv": 0x01500000},  # the Manager's floor counter, not an approval counter
+        {"approval_nv": None},
+    ],
+)
+def test_malformed_epoch_fields(change: dict[str, object]) -> None:
+    raw = json.loads(json.loads(sign_request(KEY, GROUP, 5, STATES, LABELS, EPOCH))["request"])
+    raw.update(change)
+    with pytest.raises(ConfigError):
+        verify_request(_envelope(_canonical(raw)), PUB, group=GROUP, last_seq=0, epoch=EPOCH)
+    only_one = {k: v for k, v in raw.items() if k != "approval_nv"}
+    with pytest.raises(ConfigError):
+        verify_request(_envelope(_canonical(only_one)), PUB, group=GROUP, last_seq=0)

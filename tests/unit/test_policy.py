@@ -205,3 +205,36 @@ def test_policy_authorize_and_authorization_hash_by_hand() -> None:
     root = OrTree(_leaves(3)).root
     auth = policy.policy_authorize(name, ref)
     assert policy.seal_policy(root, auth) == policy.policy_or([root, auth])
+
+
+# approval epochs -------------------------------------------------------------------------------
+
+
+def test_approval_counter_public_and_name_by_hand() -> None:
+    # TPMS_NV_PUBLIC: handle, nameAlg SHA-256, attributes TPM_NT_COUNTER | AUTHWRITE | AUTHREAD
+    # | NO_DA (| WRITTEN), empty authPolicy, dataSize 8
+    written = bytes.fromhex("01500100000b2204001400000008")
+    assert policy.approval_nv_public(0x01500100) == written
+    assert policy.approval_nv_public(0x01500100, written=False)[6:10] == bytes.fromhex("02040014")
+    name = bytes.fromhex("000b") + hashlib.sha256(written).digest()
+    assert policy.approval_nv_name(0x01500100) == name
+    for bad in (0x01500000, 0x01500200, 0x015000FF, True):
+        with pytest.raises(ConfigError):
+            policy.approval_nv_public(bad)
+
+
+def test_epoch_policy_by_hand() -> None:
+    root = _leaves(1)[0]
+    name = policy.approval_nv_name(0x01500101)
+    operand = (41).to_bytes(8, "big")
+    args = hashlib.sha256(operand + bytes.fromhex("00000000")).digest()  # offset 0, EQ
+    expect = hashlib.sha256(root + bytes.fromhex("00000149") + args + name).digest()
+    assert policy.epoch_policy(root, 0x01500101, 41) == expect
+    epoch = policy.Epoch(0x01500101, 41)
+    assert epoch.policy(root) == expect == policy.at_epoch(root, epoch)
+    assert policy.at_epoch(root, None) == root
+    assert epoch.next() == policy.Epoch(0x01500101, 42)
+    assert policy.Epoch.from_json(epoch.to_json()) == epoch
+    for bad in ({"nv": 0x01500101}, {"nv": 0x01500101, "value": -1}, [1, 2]):
+        with pytest.raises(ConfigError):
+            policy.Epoch.from_json(bad)

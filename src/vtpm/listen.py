@@ -8,6 +8,16 @@ UNIX sockets are created with the requested mode (0600 default, 0660 with a grou
 world-accessible, and a stale socket file is replaced only if nothing listens on it. Each
 accepted UNIX peer's credentials (SO_PEERCRED) are logged; a peer whose uid is neither root nor
 the socket's owner (nor in its group when 0660) is refused.
+
+Slots: a server serves at most `max_clients` connections at once. So that one local user
+cannot take them all, a UNIX peer's uid holds at most `max_per_uid` of them (root is not
+counted against a limit: it owns the machine, and the Manager's deep quotes batch hundreds of
+root's requests at once). TCP peers have no identity to count: any local user can connect, so
+a TCP connection that stays silent for `tcp_idle_timeout` seconds is dropped (tcti-swtpm opens
+one connection per command, tcti-mssim one per tool run, so a live TCP client is never silent
+that long). UNIX peers get no idle limit here: QEMU keeps its control connection open and
+silent for the guest's whole life (a handler may still set one, as the admin socket does).
+A refused peer is logged and closed; `refuse` may first send it the reason in its protocol.
 """
 
 from __future__ import annotations
@@ -31,6 +41,11 @@ log = logging.getLogger(__name__)
 Handler = Callable[[socket.socket, str], None]
 # a further check of an accepted peer (the label policy): None to accept, else the reason
 PeerCheck = Callable[[socket.socket], "str | None"]
+# tells a refused peer why, in the socket's protocol, before it is closed (must not block)
+Refuse = Callable[[socket.socket, str], None]
+
+MAX_PER_UID = 8  # default connections one non-root uid may hold on one UNIX server
+TCP_IDLE_TIMEOUT = 120.0  # default seconds a TCP peer may stay silent
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,9 +183,19 @@ class Server:
         max_clients: int = 32,
         endpoint: Endpoint | None = None,
         peer_check: PeerCheck | None = None,
+        *,
+        max_per_uid: int = MAX_PER_UID,
+        tcp_idle_timeout: float | None = TCP_IDLE_TIMEOUT,
+        refuse: Refuse | None = None,
     ) -> None:
+        if max_per_uid < 1 or (tcp_idle_timeout is not None and not tcp_idle_timeout > 0):
+            raise ConfigError(f"{name}: the per-uid limit and the idle timeout must be positive")
         self.name = name
         self._peer_check = peer_check
+        self._max_per_uid = max_per_uid
+        self._tcp_idle = tcp_idle_timeout
+        self._refuse = refuse
+        self._per_uid: dict[int, int] = {}
         self.endpoint = endpoint
         self._sock = sock
         self._handler = handler
@@ -204,33 +229,56 @@ class Server:
                 continue
             creds = peer_credentials(conn)
             peer = f"pid={creds.pid} uid={creds.uid}" if creds else f"{addr[0]}:{addr[1]}"
-            if not peer_allowed(creds, self._policy):
-                log.warning(
-                    "%s: refused peer %s (not the socket's owner or group)", self.name, peer
-                )
-                conn.close()
-                continue
-            refusal = self._peer_check(conn) if self._peer_check is not None else None
+            refusal = self._admit(conn, creds)
             if refusal is not None:
                 log.warning("%s: refused peer %s: %s", self.name, peer, refusal)
-                conn.close()
+                self._refused(conn, refusal)
                 continue
-            if not self._slots.acquire(blocking=False):
-                log.warning("%s: refused peer %s: too many clients", self.name, peer)
-                conn.close()
-                continue
+            if creds is None and self._tcp_idle is not None:
+                conn.settimeout(self._tcp_idle)  # `serving.events` reports it as idle
             tune(conn)
-            self.spawn(conn, peer, counted=True)
+            uid = creds.uid if creds is not None and creds.uid else None
+            self.spawn(conn, peer, counted=True, uid=uid)
 
-    def spawn(self, conn: socket.socket, peer: str, *, counted: bool = False) -> None:
-        """Serve an already connected socket (also used for a data fd passed by QEMU)."""
+    def _admit(self, conn: socket.socket, creds: PeerCredentials | None) -> str | None:
+        """None if the peer may take a slot (it then holds it), else why not."""
+        if not peer_allowed(creds, self._policy):
+            return "not the socket's owner or group"
+        refusal = self._peer_check(conn) if self._peer_check is not None else None
+        if refusal is not None:
+            return refusal
+        uid = creds.uid if creds is not None else None
+        with self._lock:
+            if uid and self._per_uid.get(uid, 0) >= self._max_per_uid:
+                return f"uid {uid} already holds {self._max_per_uid} connections"
+            if not self._slots.acquire(blocking=False):
+                return "too many clients"
+            if uid:
+                self._per_uid[uid] = self._per_uid.get(uid, 0) + 1
+        return None
+
+    def _refused(self, conn: socket.socket, reason: str) -> None:
+        if self._refuse is not None:
+            conn.setblocking(False)  # the accept loop never waits for a refused peer
+            with contextlib.suppress(OSError):
+                self._refuse(conn, reason)
+        conn.close()
+
+    def spawn(
+        self, conn: socket.socket, peer: str, *, counted: bool = False, uid: int | None = None
+    ) -> None:
+        """Serve an already connected socket (also used for a data fd passed by QEMU).
+        `counted`: the connection holds a slot (and one of `uid`'s), released when it ends."""
         with self._lock:
             self._conns.add(conn)
         threading.Thread(
-            target=self._serve, args=(conn, peer, counted), name=f"{self.name}-{peer}", daemon=True
+            target=self._serve,
+            args=(conn, peer, counted, uid),
+            name=f"{self.name}-{peer}",
+            daemon=True,
         ).start()
 
-    def _serve(self, conn: socket.socket, peer: str, counted: bool) -> None:
+    def _serve(self, conn: socket.socket, peer: str, counted: bool, uid: int | None) -> None:
         log.debug("%s: peer %s connected", self.name, peer)
         try:
             self._handler(conn, peer)
@@ -239,6 +287,10 @@ class Server:
         finally:
             with self._lock:
                 self._conns.discard(conn)
+                if uid:
+                    left = self._per_uid.pop(uid) - 1
+                    if left:
+                        self._per_uid[uid] = left
             conn.close()
             if counted:
                 self._slots.release()

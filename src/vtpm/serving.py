@@ -16,6 +16,8 @@ Rules it keeps for every caller:
 - `idle_timeout`: a peer that sends nothing for that long while the loop waits for it is
   dropped (`IdleTimeoutError`, a `ConnectionLostError`), so an idle client cannot hold a
   server slot. It is set on the socket (`settimeout`), so it bounds the caller's writes too.
+  Without it the socket's own timeout stays (`listen.Server` sets one on TCP peers), and
+  running out of it is reported the same way.
 - the codec is asked for its next event only after the caller has handled the last one (the
   loop is a generator), so a request/response codec sees strictly one request at a time.
 
@@ -117,7 +119,7 @@ def events(
                 try:
                     data = bytes(view[: recv_into(inbox)]) if recv is None else recv(read_size)
                 except TimeoutError:
-                    raise IdleTimeoutError(f"no data for {idle_timeout:g} s") from None
+                    raise IdleTimeoutError(f"no data for {conn.gettimeout() or 0:g} s") from None
                 except OSError as e:
                     raise ConnectionLostError(e.strerror or str(e)) from None
                 if whole_message is None or not data:

@@ -7,14 +7,16 @@ import json
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 from vtpm.errors import ConfigError, ManagerError, RemoteProtocolError
 from vtpm.manager.config import DEFAULT_DATA_DIR
 from vtpm.serving import ConnectionLostError, IdleTimeoutError, events
 from vtpm.wire import admin as api
 from vtpm.wire import ipc, typedjson
+from vtpm.wire.typedjson import Bounds
 
 TIMEOUT = 120.0
 R = TypeVar("R")
@@ -54,16 +56,20 @@ def call(args: argparse.Namespace, req: api.Request[R]) -> R:
         except OSError as e:
             raise ConfigError(f"cannot reach the Manager at {path}: {e.strerror}") from None
         try:
-            s.sendall(codec.send(api.request_frame(req)))
+            sent = _send(s, codec.send(api.request_frame(req)))
             reply = next(iter(events(s, codec)), None)
         except (TimeoutError, IdleTimeoutError):
             raise ManagerError(
                 f"the Manager did not answer {req.op} within {TIMEOUT:.0f} s"
             ) from None
         except (OSError, RemoteProtocolError, ConnectionLostError) as e:
+            if not sent:
+                raise ManagerError(REFUSED) from None
             raise ManagerError(f"talking to the Manager failed: {e}") from None
     if reply is None:
-        raise ManagerError("the Manager closed the connection without answering")
+        raise ManagerError(
+            REFUSED if not sent else "the Manager closed the connection without answering"
+        )
     if not isinstance(reply, ipc.AdminReply):
         raise ManagerError(f"the Manager answered with {type(reply).__name__}")
     if not reply.ok:
@@ -72,6 +78,39 @@ def call(args: argparse.Namespace, req: api.Request[R]) -> R:
         return api.parse_result(req, reply)
     except RemoteProtocolError as e:
         raise ManagerError(str(e)) from None
+
+
+REFUSED = (
+    "the Manager refused this user: it closed the connection before reading the request "
+    "(not its user or admin group, or too many connections; see its log)"
+)
+
+
+def _send(s: socket.socket, frame: bytes) -> bool:
+    """Send the request; False if the Manager had already closed the connection (it refuses a
+    peer at once, after writing the reason as a reply, which is still there to read)."""
+    try:
+        s.sendall(frame)
+    except (BrokenPipeError, ConnectionResetError):
+        return False
+    return True
+
+
+def bounded_int(annotated: object) -> Callable[[str], int]:
+    """An argparse type for an integer field of the admin protocol (`api.Id`, `api.Limit`):
+    the CLI refuses locally what the Manager would refuse, with the same `Bounds`."""
+    bounds = next(b for b in get_args(annotated)[1:] if isinstance(b, Bounds))
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an integer") from None
+        if not bounds.lo <= value <= bounds.hi:
+            raise argparse.ArgumentTypeError(f"{text[:40]} is outside {bounds.lo}..{bounds.hi}")
+        return value
+
+    return parse
 
 
 def emit(args: argparse.Namespace, result: object, text: str) -> int:

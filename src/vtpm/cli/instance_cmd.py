@@ -21,7 +21,7 @@ from vtpm.instance.custody import ManagerLink
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
 from vtpm.launchrecord import LaunchRecord
-from vtpm.listen import SocketPolicy
+from vtpm.listen import TCP_IDLE_TIMEOUT, SocketPolicy
 
 
 def register(sub: Any) -> None:
@@ -158,6 +158,15 @@ def register(sub: Any) -> None:
         default=32,
         help="connections served at once per socket (default 32)",
     )
+    run.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="drop any frontend peer silent this long, UNIX ones and QEMU's data channel "
+        "included (not for QEMU: it keeps its control channel silent for the guest's life); "
+        f"default: TCP peers after {TCP_IDLE_TIMEOUT:g} s, UNIX peers never",
+    )
     logs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
@@ -187,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         buffer_size=args.buffer_size,
         startup_clear=args.startup_clear,
         max_clients=args.max_clients,
+        idle_timeout=args.idle_timeout,
         label=args.label,
         labels_file=args.labels_file,
         launch=None if args.launch is None else LaunchRecord.load(args.launch),
@@ -220,7 +230,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    inst.start()
+    try:
+        inst.start()
+    except OSError as e:  # the state directory (or a file in it) is unusable
+        where = f"{e.filename}: " if e.filename else f"{cfg.state_dir}: "
+        raise ConfigError(f"cannot start the vTPM: {where}{e.strerror}") from None
     if link is not None:
         link.ready()
     try:

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -62,6 +63,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     as_json = bool(getattr(args, "json", False))
     try:
         code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+    except BrokenPipeError:
+        # the reader went away (`vtpm ... | head -1`): what was left unsaid is lost, say so once
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stderr.write("vtpm: error: the output was closed before all of it was written\n")
+        code = EXIT_ERROR
     except VtpmError as e:
         if as_json:
             print(json.dumps({"ok": False, "error": str(e)}))

@@ -11,6 +11,7 @@ from typing import Any
 
 from vtpm.cli import client, logs
 from vtpm.errors import ConfigError
+from vtpm.labelpolicy import LabelMap
 from vtpm.manager.config import ManagerConfig
 from vtpm.wire import admin as api
 
@@ -77,19 +78,25 @@ def register(sub: Any) -> None:
 
 def cmd_init(args: argparse.Namespace) -> int:
     d = client.data_dir(args)
-    if args.labels is not None and not args.labels.is_file():
-        raise ConfigError(f"label policy {args.labels} does not exist")
+    if args.labels is not None:
+        LabelMap.load(args.labels)  # what `run` would refuse is refused here, by the same parser
     cfg = ManagerConfig(
         d.resolve(),
         args.tcti,
         args.admin_group,
         None if args.labels is None else args.labels.resolve(),
     )
-    cfg.save()
     from vtpm.manager.store import Store  # noqa: PLC0415 - only `init` needs SQLite here
 
-    store = Store(cfg.db_path)
-    store.open()
+    try:
+        cfg.save()
+        store = Store(cfg.db_path)
+        store.open()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(d) else ""
+        raise ConfigError(
+            f"cannot use {d} as the Manager's data directory: {e.strerror}{where}"
+        ) from None
     manager_uuid = store.meta("manager_uuid")
     store.close()
     return client.emit(

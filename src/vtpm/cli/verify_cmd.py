@@ -93,11 +93,15 @@ def _read(path: Path, what: str, limit: int = MAX_FILE) -> bytes:
     return read_limited(path, what, limit)
 
 
-def _json(path: Path, what: str) -> object:
+def _json(path: Path, what: str, data: bytes | None = None) -> object:
+    """The JSON document in `path` (or its bytes `data`, already read); VerifyError if it is
+    not JSON or nests deeper than the parser can follow."""
     try:
-        return json.loads(_read(path, what))
+        return json.loads(_read(path, what) if data is None else data)
     except (UnicodeDecodeError, ValueError) as e:
         raise VerifyError(f"{what} {path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise VerifyError(f"{what} {path} is nested too deeply to be read") from None
 
 
 def _document(path: Path, what: str, parse: Callable[[object], Any]) -> Any:
@@ -227,11 +231,7 @@ def load_pcrs(path: Path, pcr_list: str | None) -> tuple[str, dict[int, bytes]]:
             )
         return bank, {i: data[n * size : (n + 1) * size] for n, i in enumerate(indices)}
     if data.lstrip().startswith(b"{"):
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as e:
-            raise VerifyError(f"PCR values {path} is not valid JSON: {e}") from None
-        return _pcrs_from_json(raw, path)
+        return _pcrs_from_json(_json(path, "PCR values", data), path)
     return _pcrs_serialized(data, path)
 
 

@@ -10,13 +10,15 @@ from vtpm.cli import client
 from vtpm.endpoints import Endpoint, Frontend, FrontendKind
 from vtpm.wire import admin as api
 
+_ID = client.bounded_int(api.Id)
+
 
 def _owner(text: str) -> tuple[int, int]:
     uid, sep, gid = text.partition(":")
     try:
-        return int(uid), int(gid) if sep else int(uid)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected UID[:GID] as numbers") from None
+        return _ID(uid), _ID(gid) if sep else _ID(uid)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"UID[:GID]: {e}") from None
 
 
 def register(sub: Any) -> None:
@@ -93,7 +95,7 @@ def register(sub: Any) -> None:
         help="the Manager's audit log",
         description="Administrative changes, accepted and refused.",
     )
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("--limit", type=client.bounded_int(api.Limit), default=50)
     client.add_common(audit)
     audit.set_defaults(func=cmd_audit)
 

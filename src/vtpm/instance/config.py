@@ -34,8 +34,10 @@ class InstanceConfig:
     label: str | None = None  # this vTPM's security label: frontend peers are checked against it
     labels_file: Path | None = None  # uid/gid -> label map for peers the kernel does not label
     launch: LaunchRecord | None = None  # a measured launch to apply after Startup(CLEAR)
-    # seconds a frontend peer may stay silent before it is dropped (`serving.IdleTimeoutError`);
-    # None: no limit (QEMU keeps its control channel idle between guest resets)
+    # seconds any frontend peer may stay silent before it is dropped (`serving.IdleTimeoutError`);
+    # None (the default): the servers' own rule, TCP peers after `listen.TCP_IDLE_TIMEOUT`,
+    # UNIX peers and QEMU's data channel never (QEMU keeps its control channel and data fd
+    # silent for the guest's whole life; UNIX peers are counted per uid instead)
     idle_timeout: float | None = None
 
     def __post_init__(self) -> None:

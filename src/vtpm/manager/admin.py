@@ -30,7 +30,7 @@ from vtpm.manager.quotes import DeepQuotes
 from vtpm.manager.store import GroupRecord, Store, VtpmRecord
 from vtpm.manager.supervisor import Supervisor
 from vtpm.manager.vtpms import VtpmRegistry
-from vtpm.serving import ConnectionLostError, events
+from vtpm.serving import ConnectionLostError, IdleTimeoutError, events
 from vtpm.tpm.policy import check_pcrs
 from vtpm.wire import admin as api
 from vtpm.wire import ipc, typedjson
@@ -234,22 +234,39 @@ class AdminService:
             )
 
 
-class AdminHandler:
-    """Serves one admin connection (a `listen.Handler`)."""
+IDLE_TIMEOUT = 60.0  # seconds an admin client may stay silent between requests
 
-    def __init__(self, service: AdminService) -> None:
+
+class AdminHandler:
+    """Serves one admin connection (a `listen.Handler`).
+
+    A client silent for `idle_timeout` between requests is dropped, so idle connections cannot
+    hold the socket's slots; a request in progress (a deep quote waiting for its batch) is
+    not reading and is not cut short."""
+
+    def __init__(self, service: AdminService, idle_timeout: float = IDLE_TIMEOUT) -> None:
         self._service = service
+        self._idle_timeout = idle_timeout
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         creds = peer_credentials(conn)
         actor = f"uid={creds.uid} pid={creds.pid}" if creds else peer
         codec = ipc.IpcConnection(ipc.Role.MANAGER)
         try:
-            for ev in events(conn, codec):
+            for ev in events(conn, codec, idle_timeout=self._idle_timeout):
                 if not isinstance(ev, ipc.AdminRequest):
                     raise RemoteProtocolError(f"{type(ev).__name__} on the admin socket")
                 conn.sendall(codec.send(self._service.answer(ev, actor)))
         except RemoteProtocolError as e:
             log.warning("admin peer %s dropped: %s", actor, e)
+        except IdleTimeoutError:
+            log.debug("admin peer %s dropped: idle for %g s", actor, self._idle_timeout)
         except (ConnectionLostError, OSError):
             return
+
+    @staticmethod
+    def refuse(conn: socket.socket, reason: str) -> None:
+        """Tell a peer the socket refused why, as the reply to the request it is sending (a
+        `listen.Refuse`): the CLI shows it instead of a broken pipe."""
+        reply = ipc.AdminReply(False, error=f"the Manager refused this user: {reason}")
+        conn.send(ipc.IpcConnection(ipc.Role.MANAGER).send(reply))

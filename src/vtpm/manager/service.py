@@ -40,6 +40,7 @@ from vtpm.manager.vtpms import VtpmRegistry
 log = logging.getLogger(__name__)
 
 ADMIN_CLIENTS = 256  # admin connections served at once (deep quotes wait for their batch)
+ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hold them all)
 
 
 class Manager:
@@ -148,7 +149,16 @@ class Manager:
         policy = SocketPolicy(0o660 if cfg.admin_gid is not None else 0o600, None, cfg.admin_gid)
         ep = Endpoint("unix", path=str(cfg.admin_socket))
         handler = AdminHandler(AdminService(self.services))
-        self.admin_server = Server("admin", bind(ep, policy), handler, policy, ADMIN_CLIENTS, ep)
+        self.admin_server = Server(
+            "admin",
+            bind(ep, policy),
+            handler,
+            policy,
+            ADMIN_CLIENTS,
+            ep,
+            max_per_uid=ADMIN_PER_UID,
+            refuse=AdminHandler.refuse,
+        )
         self.admin_server.start()
         log.info("admin socket %s", cfg.admin_socket)
 

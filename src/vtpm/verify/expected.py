@@ -91,6 +91,8 @@ class Expected:
             raw = json.loads(data)
         except (UnicodeDecodeError, ValueError) as e:
             raise ConfigError(f"verify policy {path} is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"verify policy {path} is nested too deeply to be read") from None
         try:
             return cls.from_json(raw)
         except ConfigError as e:

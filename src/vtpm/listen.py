@@ -23,6 +23,7 @@ A refused peer is logged and closed; `refuse` may first send it the reason in it
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -37,6 +38,8 @@ from vtpm.endpoints import Endpoint
 from vtpm.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+BACKLOG = 128  # connections the kernel queues before accept (a burst of CLI calls)
 
 Handler = Callable[[socket.socket, str], None]
 # a further check of an accepted peer (the label policy): None to accept, else the reason
@@ -117,7 +120,7 @@ def bind(endpoint: Endpoint, policy: SocketPolicy) -> socket.socket:
             raise ConfigError(f"cannot listen on {endpoint}: {e.strerror}") from None
         if not _is_loopback(endpoint.host):
             log.warning("listening on %s: TPM traffic is reachable from the network", endpoint)
-    sock.listen(16)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -129,16 +132,21 @@ def _is_loopback(host: str) -> bool:
 
 
 MAX_ID = 2**32 - 2  # the largest uid/gid: (uid_t)-1 means "no id"
+# SO_PEERGROUPS (Linux 4.13) is 59 on every architecture; older Pythons do not export the name.
+SO_PEERGROUPS: int = getattr(socket, "SO_PEERGROUPS", 59)
+MAX_GROUPS = 65536  # NGROUPS_MAX
 
 
 @dataclass(frozen=True, slots=True)
 class PeerCredentials:
     """A UNIX-socket peer's SO_PEERCRED. `uid`/`gid` are None where the kernel reports no id
-    ((uid_t)-1, e.g. a peer that never connected)."""
+    ((uid_t)-1, e.g. a peer that never connected); `groups` are its supplementary groups
+    (SO_PEERGROUPS), as the kernel recorded them when it connected."""
 
     pid: int
     uid: int | None
     gid: int | None
+    groups: frozenset[int] = frozenset()
 
 
 def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
@@ -148,7 +156,27 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
     fmt = "=iII"  # struct ucred: pid_t, uid_t, gid_t
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
     pid, uid, gid = struct.unpack(fmt, raw)
-    return PeerCredentials(pid, uid if uid <= MAX_ID else None, gid if gid <= MAX_ID else None)
+    return PeerCredentials(
+        pid,
+        uid if uid <= MAX_ID else None,
+        gid if gid <= MAX_ID else None,
+        _peer_groups(sock),
+    )
+
+
+def _peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups; empty where the kernel cannot say."""
+    size = 64 * 4
+    while True:
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < MAX_GROUPS * 4:
+                size *= 4  # more groups than the buffer holds
+                continue
+            return frozenset()
+        count = len(raw) // 4
+        return frozenset(g for g in struct.unpack(f"={count}I", raw[: count * 4]) if g <= MAX_ID)
 
 
 def peer_allowed(creds: PeerCredentials | None, policy: SocketPolicy) -> bool:
@@ -161,7 +189,7 @@ def peer_allowed(creds: PeerCredentials | None, policy: SocketPolicy) -> bool:
         return True
     if policy.mode == 0o660:
         group = os.getgid() if policy.gid is None else policy.gid
-        return creds.gid is not None and creds.gid == group
+        return creds.gid == group or group in creds.groups
     return False
 
 

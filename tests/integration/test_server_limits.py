@@ -113,12 +113,10 @@ def test_idle_admin_connections_do_not_lock_administrators_out(
     assert f"uid={OTHER_UID}: uid {OTHER_UID} already holds 64 connections" in mgr.log()
 
 
-def test_a_refused_user_is_told_so(mgr: ManagerProc, data_dir: Path) -> None:
-    """A user whose supplementary groups pass the socket's file mode but whose SO_PEERCRED
-    (primary gid) the Manager refuses: one clear line, not a broken pipe."""
-    res = subprocess.run(
+def _as_other(data_dir: Path, *groups: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [
-            *("setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", f"--groups={ADMINS}"),
+            *("setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", *groups),
             *VTPM,
             *("manager", "status", "--data-dir", str(data_dir)),
         ],
@@ -127,7 +125,39 @@ def test_a_refused_user_is_told_so(mgr: ManagerProc, data_dir: Path) -> None:
         timeout=60,
         check=False,
     )
+
+
+def test_a_supplementary_member_of_the_admin_group_is_served(
+    mgr: ManagerProc, data_dir: Path
+) -> None:
+    """The socket's file mode lets in a user whose supplementary groups hold the admin group;
+    the peer check agrees (SO_PEERGROUPS), so the user is served, not refused."""
+    res = _as_other(data_dir, f"--groups={ADMINS}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Manager pid")
+    assert _as_other(data_dir, "--clear-groups").returncode == 1  # not in the group: no entry
+
+
+def test_a_refused_user_is_told_so(mgr: ManagerProc, data_dir: Path) -> None:
+    """A user the Manager refuses after accepting the connection (here: over its per-uid share
+    of the admin socket) reads one clear line, not a broken pipe."""
+    holder = subprocess.Popen(
+        [
+            *("setpriv", f"--reuid={OTHER_UID}", f"--regid={ADMINS}", "--clear-groups"),
+            *(sys.executable, "-c", HOLDER, str(data_dir / "admin.sock"), "64"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert int(holder.stdout.readline()) == 0  # all 64 held
+        res = _as_other(data_dir, f"--groups={ADMINS}")
+    finally:
+        holder.communicate("")
     assert res.returncode == 1, res
     assert res.stderr.startswith("vtpm: error: the Manager refused this user: "), res.stderr
+    assert "already holds 64 connections" in res.stderr
     assert res.stderr.count("\n") == 1 and "Broken pipe" not in res.stderr
     assert vtpm_cli(data_dir, "manager", "status").returncode == 0

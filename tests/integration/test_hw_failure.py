@@ -133,12 +133,12 @@ def test_no_key_release_while_the_simulator_is_down_then_the_manager_restarts_it
         other, _ = new_vtpm(m, "guests", GUEST2)  # keeps running through the outage
         seal_secret(port, tmp_path)
         m.cli("stop", v["uuid"])
+        instance = m.json("show", other["uuid"])["run"]["pid"]
         dead, _ = _kill_simulator(m.data_dir)
+        os.kill(instance, signal.SIGKILL)  # the supervisor restarts it: it must get no key
 
         _refused_start(m, v["uuid"])
         _shows_down(m)
-        # an instance restarted by the supervisor gets no key either
-        os.kill(m.json("show", other["uuid"])["run"]["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 20
         while not _audited_refusals(m, "key.release"):
             assert time.monotonic() < deadline, "the restarted instance was not refused"

@@ -128,7 +128,7 @@ class AdminService:
                 s.hw.tcti,
                 s.hw_note(),
                 health.state,
-                health.error and f"{health.error}; next try in {health.retry_in:.0f} s",
+                health.error,
             ),
             groups=tuple(self.group_view(g) for g in s.store.groups()),
             vtpms=api.VtpmCounts(len(s.store.vtpms()), len(s.supervisor.running())),

@@ -19,12 +19,12 @@ Rules:
   SealError for an unseal), or HwTpmError. After `retries` attempts the TPM is declared
   unreachable (HwTpmError).
   Callers' data is never modified, so a failed call can simply be repeated.
-- A TPM declared unreachable is *down* (`health`): every call fails at once, without touching
-  the TPM, until a recovery attempt is due (`vtpm.manager.outage`: 5 s, doubling to 60 s).
-  The call that finds it due first asks `revive` (the Manager's simulator restarts or adopts
-  itself there) and then tries once to connect; success ends the outage. So nothing spins while
-  the TPM is away, nobody waits through the retry loop twice, and the window in which callers
-  are refused is plain in `health`. Recovery happens on use: no thread polls the TPM.
+- A TPM declared unreachable is *down* (`health`) until it answers a command again. Meanwhile
+  each use first lets `revive` act (the Manager's simulator: it adopts a simulator someone else
+  started, and restarts its own once a restart is due, `vtpm.manager.outage`: 5 s into the
+  outage, then backing off to 60 s), then makes one quick connection attempt, not the retry
+  loop. So a TPM that comes back is used at the next call, nothing spins or sleeps while it is
+  away, and recovery needs no thread that polls.
 - The storage primary's name is pinned at the first connection. A reconnection that finds
   another TPM (e.g. a process that took the freed TCP port of a killed simulator) is refused
   and the TPM stays down: whatever answers there is not the TPM the group keys are sealed to,
@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from tpm2_pytss import (
@@ -131,8 +131,9 @@ def _resource_managed(tcti: str) -> bool:
     return (name == "device" and "tpmrm" in conf) or name == "tabrmd"
 
 
-# the Manager's hook for bringing its TPM back (its simulator); returns the TCTI to use now
-Revive = Callable[[], str]
+# the Manager's hook for bringing its TPM back (its simulator), called while the TPM is down;
+# the argument says whether it may start a new one now; returns the TCTI to use
+Revive = Callable[[bool], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +203,10 @@ class HardwareTpm:
     def health(self) -> outage.Health:
         """The TPM as its last use found it (no TPM command is sent)."""
         with self._lock:
-            return self._outage.health()
+            h = self._outage.health()
+            if h.state == "ok" or self._revive is None:
+                return h
+            return replace(h, error=f"{h.error}; the simulator is restarted in {h.retry_in:.0f} s")
 
     @property
     def primary_name(self) -> bytes:
@@ -310,8 +314,8 @@ class HardwareTpm:
         with self._lock:
             attempts = self.retries + 1
             if self._outage.why:
-                self._recover(what)
-                attempts = 1  # one try per recovery step: the outage is known already
+                self._recover()
+                attempts = 1  # the outage is known already: no retry loop
             try:
                 result = self._attempts(what, op, refused, attempts)
             except _OtherTpmError as e:
@@ -322,17 +326,16 @@ class HardwareTpm:
                 log.warning("the hardware TPM at %s answers again", self.tcti)
             return result
 
-    def _recover(self, what: str) -> None:
-        """While down: refuse until a recovery attempt is due, then revive (the Manager's
-        simulator) and let the caller try once. Holds the lock."""
-        wait = self._outage.wait()
-        if wait > 0:
-            raise HwTpmError(f"{self._outage.why} (refused while {what}; next try in {wait:.0f} s)")
-        self._outage.attempt()
+    def _recover(self) -> None:
+        """While down: let `revive` adopt or (when due) restart the simulator, perhaps at a new
+        TCTI. Holds the lock."""
         if self._revive is None:
             return
+        restart = self._outage.wait() <= 0
+        if restart:
+            self._outage.attempt()
         try:
-            tcti = self._revive()
+            tcti = self._revive(restart)
         except HwTpmError as e:
             self._outage.began(f"the hardware TPM at {self.tcti} is unreachable: {e}")
             raise HwTpmError(self._outage.why) from None
@@ -371,7 +374,8 @@ class HardwareTpm:
                 delay = min(delay * 2, BACKOFF_MAX)
         state = "busy" if last is not None and _classify(last) is _Kind.RETRY else "unreachable"
         why = (
-            f"the hardware TPM at {self.tcti} is {state} ({attempts} attempts; last error: {last})"
+            f"the hardware TPM at {self.tcti} is {state} "
+            f"({attempts} attempt{'s' if attempts > 1 else ''}; last error: {last})"
         )
         if state == "unreachable":
             self._outage.began(why)

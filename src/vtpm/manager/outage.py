@@ -1,9 +1,10 @@
-"""When a hardware TPM that stopped answering may be tried again (`vtpm.manager.hwtpm`).
+"""An outage of the hardware TPM, and when it may be brought back (`vtpm.manager.hwtpm`).
 
-An outage begins when the retry loop gives up on the TPM. From then on callers are refused at
-once, without a TPM command, until a recovery attempt is due: `first` seconds after the outage
-began, then after twice as long each time, up to MAX. One caller makes each attempt; success
-ends the outage and resets the delay. Not thread-safe on its own: the TPM's lock covers it.
+An outage begins when the retry loop gives up on the TPM and ends at the next command it
+answers. While it lasts, each use makes one quick connection attempt (no retry loop), and a
+restart of the Manager's simulator is due `first` seconds after the outage began, then after
+twice as long each time, up to MAX: one caller makes each restart attempt. Success resets the
+delay. Not thread-safe on its own: the TPM's lock covers it.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-FIRST = 5.0  # seconds from the start of an outage to the first reconnection attempt
+FIRST = 5.0  # seconds from the start of an outage to the first restart of the simulator
 MAX = 60.0
 
 
 @dataclass(frozen=True, slots=True)
 class Health:
     """The TPM as its last use found it: state "ok" or "down"; then `error` says why and
-    `retry_in` how many seconds remain before the next reconnection attempt."""
+    `retry_in` how many seconds remain before the simulator may be restarted."""
 
     state: str = "ok"
     error: str = ""
@@ -45,7 +46,7 @@ class Outage:
         return Health("down", self._why, max(0.0, self._retry_at - time.monotonic()))
 
     def wait(self) -> float:
-        """Seconds until a recovery attempt is due (<= 0: due now)."""
+        """Seconds until a restart is due (<= 0: due now)."""
         return self._retry_at - time.monotonic()
 
     def began(self, why: str) -> None:
@@ -57,7 +58,7 @@ class Outage:
         self._why = why
 
     def attempt(self) -> None:
-        """A caller tries to recover now; the next attempt waits longer."""
+        """A caller restarts the simulator now; the next restart waits longer."""
         self._schedule()
 
     def ended(self) -> bool:

@@ -142,15 +142,7 @@ class Simulator:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         record = self._read_record()
-        if record is not None:
-            pid, port = record
-            if self._is_our_swtpm(pid, port) and _answers(port):
-                log.info("adopting the running TPM simulator (pid %d, port %d)", pid, port)
-                self._set(pid, port)
-                self.reused = True
-                return self.tcti
-            log.debug("recorded simulator pid %d is gone", pid)
-        if self._adopt_unrecorded(record is not None):
+        if self._adopt(record):
             return self.tcti
         if self.manufacture and not (self.state_dir / STATE_NAME).exists():
             simulator_setup.manufacture(self.state_dir)
@@ -186,18 +178,28 @@ class Simulator:
                 self.record_path.unlink()
         self.reused = False
 
-    def revive(self) -> str:
+    def revive(self, restart: bool = True) -> str:
         """Make sure a simulator serves the state and return its TCTI: this one while it
-        answers, else one started by someone else (adopted), else a new one (the hardware TPM's
-        `revive` hook; raises HwTpmError when none can serve)."""
+        answers, else one someone else started (adopted), else, if `restart`, a new one (the
+        hardware TPM's `revive` hook; HwTpmError when none can serve)."""
         if self._alive():
             return self.tcti
-        log.warning("the TPM simulator (pid %d, port %d) is gone; bringing it back", *self._where())
-        proc, self._proc = self._proc, None
+        proc = self._proc
         if proc is not None and proc.poll() is None:  # alive but deaf: never two on one state
+            if not restart:
+                return self.tcti
+            log.warning("the TPM simulator (pid %d) does not answer; killing it", proc.pid)
             proc.kill()
             proc.wait()
+        self._proc = None
         self.reused = False
+        if self._adopt(self._read_record()):
+            return self.tcti
+        if not restart:
+            return self.tcti
+        log.warning(
+            "the TPM simulator (pid %d, port %d) is gone; starting it again", *self._where()
+        )
         return self.start()
 
     def _where(self) -> tuple[int, int]:
@@ -207,6 +209,18 @@ class Simulator:
         if self._proc is not None:
             return self._proc.poll() is None and _answers(self.port)
         return self.reused and self._is_our_swtpm(self.pid, self.port) and _answers(self.port)
+
+    def _adopt(self, record: tuple[int, int] | None) -> bool:
+        """Adopt the live simulator serving this state (see the module doc), if there is one."""
+        if record is not None:
+            pid, port = record
+            if self._is_our_swtpm(pid, port) and _answers(port):
+                log.info("adopting the running TPM simulator (pid %d, port %d)", pid, port)
+                self._set(pid, port)
+                self.reused = True
+                return True
+            log.debug("recorded simulator pid %d is gone", pid)
+        return self._adopt_unrecorded(record is not None)
 
     def _adopt_unrecorded(self, had_record: bool) -> bool:
         """Adopt a live swtpm of ours serving this state that the record does not name (see

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_manager import SECRET, seal_secret, unseal_secret
+from tests.helpers import tpm2
+from tests.integration.test_manager import SECRET, seal_secret, tcti, unseal_secret
 from tests.mgr import (
     GUEST1,
     GUEST2,
@@ -130,11 +131,14 @@ def test_no_key_release_while_the_simulator_is_down_then_the_manager_restarts_it
     with manager(tmp_path / "data") as m:
         new_group(m, "guests", owner_key(tmp_path))
         v, port = new_vtpm(m, "guests", GUEST1)
-        other, _ = new_vtpm(m, "guests", GUEST2)  # keeps running through the outage
+        other, other_port = new_vtpm(m, "guests", GUEST2)  # running when the TPM goes
+        tpm2("startup", "-c", tcti=tcti(other_port))
         seal_secret(port, tmp_path)
         m.cli("stop", v["uuid"])
         instance = m.json("show", other["uuid"])["run"]["pid"]
         dead, _ = _kill_simulator(m.data_dir)
+        quote = m.cli("quote", "--deep", other["uuid"], "--nonce", "0102", check=False)
+        assert quote.returncode == 1 and "unreachable" in quote.stderr, quote.stderr
         os.kill(instance, signal.SIGKILL)  # the supervisor restarts it: it must get no key
 
         _refused_start(m, v["uuid"])

@@ -482,3 +482,47 @@ def test_approval_counters_and_the_tpms_epoch_digest(hw: HardwareTpm, sim: Simul
     for claimed in (epoch, epoch.next()):  # neither the old epoch nor a lie about it opens it
         with pytest.raises(SealError):
             SealingTpm(hw).unseal_with_pcrs(obj, state, tree, 0, authorize, claimed)
+
+
+def test_a_tpm_that_went_away_is_refused_at_once_then_revived(sim: Simulator) -> None:
+    """Down: each call makes one quick attempt; the simulator is restarted once that is due.
+    Another TPM on the same port is refused (pinned storage primary)."""
+    hw = HardwareTpm(sim.tcti, retries=2, revive=sim.revive, recover_first=1.0)
+    hw.open()
+    try:
+        assert hw.health.state == "ok"
+        dead = sim.pid
+        _kill_and_wait(sim.pid, sim.port)
+        with pytest.raises(HwTpmError, match="unreachable"):
+            hw.read_pcrs([0])
+        assert hw.health.state == "down" and "unreachable" in hw.health.error
+        started = time.monotonic()
+        with pytest.raises(HwTpmError, match=r"unreachable \(1 attempt;"):
+            hw.read_pcrs([0])
+        assert time.monotonic() - started < 0.5  # one connection attempt, no retry loop
+        assert sim.pid == dead  # no restart before it is due
+        time.sleep(1.1)
+        assert hw.read_pcrs([0])[0] == bytes(32)  # revived: a rebooted TPM
+        assert hw.health.state == "ok" and sim.pid != dead and sim.tcti == hw.tcti
+
+        # a TPM that is not this one takes the port: refused, and the outage goes on
+        plain = HardwareTpm(sim.tcti, retries=1)  # no revive: only what answers at the port
+        plain.open()
+        pinned = plain.primary_name
+        _kill_and_wait(sim.pid, sim.port)
+        other_dir = sim.state_dir.parent / "other"
+        other_dir.mkdir()
+        (other_dir / "simulator.json").write_text(json.dumps({"pid": dead, "port": sim.port}))
+        other = Simulator(other_dir, manufacture=False)
+        assert other.start() == sim.tcti
+        try:
+            with HardwareTpm(other.tcti, retries=0) as fresh:
+                assert fresh.primary_name != pinned
+            with pytest.raises(HwTpmError, match="another TPM"):
+                plain.read_pcrs([0])
+            assert plain.health.state == "down"
+        finally:
+            plain.close()
+            other.stop()
+    finally:
+        hw.close()

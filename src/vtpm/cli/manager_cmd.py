@@ -138,7 +138,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     hw = st.hardware_tpm
     lines = [
         f"Manager pid {st.pid}, data {st.data_dir}, up {st.uptime} s",
-        f"hardware TPM: {hw.description}",
+        f"hardware TPM: {hw.description}"
+        + ("" if hw.state == "ok" else f": {hw.state.upper()}: {hw.error}"),
     ]
     if hw.note:
         lines.append(f"  note: {hw.note}")

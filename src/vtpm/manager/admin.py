@@ -117,13 +117,19 @@ class AdminService:
 
     def status(self) -> api.StatusView:
         s = self._s
-        s.groups.refresh()
+        s.groups.refresh()  # a fresh PCR read: it notices (and may end) an outage
+        health = s.hw.health
         return api.StatusView(
             pid=os.getpid(),
             data_dir=str(s.config.data_dir),
             uptime=round(time.time() - s.started, 1),
             hardware_tpm=api.HardwareTpmView(
-                s.hw.description, bool(s.hw_note()), s.hw.tcti, s.hw_note()
+                s.hw.description,
+                bool(s.hw_note()),
+                s.hw.tcti,
+                s.hw_note(),
+                health.state,
+                health.error,
             ),
             groups=tuple(self.group_view(g) for g in s.store.groups()),
             vtpms=api.VtpmCounts(len(s.store.vtpms()), len(s.supervisor.running())),

@@ -11,6 +11,9 @@ At start, and again before every key release, the Manager reads the host PCRs:
 - otherwise the group is locked: its key is dropped from memory, nothing of it is served, and
   the reason (which PCRs differ from the closest permitted state, their current values) is kept
   for `status`. Nothing is lost: the sealed key and every vTPM stay as they are.
+A key in memory is only as good as the last PCR read: when a read fails (the hardware TPM is
+unreachable), every group is locked and every cached key dropped, so nothing is released from
+memory on the strength of an older read; the next successful read unseals them again.
 vTPM state keys are stored wrapped (AES-256-GCM) under a key derived from the group key.
 
 Revocation by the TPM (approval epochs, `vtpm.manager.epochs`). Each group has an NV counter
@@ -127,12 +130,22 @@ class GroupKeys:
             try:
                 current = self._read_pcrs(groups)
             except HwTpmError as e:
-                for g in groups:
-                    if g.uuid not in self._keys:
-                        self._status[g.uuid] = GroupStatus(False, f"hardware TPM: {e}")
+                self._lock_all(groups, str(e))
                 return
             for g in groups:
                 self._refresh_one(g, current)
+            if self._hw.health.state != "ok":  # it went away while unsealing
+                self._lock_all(groups, self._hw.health.error)
+
+    def _lock_all(self, groups: Sequence[GroupRecord], why: str) -> None:
+        """The hardware TPM cannot vouch for the host state: lock every group, drop its key."""
+        if self._keys:
+            log.warning(
+                "every group locked, %d key(s) dropped from memory: %s", len(self._keys), why
+            )
+        self._keys.clear()
+        for g in groups:
+            self._status[g.uuid] = GroupStatus(False, f"hardware TPM unreachable: {why}")
 
     def _refresh_one(self, g: GroupRecord, current: dict[int, bytes]) -> None:
         idx = _match(g.pcr_states, current)
@@ -270,6 +283,11 @@ class GroupKeys:
 
     def key(self, group_uuid: uuid.UUID) -> bytes:
         with self._lock:
+            down = self._hw.health
+            if down.state != "ok":  # noticed by another use since the last refresh
+                raise ManagerError(
+                    f"group {group_uuid} is locked: hardware TPM unreachable: {down.error}"
+                )
             key = self._keys.get(group_uuid)
             if key is None:
                 raise ManagerError(

@@ -19,6 +19,16 @@ Rules:
   SealError for an unseal), or HwTpmError. After `retries` attempts the TPM is declared
   unreachable (HwTpmError).
   Callers' data is never modified, so a failed call can simply be repeated.
+- A TPM declared unreachable is *down* (`health`) until it answers a command again. Meanwhile
+  each use first lets `revive` act (the Manager's simulator: it adopts a simulator someone else
+  started, and restarts its own once a restart is due, `vtpm.manager.outage`: 5 s into the
+  outage, then backing off to 60 s), then makes one quick connection attempt, not the retry
+  loop. So a TPM that comes back is used at the next call, nothing spins or sleeps while it is
+  away, and recovery needs no thread that polls.
+- The storage primary's name is pinned at the first connection. A reconnection that finds
+  another TPM (e.g. a process that took the freed TCP port of a killed simulator) is refused
+  and the TPM stays down: whatever answers there is not the TPM the group keys are sealed to,
+  and its PCR values must not unlock anything.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from tpm2_pytss import (
@@ -50,6 +60,7 @@ from tpm2_pytss import (
 )
 
 from vtpm.errors import ConfigError, HwTpmError
+from vtpm.manager import outage
 from vtpm.tpm import policy
 from vtpm.tpm.constants import TPM_ALG, TPM_RC
 
@@ -120,6 +131,11 @@ def _resource_managed(tcti: str) -> bool:
     return (name == "device" and "tpmrm" in conf) or name == "tabrmd"
 
 
+# the Manager's hook for bringing its TPM back (its simulator), called while the TPM is down;
+# the argument says whether it may start a new one now; returns the TCTI to use
+Revive = Callable[[bool], str]
+
+
 @dataclass(frozen=True, slots=True)
 class SealedObject:
     """A sealed data object as the TPM returned it; useless off this TPM."""
@@ -131,11 +147,23 @@ class SealedObject:
 class HardwareTpm:
     """The host TPM. Thread-safe: one lock around the ESAPI context."""
 
-    def __init__(self, tcti: str, *, retries: int = 5) -> None:
-        if not tcti or retries < 0:
-            raise ConfigError("a hardware TPM needs a TCTI string and retries >= 0")
+    def __init__(
+        self,
+        tcti: str,
+        *,
+        retries: int = 5,
+        revive: Revive | None = None,
+        recover_first: float = outage.FIRST,
+    ) -> None:
+        if not tcti or retries < 0 or not 0 <= recover_first <= outage.MAX:
+            raise ConfigError(
+                "a hardware TPM needs a TCTI string, retries >= 0 and a recovery delay "
+                f"in 0..{outage.MAX:.0f} s"
+            )
         self.tcti = tcti
         self.retries = retries
+        self._revive = revive
+        self._outage = outage.Outage(recover_first)
         self._lock = threading.RLock()
         self._ectx: Any = None
         self._primary: Any = None
@@ -172,6 +200,15 @@ class HardwareTpm:
         return self._description
 
     @property
+    def health(self) -> outage.Health:
+        """The TPM as its last use found it (no TPM command is sent)."""
+        with self._lock:
+            h = self._outage.health()
+            if h.state == "ok" or self._revive is None:
+                return h
+            return replace(h, error=f"{h.error}; the simulator is restarted in {h.retry_in:.0f} s")
+
+    @property
     def primary_name(self) -> bytes:
         """TPM name of the storage primary (empty before open). It is the same on every open of
         the same TPM, so a caller can pin it to notice a substituted TPM or an interposer."""
@@ -199,7 +236,13 @@ class HardwareTpm:
             if not _resource_managed(self.tcti):
                 self._flush_leftovers(ectx)
             self._primary = self._create_primary(ectx)
-            self._primary_name = bytes(ectx.tr_get_name(self._primary))
+            name = bytes(ectx.tr_get_name(self._primary))
+            if self._primary_name and name != self._primary_name:
+                raise _OtherTpmError(
+                    f"another TPM answers at {self.tcti}: its storage primary is not the one "
+                    "this Manager opened first"
+                )
+            self._primary_name = name
             self._epoch = (int(info.resetCount), int(info.restartCount))
             self._description = f"{self.tcti} ({self._identify(ectx)})"
         except BaseException:
@@ -266,34 +309,77 @@ class HardwareTpm:
     ) -> T:
         """Run `op` on a connected context; retry and reconnect as `_classify` says.
 
-        `refused` builds the error for a TPM that answered "no" (default: HwTpmError)."""
+        `refused` builds the error for a TPM that answered "no" (default: HwTpmError). While the
+        TPM is down (see the module's rules) this raises HwTpmError at once."""
+        with self._lock:
+            attempts = self.retries + 1
+            if self._outage.why:
+                self._recover()
+                attempts = 1  # the outage is known already: no retry loop
+            try:
+                result = self._attempts(what, op, refused, attempts)
+            except _OtherTpmError as e:
+                self._drop()
+                self._outage.began(str(e))
+                raise HwTpmError(str(e)) from None
+            if self._outage.ended():
+                log.warning("the hardware TPM at %s answers again", self.tcti)
+            return result
+
+    def _recover(self) -> None:
+        """While down: let `revive` adopt or (when due) restart the simulator, perhaps at a new
+        TCTI. Holds the lock."""
+        if self._revive is None:
+            return
+        restart = self._outage.wait() <= 0
+        if restart:
+            self._outage.attempt()
+        try:
+            tcti = self._revive(restart)
+        except HwTpmError as e:
+            self._outage.began(f"the hardware TPM at {self.tcti} is unreachable: {e}")
+            raise HwTpmError(self._outage.why) from None
+        if tcti != self.tcti:
+            log.info("the hardware TPM moved to %s", tcti)
+            self._drop()
+            self.tcti = tcti
+
+    def _attempts(
+        self,
+        what: str,
+        op: Callable[[Any], T],
+        refused: Callable[[], Exception] | None,
+        attempts: int,
+    ) -> T:
         delay = BACKOFF_START
         last: TSS2_Exception | None = None
-        with self._lock:
-            for attempt in range(self.retries + 1):
-                connected = False
-                try:
-                    ectx = self._connect()
-                    connected = True
-                    return op(ectx)
-                except TSS2_Exception as e:
-                    kind = _classify(e)
-                    log.debug("%s: attempt %d: %s (%s)", what, attempt + 1, e, kind.value)
-                    if kind is _Kind.REFUSED and connected and refused is not None:
-                        raise refused() from None
-                    if kind in (_Kind.REFUSED, _Kind.LOCAL):
-                        raise self._failed(what, e) from None
-                    if kind is _Kind.RECONNECT:
-                        self._drop()
-                    last = e
-                if attempt < self.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, BACKOFF_MAX)
-            state = "busy" if last is not None and _classify(last) is _Kind.RETRY else "unreachable"
-            raise HwTpmError(
-                f"the hardware TPM at {self.tcti} is {state} while {what} "
-                f"({self.retries + 1} attempts; last error: {last})"
-            ) from None
+        for attempt in range(attempts):
+            connected = False
+            try:
+                ectx = self._connect()
+                connected = True
+                return op(ectx)
+            except TSS2_Exception as e:
+                kind = _classify(e)
+                log.debug("%s: attempt %d: %s (%s)", what, attempt + 1, e, kind.value)
+                if kind is _Kind.REFUSED and connected and refused is not None:
+                    raise refused() from None
+                if kind in (_Kind.REFUSED, _Kind.LOCAL):
+                    raise self._failed(what, e) from None
+                if kind is _Kind.RECONNECT:
+                    self._drop()
+                last = e
+            if attempt < attempts - 1:
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        state = "busy" if last is not None and _classify(last) is _Kind.RETRY else "unreachable"
+        why = (
+            f"the hardware TPM at {self.tcti} is {state} "
+            f"({attempts} attempt{'s' if attempts > 1 else ''}; last error: {last})"
+        )
+        if state == "unreachable":
+            self._outage.began(why)
+        raise HwTpmError(f"{why} while {what}")
 
     def _failed(self, what: str, e: TSS2_Exception) -> HwTpmError:
         return HwTpmError(f"the hardware TPM failed while {what}: {e}")
@@ -341,6 +427,10 @@ class HardwareTpm:
             return out
 
         return self.run("reading PCRs", op)
+
+
+class _OtherTpmError(HwTpmError):
+    """Raised inside `_connect` when the pinned storage primary does not come back."""
 
 
 def _selected_sha256(sel: Any) -> list[int]:

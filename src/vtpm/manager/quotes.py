@@ -4,13 +4,17 @@ or by the guest through its vTPM (the PCR values come with the request).
 The vTPM's uuid, group and label in the quoted DeepQuoteInfo come from the Manager's records,
 never from the asker. The group must be unlocked; the host PCRs default to those of the group's
 first permitted state. Batching is `vtpm.manager.deepquote.DeepQuoter`'s.
+
+Fail closed: a group found locked is checked again with a fresh PCR read (it may have been
+locked only by a hardware TPM outage that is over); a hardware TPM known to be down refuses
+at once. A quote refused for the guest is audited.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from vtpm.errors import LocalProtocolError, ManagerError, RequestError
+from vtpm.errors import LocalProtocolError, ManagerError, RequestError, VtpmError
 from vtpm.manager import lookup
 from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.groups import GroupKeys
@@ -44,7 +48,10 @@ class DeepQuotes:
         g = lookup.group(self._store, str(rec.group_uuid))
         st = self._groups.status(g.uuid)
         if not st.unlocked:
-            raise ManagerError(f"group {g.name} is locked: {st.reason}")
+            self._groups.refresh()
+            st = self._groups.status(g.uuid)
+        if not st.unlocked:
+            raise ManagerError(f"deep quote refused: group {g.name} is locked: {st.reason}")
         if not host_pcrs:
             host_pcrs = g.pcr_states[0].pcrs
         try:
@@ -69,6 +76,10 @@ class DeepQuotes:
 
     def for_guest(self, vtpm_uuid: uuid.UUID, req: ipc.QuoteRequest) -> bytes:
         """A deep quote the guest asked for through its vTPM: the evidence, compact binary."""
-        ev = self.quote(vtpm_uuid, req.nonce, req.host_pcrs, req.bank, req.pcrs)
+        try:
+            ev = self.quote(vtpm_uuid, req.nonce, req.host_pcrs, req.bank, req.pcrs)
+        except VtpmError as e:
+            self._store.audit("guest", "quote.deep", str(vtpm_uuid), "refused", {"why": str(e)})
+            raise
         self._store.audit("guest", "quote.deep", str(vtpm_uuid), "ok", {"batch": ev.batch_size})
         return encode_evidence(ev)

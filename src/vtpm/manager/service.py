@@ -77,7 +77,9 @@ class Manager:
             LabelMap.load(cfg.labels_file)  # a policy file that does not parse stops the start
         self.store.open()
         try:
-            self.hw = HardwareTpm(self._tcti())
+            tcti = self._tcti()  # its simulator (if any) comes back through `revive`
+            revive = None if self.simulator is None else self.simulator.revive
+            self.hw = HardwareTpm(tcti, revive=revive)
             self.hw.open()
             groups = GroupKeys(self.store, self.hw)
             groups.refresh()

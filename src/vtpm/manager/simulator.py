@@ -9,18 +9,23 @@ state directory on the recorded port, since pids are reused.
 A new simulator takes the recorded port again when it is free, so a restarted simulator keeps
 the TCTI string and a connected HardwareTpm reaches it by reconnecting.
 
-Manufacture: the first start (no TPM state yet) runs `swtpm_setup --createek --create-ek-cert
---create-platform-cert`, as a TPM vendor would, so the simulator has EKs, an RSA EK certificate
-at NV 0x01c00002 and a platform certificate. The certificates come from `swtpm_localca` with a
-configuration and a small local CA (ECC P-256, made here) under `<state_dir>/ca`; the system's
-/etc/swtpm* files and /var/lib/swtpm-localca are never read or written. If swtpm_setup is
-missing or fails, the simulator starts unprovisioned (no EK certificate) with a warning.
+Dying and coming back: when the simulator dies under a running Manager, the Manager's
+HardwareTpm calls `revive` at its next recovery attempt (see `vtpm.manager.hwtpm`): a simulator
+someone else started meanwhile is adopted, else a new one is started on the same state. swtpm
+locks its state directory (`.lock`), so a second swtpm on the same state fails with "Could not
+lock access to lockfile"; that is what a Manager used to hit when the record still named the
+dead pid while another swtpm (restarted by hand) served the state. So before starting one, the
+Manager looks for a live swtpm of its own user serving this state directory (/proc): with a
+record naming a dead simulator it adopts that one (and rewrites the record); with no record at
+all it refuses, naming the pid, since nothing says that swtpm was ever handed to a Manager.
+It never starts a second swtpm on one state, and never signals a process it did not verify.
+
+Manufacture (EKs and their certificates, at the first start) is `vtpm.manager.simulator_setup`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import os
@@ -31,13 +36,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from vtpm.errors import HwTpmError
 from vtpm.files import write_atomic
+from vtpm.manager import simulator_setup
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,7 @@ STOP_TIMEOUT = 5.0
 PORT_RANGE = (20000, 60000)
 PORT_ATTEMPTS = 3
 LOG_TAIL_BYTES = 2000
-STATE_NAME = "tpm2-00.permall"  # swtpm's permanent state: present once the TPM is manufactured
-CA_DIR = "ca"
-SETUP_CONF = "swtpm_setup.conf"
-SETUP_LOG = "swtpm_setup.log"
-SETUP_TIMEOUT = 120.0
-CA_CERT = "issuercert.pem"
-CA_KEY = "signkey.pem"
-CA_YEARS = 20
+STATE_NAME = simulator_setup.STATE_NAME
 
 
 def _port_free(port: int) -> bool:
@@ -101,44 +95,21 @@ def _cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
-def _write_local_ca(ca_dir: Path) -> None:
-    """A self-signed ECC P-256 CA (key 0600) for swtpm_localca to sign certificates with."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vtpm TPM simulator local CA")])
-    now = datetime.datetime.now(datetime.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=365 * CA_YEARS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(ca_dir / CA_KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _owner(pid: int) -> int | None:
     try:
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
-    (ca_dir / CA_CERT).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def _server_port(argv: list[str]) -> int | None:
+    """The TCP port a swtpm argv of ours serves on (its `--server type=tcp,port=N,...`)."""
+    for arg in argv:
+        if arg.startswith("type=tcp,port=") and arg.endswith(f",bindaddr={HOST}"):
+            digits = arg.removeprefix("type=tcp,port=").removesuffix(f",bindaddr={HOST}")
+            if digits.isdigit() and 0 < int(digits) < 65535:
+                return int(digits)
+    return None
 
 
 class Simulator:
@@ -160,7 +131,7 @@ class Simulator:
     @property
     def ca_certificate(self) -> Path:
         """The local CA that issued the simulator's EK and platform certificates (PEM)."""
-        return self.state_dir / CA_DIR / CA_CERT
+        return self.state_dir / simulator_setup.CA_DIR / simulator_setup.CA_CERT
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -171,16 +142,10 @@ class Simulator:
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)
         record = self._read_record()
-        if record is not None:
-            pid, port = record
-            if self._is_our_swtpm(pid, port) and _answers(port):
-                log.info("adopting the running TPM simulator (pid %d, port %d)", pid, port)
-                self._set(pid, port)
-                self.reused = True
-                return self.tcti
-            log.debug("recorded simulator pid %d is gone; starting a new one", pid)
+        if self._adopt(record):
+            return self.tcti
         if self.manufacture and not (self.state_dir / STATE_NAME).exists():
-            self._manufacture()
+            simulator_setup.manufacture(self.state_dir)
         preferred = record[1] if record is not None else 0
         failure = ""
         for attempt in range(PORT_ATTEMPTS):
@@ -213,76 +178,94 @@ class Simulator:
                 self.record_path.unlink()
         self.reused = False
 
+    def revive(self, restart: bool = True) -> str:
+        """Make sure a simulator serves the state and return its TCTI: this one while it
+        answers, else one someone else started (adopted), else, if `restart`, a new one (the
+        hardware TPM's `revive` hook; HwTpmError when none can serve)."""
+        if self._alive():
+            return self.tcti
+        proc = self._proc
+        if proc is not None and proc.poll() is None:  # alive but deaf: never two on one state
+            if not restart:
+                return self.tcti
+            log.warning("the TPM simulator (pid %d) does not answer; killing it", proc.pid)
+            proc.kill()
+            proc.wait()
+        self._proc = None
+        self.reused = False
+        if self._adopt(self._read_record()):
+            return self.tcti
+        if not restart:
+            return self.tcti
+        log.warning(
+            "the TPM simulator (pid %d, port %d) is gone; starting it again", *self._where()
+        )
+        return self.start()
+
+    def _where(self) -> tuple[int, int]:
+        return self.pid, self.port
+
+    def _alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None and _answers(self.port)
+        return self.reused and self._is_our_swtpm(self.pid, self.port) and _answers(self.port)
+
+    def _adopt(self, record: tuple[int, int] | None) -> bool:
+        """Adopt the live simulator serving this state (see the module doc), if there is one."""
+        if record is not None:
+            pid, port = record
+            if self._is_our_swtpm(pid, port) and _answers(port):
+                log.info("adopting the running TPM simulator (pid %d, port %d)", pid, port)
+                self._set(pid, port)
+                self.reused = True
+                return True
+            log.debug("recorded simulator pid %d is gone", pid)
+        return self._adopt_unrecorded(record is not None)
+
+    def _adopt_unrecorded(self, had_record: bool) -> bool:
+        """Adopt a live swtpm of ours serving this state that the record does not name (see
+        the module doc); False when there is none. Raises HwTpmError when one holds the state
+        but cannot be adopted: starting another would only fail on swtpm's lock."""
+        found = self._find_running()
+        if found is None:
+            return False
+        pid, port = found
+        if not had_record:
+            raise HwTpmError(
+                f"the TPM simulator did not start: swtpm pid {pid} already serves "
+                f"{self.state_dir} (port {port}) but {RECORD_NAME} is missing; stop it or "
+                "write its record"
+            )
+        if not _answers(port) or not _answers(port + 1):
+            raise HwTpmError(
+                f"swtpm pid {pid} holds the TPM simulator state {self.state_dir} but does not "
+                f"answer on port {port}; stop it"
+            )
+        log.warning("adopting TPM simulator pid %d (port %d), started by someone else", pid, port)
+        self._set(pid, port)
+        self.reused = True
+        self._write_record()
+        return True
+
+    def _find_running(self) -> tuple[int, int] | None:
+        """A live swtpm of this user serving this state directory over TCP: (pid, port)."""
+        try:
+            pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+        except OSError:
+            return None
+        for pid in pids:
+            argv = _cmdline(pid)
+            port = _server_port(argv) if argv else None
+            if port is not None and self._is_our_swtpm(pid, port):
+                return pid, port
+        return None
+
     def __enter__(self) -> Simulator:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    # manufacture -----------------------------------------------------------------------------
-
-    def _manufacture(self) -> None:
-        """EKs and their certificates, as a vendor provisions a TPM (see the module doc)."""
-        ca_dir = self.state_dir / CA_DIR
-        ca_dir.mkdir(mode=0o700, exist_ok=True)
-        if not (ca_dir / CA_KEY).exists() or not (ca_dir / CA_CERT).exists():
-            _write_local_ca(ca_dir)
-        localca_conf = ca_dir / "swtpm-localca.conf"
-        localca_conf.write_text(
-            f"statedir = {ca_dir}\n"
-            f"signingkey = {ca_dir / CA_KEY}\n"
-            f"issuercert = {ca_dir / CA_CERT}\n"
-            f"certserial = {ca_dir / 'certserial'}\n"
-        )
-        localca_options = ca_dir / "swtpm-localca.options"
-        localca_options.write_text(
-            "--platform-manufacturer vtpm\n--platform-version 2.0\n--platform-model simulator\n"
-        )
-        setup_conf = self.state_dir / SETUP_CONF
-        setup_conf.write_text(
-            "create_certs_tool = swtpm_localca\n"
-            f"create_certs_tool_config = {localca_conf}\n"
-            f"create_certs_tool_options = {localca_options}\n"
-        )
-        argv = [
-            "swtpm_setup",
-            "--tpm2",
-            "--tpmstate",
-            str(self.state_dir),
-            "--createek",
-            "--create-ek-cert",
-            "--create-platform-cert",
-            "--pcr-banks",
-            "-",  # leave every bank active, as an unprovisioned swtpm has them
-            "--not-overwrite",
-            "--config",
-            str(setup_conf),
-            "--logfile",
-            str(self.state_dir / SETUP_LOG),
-        ]
-        try:
-            res = subprocess.run(
-                argv,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=SETUP_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            why = f"{e}"
-        else:
-            if res.returncode == 0:
-                log.info("manufactured the TPM simulator: EKs and an EK certificate")
-                return
-            why = f"exit status {res.returncode}: {res.stderr.decode(errors='replace').strip()}"
-        log.warning(
-            "swtpm_setup failed (%s; see %s); the TPM simulator starts without EK certificates",
-            why,
-            self.state_dir / SETUP_LOG,
-        )
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / STATE_NAME).unlink()  # half-made: start from a blank TPM
 
     # helpers ---------------------------------------------------------------------------------
 
@@ -354,12 +337,15 @@ class Simulator:
         return " | ".join(parts) if parts else "swtpm logged nothing"
 
     def _is_our_swtpm(self, pid: int, port: int) -> bool:
+        """Whether `pid` is a swtpm of this user serving this state on `port` (another user's
+        process could carry the same command line, and pids are reused)."""
         argv = _cmdline(pid)
         return (
             bool(argv)
             and Path(argv[0]).name == "swtpm"
             and f"dir={self.state_dir}" in argv
             and f"type=tcp,port={port},bindaddr={HOST}" in argv
+            and _owner(pid) == os.geteuid()
         )
 
     def _signal_and_wait(self, pid: int, port: int) -> None:

@@ -101,6 +101,8 @@ class HardwareTpmView:
     simulated: bool
     tcti: str
     note: str = ""
+    state: str = "ok"  # "ok", or "down": it did not answer at its last use
+    error: str = ""  # why it is down, and when the Manager tries it again
 
 
 @dataclass(frozen=True, slots=True)

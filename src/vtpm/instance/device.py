@@ -30,14 +30,13 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vtpm.engine.engine import BLOB_NAMES, Engine, NvramBackend, StateType, TpmVersion
 from vtpm.errors import DeviceError, RequestError, VtpmError
 from vtpm.instance import vendor
-from vtpm.instance.transfer import TransferBlob, TransferKey
+from vtpm.instance.transfer import ExportedBlob, Transfer, TransferBlob
 from vtpm.tpm.constants import TPM_FAIL, TPM_RC, TPM_ST, TPM_TAG12
 
 log = logging.getLogger(__name__)
@@ -72,30 +71,6 @@ class Interposer(Protocol):
         """The device is closing (from `Device.close`, the power lock held, the engine not yet
         released). Must not raise."""
         ...
-
-
-class Generations(Protocol):
-    """Write counters of the stored blobs (the instance's `StateStore`)."""
-
-    def counter(self, name: str) -> int: ...
-
-    def raise_counter(self, name: str, floor: int) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Transfer:
-    """What a device needs to let state leave and enter it sealed (see the module doc)."""
-
-    key: TransferKey
-    vtpm_uuid: uuid.UUID
-    generations: Generations
-    plaintext_export: bool = False  # a standalone instance's --export-plaintext-state
-
-
-@dataclass(frozen=True, slots=True)
-class ExportedBlob:
-    data: bytes = field(repr=False)
-    sealed: bool
 
 
 @dataclass(frozen=True, slots=True)

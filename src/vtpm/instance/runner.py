@@ -21,14 +21,14 @@ from vtpm.errors import LabelError, TpmError
 from vtpm.instance import identity, vendor
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
-from vtpm.instance.device import Device, Transfer
+from vtpm.instance.device import Device
 from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
 from vtpm.instance.frontends.raw import serve_frames
 from vtpm.instance.launch import Launch
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
-from vtpm.instance.transfer import TransferKey
+from vtpm.instance.transfer import Transfer, TransferKey
 from vtpm.labelpolicy import LabelMap, check_vtpm_peer, resolve_peer
 from vtpm.listen import Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames

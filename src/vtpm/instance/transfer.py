@@ -32,6 +32,7 @@ import secrets
 import struct
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -106,6 +107,30 @@ class TransferKey:
         except InvalidTag:
             raise _refused("authentication failed (another key, or altered)") from None
         return TransferBlob(vtpm_uuid, state_type, generation, data)
+
+
+class Generations(Protocol):
+    """Write counters of the stored blobs (the instance's `StateStore`)."""
+
+    def counter(self, name: str) -> int: ...
+
+    def raise_counter(self, name: str, floor: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """What a device needs to let state leave and enter it sealed (`Device.export_state`)."""
+
+    key: TransferKey
+    vtpm_uuid: uuid.UUID
+    generations: Generations
+    plaintext_export: bool = False  # a standalone instance's --export-plaintext-state
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedBlob:
+    data: bytes = field(repr=False)
+    sealed: bool
 
 
 def _refused(why: str) -> RequestError:

@@ -26,7 +26,8 @@ from collections.abc import Callable
 from vtpm import serving
 from vtpm.engine.engine import StateType
 from vtpm.errors import RemoteProtocolError, VtpmError
-from vtpm.instance.device import Device, ExportedBlob
+from vtpm.instance.device import Device
+from vtpm.instance.transfer import ExportedBlob
 from vtpm.wire import ctrl as w
 
 log = logging.getLogger(__name__)

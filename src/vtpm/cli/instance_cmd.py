@@ -153,6 +153,13 @@ def register(sub: Any) -> None:
         "TPM2_Startup(CLEAR)",
     )
     run.add_argument(
+        "--export-plaintext-state",
+        action="store_true",
+        help="let CMD_GET_STATEBLOB answer in clear when the peer asks (STATE_FLAG_DECRYPTED): "
+        "anyone who reaches the control socket then reads the TPM's secrets; standalone "
+        "instances only (refused with --manager-fd). Without it state leaves sealed",
+    )
+    run.add_argument(
         "--max-clients",
         type=int,
         default=32,
@@ -200,6 +207,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         label=args.label,
         labels_file=args.labels_file,
         launch=None if args.launch is None else LaunchRecord.load(args.launch),
+        export_plaintext_state=args.export_plaintext_state,
     )
 
 

@@ -39,6 +39,8 @@ class InstanceConfig:
     # UNIX peers and QEMU's data channel never (QEMU keeps its control channel and data fd
     # silent for the guest's whole life; UNIX peers are counted per uid instead)
     idle_timeout: float | None = None
+    # GET_STATEBLOB may answer in clear when the peer asks (standalone only; see README)
+    export_plaintext_state: bool = False
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -46,6 +48,11 @@ class InstanceConfig:
             raise ConfigError("give exactly one of --key-file, --key-fd and --manager-fd")
         if self.manager_fd is not None and self.vtpm_uuid is None:
             raise ConfigError("--manager-fd needs --uuid")
+        if self.manager_fd is not None and self.export_plaintext_state:
+            raise ConfigError(
+                "--export-plaintext-state is refused under a Manager (--manager-fd): "
+                "a managed vTPM's state leaves it only sealed"
+            )
         if not (self.ctrl or self.server or self.mssim):
             raise ConfigError("no frontend: give at least one of --ctrl, --server, --mssim")
         if self.buffer_size and not MIN_BUFFER <= self.buffer_size <= MAX_BUFFER:

@@ -28,6 +28,7 @@ from vtpm.instance.frontends.raw import serve_frames
 from vtpm.instance.launch import Launch
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
+from vtpm.instance.transfer import Transfer, TransferKey
 from vtpm.labelpolicy import LabelMap, check_vtpm_peer, resolve_peer
 from vtpm.listen import Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames
@@ -57,7 +58,12 @@ class Instance:
         self.store.open()
         try:
             quote = None if self.link is None else self.link.deep_quote
-            self.device = Device(cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote)
+            transfer = Transfer(
+                TransferKey(self.key), ident.vtpm_uuid, self.store, cfg.export_plaintext_state
+            )
+            self.device = Device(
+                cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote, transfer=transfer
+            )
             self.device.power_on()
             if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
                 Launch(self.device, cfg.launch).arm()

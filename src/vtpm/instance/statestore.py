@@ -286,3 +286,20 @@ class StateStore:
             if not existed and must_exist:
                 log.debug("state blob %s to delete does not exist", name)
             return existed
+
+    # counters, for sealed transfer blobs (`vtpm.instance.transfer`) --------------------------
+
+    def counter(self, name: str) -> int:
+        """The write counter of blob `name`'s current version: as last loaded or written, else
+        as found on disk (0: never written). Reads no more than file headers, changes nothing."""
+        path = self.path(name)
+        with self._lock:
+            return self._next_counter(name, path) - 1
+
+    def raise_counter(self, name: str, floor: int) -> None:
+        """Make the next write of `name` carry a counter above `floor` (a state installed from
+        a transfer blob stamped `floor` then counts as newer than that blob)."""
+        path = self.path(name)
+        with self._lock:
+            self._next_counter(name, path)
+            self._counters[name] = max(self._counters.get(name, 0), floor)

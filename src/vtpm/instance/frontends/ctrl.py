@@ -3,6 +3,15 @@
 One handler per control connection. CMD_SET_DATAFD's descriptor arrives as SCM_RIGHTS
 ancillary data; it becomes a data channel served like a raw frame socket. Any descriptor that
 arrives without a SET_DATAFD is closed at once.
+
+State blobs leave and enter only sealed (`vtpm.instance.transfer`, see `Device.export_state`
+and `import_state`): GET_STATEBLOB answers a sealed blob flagged STATE_FLAG_ENCRYPTED. Its
+DECRYPTED flag is a wish, granted only by a standalone instance started with
+--export-plaintext-state; otherwise the blob comes sealed all the same (QEMU asks DECRYPTED
+on every migration and sends the blob back as it got it, as with swtpm's migration key).
+SET_STATEBLOB takes only this vTPM's sealed blobs (its flags are not trusted); the next INIT
+test-loads them. INIT's DELETE_VOLATILE needs no action: every start deletes the volatile
+blob after loading it (swtpm's order), so a migrated or restored guest keeps its PCRs.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from vtpm import serving
 from vtpm.engine.engine import StateType
 from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.instance.device import Device
+from vtpm.instance.transfer import ExportedBlob
 from vtpm.wire import ctrl as w
 
 log = logging.getLogger(__name__)
@@ -90,6 +100,16 @@ class PassedDescriptors:
             os.close(self._fds.pop())
 
 
+class _Connection:
+    """What one control connection holds: its passed descriptors, and the blobs it exported
+    (a GET_STATEBLOB at an offset continues the one exported at offset 0: sealing anew would
+    give other bytes)."""
+
+    def __init__(self, fds: PassedDescriptors) -> None:
+        self.fds = fds
+        self.exports: dict[int, ExportedBlob] = {}
+
+
 class ControlHandler:
     """Serves one control connection against `device`."""
 
@@ -110,10 +130,11 @@ class ControlHandler:
         codec = w.ControlServerConnection()
         requests: serving.Codec[w.Request] = codec
         fds = PassedDescriptors(conn)
+        state = _Connection(fds)
         recv = fds.recv if conn.family == socket.AF_UNIX else None
         try:
             for event in serving.events(conn, requests, idle_timeout=self._idle_timeout, recv=recv):
-                reply = self._answer(event, fds, peer)
+                reply = self._answer(event, state, peer)
                 conn.sendall(codec.send(reply))
                 if isinstance(event, w.Shutdown):
                     self._on_shutdown()
@@ -129,20 +150,20 @@ class ControlHandler:
         finally:
             fds.close()
 
-    def _answer(self, ev: w.Request, fds: PassedDescriptors, peer: str) -> w.Response:
+    def _answer(self, ev: w.Request, state: _Connection, peer: str) -> w.Response:
         try:
-            return self._dispatch(ev, fds, peer)
+            return self._dispatch(ev, state, peer)
         except VtpmError as e:
             log.error("ctrl %s: %s failed: %s", peer, type(ev).__name__, e)
             return w.Result(FAIL)
 
-    def _dispatch(self, ev: w.Request, fds: PassedDescriptors, peer: str) -> w.Response:
+    def _dispatch(self, ev: w.Request, state: _Connection, peer: str) -> w.Response:
         dev = self._device
         match ev:
             case w.GetCapability():
                 return w.CapabilityResult(OK, int(CAPABILITIES))
-            case w.Init(flags=flags):
-                dev.power_on(delete_volatile=bool(flags & w.INIT_FLAG_DELETE_VOLATILE))
+            case w.Init():
+                dev.power_on()  # DELETE_VOLATILE: done after the load, by every start
                 return w.Result(OK)
             case w.Shutdown():
                 dev.power_off()
@@ -173,15 +194,14 @@ class ControlHandler:
             case w.StoreVolatile():
                 dev.store_volatile()
                 return w.Result(OK)
-            case w.GetStateBlob(blob_type=kind, offset=offset):
+            case w.GetStateBlob(flags=flags, blob_type=kind, offset=offset):
                 if kind not in BLOB_TYPES:
                     return w.Result(BAD_PARAMETER)
-                blob = dev.get_state_blob(BLOB_TYPES[w.StateBlobType(kind)])
-                return w.StateBlobResult(OK, 0, len(blob), blob[offset:])
+                return self._export(state, peer, kind, flags, offset)
             case w.SetStateBlob(blob_type=kind, data=data):
                 if kind not in BLOB_TYPES:
                     return w.Result(BAD_PARAMETER)
-                dev.set_state_blob(BLOB_TYPES[w.StateBlobType(kind)], data)
+                dev.import_state(BLOB_TYPES[w.StateBlobType(kind)], data)
                 return w.Result(OK)
             case w.GetConfig():
                 return w.ConfigResult(OK, CONFIG_FLAG_FILE_KEY)
@@ -194,7 +214,7 @@ class ControlHandler:
             case w.LockStorage():
                 return w.Result(OK)  # the state directory is locked for the instance's life
             case w.SetDataFd():
-                fd = fds.take()
+                fd = state.fds.take()
                 if fd is None:
                     log.warning("ctrl %s: SET_DATAFD without a descriptor", peer)
                     return w.Result(BAD_PARAMETER)
@@ -206,3 +226,18 @@ class ControlHandler:
                 self._spawn_data(data_sock, f"{peer} data-fd")
                 return w.Result(OK)
         raise RemoteProtocolError(f"unhandled control request {type(ev).__name__}")
+
+    def _export(
+        self, state: _Connection, peer: str, kind: int, flags: int, offset: int
+    ) -> w.Response:
+        blob = state.exports.get(kind) if offset else None
+        if blob is None:
+            plaintext = bool(flags & w.STATE_FLAG_DECRYPTED)
+            blob = self._device.export_state(BLOB_TYPES[w.StateBlobType(kind)], plaintext=plaintext)
+            state.exports[kind] = blob
+            if plaintext and blob.sealed:
+                log.info("ctrl %s: state blob %d asked for in clear, sent sealed", peer, kind)
+            elif not blob.sealed and blob.data:
+                log.warning("ctrl %s: state blob %d sent in clear (plaintext export)", peer, kind)
+        flags_out = w.STATE_FLAG_ENCRYPTED if blob.sealed else 0
+        return w.StateBlobResult(OK, flags_out, len(blob.data), blob.data[offset:])

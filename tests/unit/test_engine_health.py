@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import pytest
 
 from tests.nvframes import nv_define_space, nv_read, nv_write, parse_nv_read
-from vtpm.engine import diagnostics
 from vtpm.engine import engine as engine_mod
 from vtpm.engine.engine import Engine, TpmVersion
 from vtpm.errors import StateError
@@ -131,7 +130,7 @@ def test_nv_data_never_reaches_stderr_when_a_state_write_fails(
 _FAILURE_MODE = r"""
 import logging, sys
 from tests.nvframes import nv_define_space, nv_write
-from vtpm.engine import _ffi, diagnostics
+from vtpm.engine import _ffi
 from vtpm.tpm import frames
 logging.basicConfig(stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
 blobs = {}
@@ -144,6 +143,7 @@ def store(name, data):
     return _ffi.TPM_SUCCESS
 lib = _ffi.Libtpms()
 if sys.argv[1] == "sink":
+    from vtpm.engine import diagnostics
     lib.set_debug_fd(diagnostics.sink_fd())
 lib.register_callbacks(load, store, lambda n, m: 0, lambda: 0)
 lib.choose_version(True)
@@ -182,6 +182,8 @@ def test_libtpms_failure_mode_dump_is_redacted(sink: str) -> None:
 
 
 def test_redact_keeps_messages_and_counts_dump_lines() -> None:
+    from vtpm.engine import diagnostics  # noqa: PLC0415 (each test here fails alone on the base)
+
     lines = [
         b"libtpms/tpm2: Entered failure mode through command:",
         b"80 02 00 00 ",

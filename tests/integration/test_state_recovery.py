@@ -57,9 +57,11 @@ def read_nv(port: int) -> bytes:
 
 def snapshot_db(data_dir: Path, to: Path) -> None:
     """A consistent copy of the Manager's database (the Manager stopped)."""
-    with contextlib.closing(sqlite3.connect(data_dir / "manager.db")) as src:
-        with contextlib.closing(sqlite3.connect(to)) as dst:
-            src.backup(dst)
+    with (
+        contextlib.closing(sqlite3.connect(data_dir / "manager.db")) as src,
+        contextlib.closing(sqlite3.connect(to)) as dst,
+    ):
+        src.backup(dst)
 
 
 def put_back_db(data_dir: Path, copy: Path) -> None:

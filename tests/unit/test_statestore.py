@@ -283,3 +283,36 @@ def test_a_missing_volatile_blob_is_no_saved_state_a_missing_permall_is_refused(
     with pytest.raises(StateIntegrityError, match="missing but the Manager records it"):
         s.load("permall")
     s.close()
+
+
+class AnswerLosingJournal(DictJournal):
+    """Records a write, then fails as a Manager killed before its Ack would (the recording's
+    fate unknown to the instance): a fault a real Manager cannot be asked to produce."""
+
+    lose = True
+
+    def written(self, name: str, counter: int, digest: bytes) -> None:
+        super().written(name, counter, digest)
+        if self.lose:
+            raise StateError(f"the write of {name} cannot be recorded: the link is lost")
+
+
+def test_a_write_whose_recording_is_unknown_is_retried_as_the_same_file(tmp_path: Path) -> None:
+    """The retry of a held write must not replace a `.next` the Manager may have recorded."""
+    j = AnswerLosingJournal()
+    s = journaled(tmp_path, j)
+    with pytest.raises(StateError):
+        s.store("permall", b"state one")
+    nxt = tmp_path / "state" / "permall.next"
+    first = nxt.read_bytes()
+    with pytest.raises(StateError):
+        s.store("permall", b"state one")  # the retry: the same bytes again
+    assert nxt.read_bytes() == first and j.digests["permall"] == hashlib.sha256(first).digest()
+    with pytest.raises(StateError, match="may or may not have been recorded"):
+        s.store("permall", b"another state")
+    assert nxt.read_bytes() == first
+    j.lose = False
+    assert s.store("permall", b"state one").digest == hashlib.sha256(first).digest()
+    assert s.load("permall") == b"state one"
+    assert s.store("permall", b"another state").counter == 2
+    s.close()

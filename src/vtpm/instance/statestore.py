@@ -118,6 +118,8 @@ class StateStore:
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
         self._counters: dict[str, int] = {}
+        # writes whose recording failed: (SHA-256 of the data, counter, file bytes), by name
+        self._unsettled: dict[str, tuple[bytes, int, bytes]] = {}
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -316,10 +318,14 @@ class StateStore:
     def store(self, name: str, data: bytes) -> BlobInfo:
         path = self.path(name)
         with self._lock:
-            counter = self._next_counter(name, path)
-            nonce = secrets.token_bytes(12)
-            body = self._aead.encrypt(nonce, data, self._aad(name, counter))
-            raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
+            unsettled = self._unsettled.get(name)
+            if unsettled is not None:
+                counter, raw = self._retry_unsettled(name, data, unsettled)
+            else:
+                counter = self._next_counter(name, path)
+                nonce = secrets.token_bytes(12)
+                body = self._aead.encrypt(nonce, data, self._aad(name, counter))
+                raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
             tmp = path.with_name(path.name + TMP_SUFFIX)
             digest = hashlib.sha256(raw).digest()
             try:  # a full disk, a quota: the old file stays current, the write can be retried
@@ -334,11 +340,30 @@ class StateStore:
             if self.journal is not None:
                 # until recorded, the old file stays current; if recording fails, .next stays
                 # for the next load to settle by what the journal ends up holding
-                self.journal.written(name, counter, digest)
+                try:
+                    self.journal.written(name, counter, digest)
+                except BaseException:
+                    self._unsettled[name] = (hashlib.sha256(data).digest(), counter, raw)
+                    raise
+                self._unsettled.pop(name, None)
                 os.replace(nxt, path)
                 _fsync_dir(self.directory)
             self._counters[name] = counter
             return BlobInfo(name, counter, digest)
+
+    def _retry_unsettled(
+        self, name: str, data: bytes, unsettled: tuple[bytes, int, bytes]
+    ) -> tuple[int, bytes]:
+        """The bytes of a write whose recording failed, for its retry. The journal may have
+        recorded it (a lost answer): the `.next` file then must keep exactly these bytes, so
+        only the same state is written again, as the same file."""
+        data_digest, counter, raw = unsettled
+        if hashlib.sha256(data).digest() != data_digest:
+            raise StateError(
+                f"state blob {name} cannot be written: an earlier write of it may or may not "
+                "have been recorded by the Manager; restart the vTPM to settle it"
+            )
+        return counter, raw
 
     def _next_counter(self, name: str, path: Path) -> int:
         if name not in self._counters:
@@ -367,6 +392,7 @@ class StateStore:
                     os.replace(path, gone)
                     _fsync_dir(self.directory)
                 self.journal.deleted(name)
+            self._unsettled.pop(name, None)
             for victim in (path, self._next_path(name), gone):
                 with contextlib.suppress(FileNotFoundError):
                     victim.unlink()

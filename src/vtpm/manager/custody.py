@@ -172,11 +172,13 @@ class KeyCustody:
         elif isinstance(ev, ipc.Ready):
             ready()
         elif isinstance(ev, ipc.TpmHealth):
+            # the instance's words end on an administrator's terminal: printable only
+            reason = "".join(c if c.isprintable() else "?" for c in ev.reason)
             if ev.failed:
-                log.error("vTPM %s: its TPM cannot serve: %s", vtpm_uuid, ev.reason)
+                log.error("vTPM %s: its TPM cannot serve: %s", vtpm_uuid, reason)
             else:
                 log.warning("vTPM %s: its TPM serves again", vtpm_uuid)
-            health(ev.reason or "unknown failure" if ev.failed else "")
+            health(reason or "unknown failure" if ev.failed else "")
         elif isinstance(ev, ipc.Goodbye):
             log.info("vTPM %s: instance stopped in order", vtpm_uuid)
         else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -177,3 +179,140 @@ def test_key_from_a_descriptor(tmp_path: Path) -> None:
         os.close(r)  # closed by load_key_fd
     with pytest.raises(StateKeyError, match="cannot be read"):
         load_key_fd(r)
+
+
+# under a journal (the Manager's record): which file is current, and what is never deleted ----
+
+
+class DictJournal:
+    """A `StateJournal` held in a dict (the Manager's record, without a Manager)."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, bytes] = {}
+        self.deletions: list[str] = []
+
+    def expected(self, name: str) -> bytes | None:
+        return self.digests.get(name)
+
+    def written(self, name: str, counter: int, digest: bytes) -> None:
+        self.digests[name] = digest
+
+    def deleted(self, name: str) -> None:
+        self.deletions.append(name)
+        self.digests.pop(name, None)
+
+
+def journaled(tmp_path: Path, journal: DictJournal) -> StateStore:
+    s = StateStore(tmp_path / "state", uuid.UUID(int=1), KEY, journal=journal)
+    s.open()
+    return s
+
+
+def test_a_blob_the_manager_does_not_record_is_refused_and_kept(tmp_path: Path) -> None:
+    """An older copy of the Manager's database (it records no permall yet) must not make the
+    instance delete the newer state: refused, naming the file and what to do."""
+    j = DictJournal()
+    s = journaled(tmp_path, j)
+    s.store("permall", SENTINEL)
+    path = s.path("permall")
+    raw = path.read_bytes()
+    j.digests.clear()  # the database put back predates the first write
+    with pytest.raises(StateIntegrityError, match="Manager records no permall") as e:
+        s.load("permall")
+    assert str(path) in str(e.value) and "restore the Manager's database" in str(e.value)
+    assert path.read_bytes() == raw
+    # a newer state than the record: the same, files kept
+    old_digest = s.store("permall", b"old").digest
+    newer = s.store("permall", b"newer")
+    j.digests["permall"] = old_digest
+    with pytest.raises(StateIntegrityError, match="does not match the recorded state"):
+        s.load("permall")
+    assert hashlib.sha256(path.read_bytes()).digest() == newer.digest
+    j.digests["permall"] = newer.digest  # the right database back: it opens
+    assert s.load("permall") == b"newer"
+    s.close()
+
+
+def test_unrecorded_leftovers_of_writes_and_deletions_in_flight_are_discarded(
+    tmp_path: Path,
+) -> None:
+    j = DictJournal()
+    s = journaled(tmp_path, j)
+    d = tmp_path / "state"
+    # a first write that was never recorded: .next only
+    s.store("savestate", b"x")
+    os.replace(d / "savestate.blob", d / "savestate.next")
+    j.digests.clear()
+    assert s.load("savestate") is None and not (d / "savestate.next").exists()
+    # a recorded write whose rename did not happen: .next is promoted over the old .blob
+    first = s.store("permall", b"one")
+    os.replace(s.path("permall"), d / "keep")
+    second = s.store("permall", b"two")
+    os.replace(s.path("permall"), d / "permall.next")
+    os.replace(d / "keep", s.path("permall"))
+    assert j.digests["permall"] == second.digest != first.digest
+    assert s.load("permall") == b"two" and not (d / "permall.next").exists()
+    # a deletion renamed the blob, then the process died before the Manager recorded it
+    s.store("volatilestate", b"v")
+    os.replace(s.path("volatilestate"), d / "volatilestate.gone")
+    assert s.load("volatilestate") == b"v" and s.path("volatilestate").exists()
+    # ... or after it was recorded
+    os.replace(s.path("volatilestate"), d / "volatilestate.gone")
+    del j.digests["volatilestate"]
+    assert s.load("volatilestate") is None and not (d / "volatilestate.gone").exists()
+    # a delete leaves nothing behind and is recorded
+    s.store("volatilestate", b"v")
+    assert s.delete("volatilestate", True) and "volatilestate" not in j.digests
+    assert sorted(p.name for p in d.iterdir()) == ["lock", "permall.blob"]
+    s.close()
+
+
+def test_a_missing_volatile_blob_is_no_saved_state_a_missing_permall_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    j = DictJournal()
+    s = journaled(tmp_path, j)
+    s.store("permall", SENTINEL)
+    s.store("volatilestate", b"volatile")
+    s.path("volatilestate").unlink()
+    with caplog.at_level(logging.WARNING, logger="vtpm.instance.statestore"):
+        assert s.load("volatilestate") is None
+    assert "needs Startup(CLEAR)" in caplog.text
+    assert j.deletions == ["volatilestate"] and not s.exists("volatilestate")
+    s.path("permall").unlink()
+    with pytest.raises(StateIntegrityError, match="missing but the Manager records it"):
+        s.load("permall")
+    s.close()
+
+
+class AnswerLosingJournal(DictJournal):
+    """Records a write, then fails as a Manager killed before its Ack would (the recording's
+    fate unknown to the instance): a fault a real Manager cannot be asked to produce."""
+
+    lose = True
+
+    def written(self, name: str, counter: int, digest: bytes) -> None:
+        super().written(name, counter, digest)
+        if self.lose:
+            raise StateError(f"the write of {name} cannot be recorded: the link is lost")
+
+
+def test_a_write_whose_recording_is_unknown_is_retried_as_the_same_file(tmp_path: Path) -> None:
+    """The retry of a held write must not replace a `.next` the Manager may have recorded."""
+    j = AnswerLosingJournal()
+    s = journaled(tmp_path, j)
+    with pytest.raises(StateError):
+        s.store("permall", b"state one")
+    nxt = tmp_path / "state" / "permall.next"
+    first = nxt.read_bytes()
+    with pytest.raises(StateError):
+        s.store("permall", b"state one")  # the retry: the same bytes again
+    assert nxt.read_bytes() == first and j.digests["permall"] == hashlib.sha256(first).digest()
+    with pytest.raises(StateError, match="may or may not have been recorded"):
+        s.store("permall", b"another state")
+    assert nxt.read_bytes() == first
+    j.lose = False
+    assert s.store("permall", b"state one").digest == hashlib.sha256(first).digest()
+    assert s.load("permall") == b"state one"
+    assert s.store("permall", b"another state").counter == 2
+    s.close()

@@ -142,6 +142,7 @@ def test_results_come_back_as_their_types() -> None:
             "last_exit": None,
             "failed": "",
             "log": "/var/log/x.log",
+            "tpm_failed": "",
         },
     }
     assert api.parse_result(api.VtpmShow(U), reply) == view

@@ -65,6 +65,9 @@ TABLE: list[tuple[w.Role, int, str, w.Event]] = [
     (MANAGER, 0x06, "00000001 06", w.Ack()),
     (PEER, 0x07, "00000001 07", w.Goodbye()),
     (PEER, 0x08, "00000001 08", w.Ready()),
+    (PEER, 0x09, "00000002 09 00", w.TpmHealth(False)),
+    (PEER, 0x09, "00000002 09 01", w.TpmHealth(True)),
+    (PEER, 0x09, "00000009 09 01 64697369e280a6", w.TpmHealth(True, "disi…")),
     (
         PEER,
         0x20,
@@ -212,7 +215,7 @@ def frame(kind: str, body: str) -> str:
         (MANAGER, "00000001 07 000000", "closed inside a frame length"),
         # types
         (MANAGER, "00000001 00", "unknown message type 0x00"),
-        (MANAGER, "00000001 09", "unknown message type 0x09"),
+        (MANAGER, "00000001 0a", "unknown message type 0x0a"),
         (PEER, "00000001 ff", "unknown message type 0xff"),
         (MANAGER, "00000001 24", "0x24 is reserved"),
         (PEER, "00000001 2f", "0x2f is reserved"),
@@ -266,6 +269,13 @@ def frame(kind: str, body: str) -> str:
         (MANAGER, "00000002 05 00", "'' is not 1..32"),
         (MANAGER, "00000023 05" + NAME_33, "is not 1..32"),
         (MANAGER, "00000003 05 01 80", "name is not ASCII"),
+        # TpmHealth
+        (MANAGER, "00000001 09", "does not start with 0 or 1"),
+        (MANAGER, "00000002 09 02", "does not start with 0 or 1"),
+        (MANAGER, "00000003 09 01 ff", "TpmHealth reason is not UTF-8"),
+        (MANAGER, "00000003 09 00 61", "healthy TpmHealth carries no reason"),
+        (MANAGER, "00000403 09 01" + "61" * 1025, "1025 bytes exceeds 1024"),
+        (PEER, "00000002 09 00", "the peer does not receive TPM_HEALTH"),
         # empty bodies
         (PEER, "00000002 06 00", "Ack body is 1 bytes, not 0"),
         (MANAGER, "00000003 07 0000", "Goodbye body is 2 bytes, not 0"),
@@ -456,6 +466,10 @@ INVALID: list[tuple[object, str]] = [
     (lambda: w.StateWritten("a", 0, D_AA + b"\x00"), "digest must be exactly 32"),
     (lambda: w.StateWritten("A", 0, D_AA), "is not 1..32"),
     (lambda: w.StateDeleted(""), "is not 1..32"),
+    (lambda: w.TpmHealth(1), "failed must be a bool"),  # type: ignore[arg-type]
+    (lambda: w.TpmHealth(False, "x"), "healthy TpmHealth carries no reason"),
+    (lambda: w.TpmHealth(True, "x" * 1025), "longer than 1024 bytes"),
+    (lambda: w.TpmHealth(True, "\ud800"), "not valid Unicode"),
     (lambda: w.StateDeleted(7), "is not 1..32"),  # type: ignore[arg-type]
     (lambda: w.AdminRequest("", {}), "op must be a non-empty str"),
     (lambda: w.AdminRequest(None, {}), "op must be a non-empty str"),  # type: ignore[arg-type]

@@ -107,7 +107,8 @@ def _describe(v: api.VtpmView) -> str:
         f"  group {v.group}, label {v.label}, TPM {v.tpm}",
         f"  state: {run.state}"
         + (f" (pid {run.pid})" if run.pid else "")
-        + (f": {run.failed}" if run.failed else ""),
+        + (f": {run.failed}" if run.failed else "")
+        + (f", TPM failed: {run.tpm_failed}" if run.tpm_failed else ""),
         f"  frontends: {', '.join(str(f) for f in v.frontends)}",
         f"  state dir: {v.state_dir}",
     ]
@@ -170,7 +171,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return cmd_show(args)
     vs = client.call(args, api.VtpmList())
     rows = [
-        [str(v.uuid), v.run.state, str(v.run.pid or "-"), str(v.run.restarts), v.run.failed]
+        [
+            str(v.uuid),
+            "running, TPM failed" if v.run.tpm_failed else v.run.state,
+            str(v.run.pid or "-"),
+            str(v.run.restarts),
+            v.run.failed or v.run.tpm_failed,
+        ]
         for v in vs
     ]
     text = client.table(rows, ["UUID", "STATE", "PID", "RESTARTS", "REASON"])

@@ -91,6 +91,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "TPM_IO_Hash_End": ([], c.c_uint32),
         "TPM_IO_TpmEstablished_Get": ([_u8p], c.c_uint32),
         "TPM_IO_TpmEstablished_Reset": ([], c.c_uint32),
+        "TPMLIB_SetDebugFD": ([c.c_int], None),
+        "TPMLIB_SetDebugLevel": ([c.c_uint], None),
     }
     for name, (argtypes, restype) in sigs.items():
         fn = getattr(lib, name)
@@ -243,6 +245,13 @@ class Libtpms:
         return rc
 
     # library calls --------------------------------------------------------------------------
+
+    def set_debug_fd(self, fd: int) -> None:
+        """Where libtpms writes its diagnostics, debug level 0. Its forced messages (failure
+        mode, a state blob it cannot read) go to this fd, else to stderr; one of them is a hex
+        dump of the command that put the TPM into failure mode (`tpm_tpm2_interface.c`)."""
+        self._lib.TPMLIB_SetDebugLevel(0)
+        self._lib.TPMLIB_SetDebugFD(fd)
 
     def choose_version(self, tpm2: bool) -> int:
         rc: int = self._lib.TPMLIB_ChooseTPMVersion(1 if tpm2 else 0)

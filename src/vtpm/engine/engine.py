@@ -5,23 +5,43 @@ The engine serializes every library call with one lock (libtpms is not thread-sa
 NVRAM traffic goes to an `NvramBackend` (the instance's encrypted state store). An exception in
 the backend never crosses the C boundary: the callback answers TPM_FAIL and the engine re-raises
 the recorded error to its caller afterwards.
+
+A state write that fails (a full disk, a Manager that does not record it) is the exception: the
+callback keeps the blob and answers success, so libtpms does not enter its failure mode (which
+only a restart, losing the TPM's volatile state, would end). Until the blob is stored, no
+command reaches the TPM: the one whose write failed and every later one get an error (the
+device answers them TPM_RC_FAILURE), and the write is retried before each command and every
+`RETRY_INTERVAL` seconds. Once stored, the TPM serves again where it was; nothing acknowledged
+is lost (the command whose write failed was not acknowledged; its effect may or may not
+survive, as for a command in flight at a crash).
+
+The backend is told when the TPM can no longer serve and when it can again (`HealthListener`):
+a write that fails, or libtpms in failure mode (it answers TPM_RC_FAILURE; only a restart ends
+that). libtpms' own diagnostics are kept out of the log in clear (`vtpm.engine.diagnostics`).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import struct
 import threading
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from vtpm.engine import diagnostics
 from vtpm.engine._ffi import TPM_FAIL, TPM_SUCCESS, Libtpms
-from vtpm.errors import TpmError, VtpmError
+from vtpm.errors import StateError, TpmError, VtpmError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RETRY, TPM_SU
+from vtpm.tpm.constants import TPM_RC, TPM_RETRY, TPM_SU
 
 log = logging.getLogger(__name__)
 
 _claimed = threading.Lock()  # one Engine per process: libtpms state is global
+RETRY_INTERVAL = 2.0  # seconds between retries of a state write that failed
+_FAILURE_CODES = {  # the response code field of libtpms' answers in failure mode
+    True: struct.pack(">I", TPM_RC.FAILURE),
+    False: struct.pack(">I", 0x1C),  # TPM 1.2: TPM_FAILEDSELFTEST
+}
 
 
 class TpmVersion(enum.Enum):
@@ -54,6 +74,15 @@ class NvramBackend(Protocol):
     def delete(self, name: str, must_exist: bool) -> bool: ...
 
 
+@runtime_checkable
+class HealthListener(Protocol):
+    """A backend that wants to know when the TPM cannot serve (`failed`) and why, and when it
+    serves again (`failed` False, reason ""). Called with the engine's lock held: it must not
+    call the engine, nor wait for anything that does."""
+
+    def tpm_health(self, failed: bool, reason: str) -> None: ...
+
+
 class Engine:
     """libtpms hosted in this process. Use as a context manager or call `close()`."""
 
@@ -72,6 +101,13 @@ class Engine:
         self._running = False
         self._closed = False
         self._callback_error: VtpmError | None = None
+        self._pending: dict[str, bytes] = {}  # blobs libtpms handed over, not yet stored
+        self._write_error: VtpmError | None = None
+        self._failed = ""  # why the TPM cannot serve; "" while it can
+        self._health = nvram if isinstance(nvram, HealthListener) else None
+        self._failure_code = _FAILURE_CODES[version is TpmVersion.TPM20]
+        self._closing = threading.Event()
+        self._lib.set_debug_fd(diagnostics.sink_fd())
         rc = self._lib.register_callbacks(
             self._cb_load, self._cb_store, self._cb_delete, lambda: self._locality
         )
@@ -92,6 +128,7 @@ class Engine:
         """Stop the TPM (storing state) and release the library for this process."""
         if self._closed:
             return
+        self._closing.set()
         try:
             self.stop()
         finally:
@@ -116,16 +153,72 @@ class Engine:
         return TPM_SUCCESS, blob
 
     def _cb_store(self, name: str, data: bytes) -> int:
+        if self._pending:  # an earlier write is not stored yet: this one waits behind it
+            self._pending[name] = data
+            return TPM_SUCCESS
         try:
             self._nvram.store(name, data)
         except VtpmError as e:
-            self._callback_error = e
-            return TPM_FAIL
+            self._hold(name, data, e)
         except Exception as e:
             log.exception("state store of %s failed", name)
-            self._callback_error = TpmError(f"storing state blob {name} failed: {e}")
-            return TPM_FAIL
-        return TPM_SUCCESS
+            self._hold(name, data, StateError(f"storing state blob {name} failed: {e}"))
+        return TPM_SUCCESS  # see the module docstring: a failed write is held, not fatal
+
+    # state writes that failed, and the TPM's health ----------------------------------------
+
+    def _hold(self, name: str, data: bytes, error: VtpmError) -> None:
+        """Keep a blob whose write failed; retried by `_flush` (caller holds the lock)."""
+        self._pending[name] = data
+        self._write_error = error
+        self._set_health(f"a state write failed: {error}")
+        threading.Thread(target=self._retry_loop, name="state-write-retry", daemon=True).start()
+
+    def _flush(self) -> None:
+        """Store the held blobs, in order; raises StateError while one still fails (caller
+        holds the lock)."""
+        while self._pending:
+            name, data = next(iter(self._pending.items()))
+            try:
+                self._nvram.store(name, data)
+            except VtpmError as e:
+                self._write_error = e
+                raise StateError(f"the TPM's state cannot be stored: {e}") from None
+            except Exception as e:
+                raise StateError(f"the TPM's state cannot be stored: {e}") from None
+            del self._pending[name]
+        if self._write_error is not None:
+            self._write_error = None
+            log.warning("the TPM's held state is stored again; it serves")
+            self._set_health("")
+
+    def _retry_loop(self) -> None:
+        while not self._closing.wait(RETRY_INTERVAL):
+            with self._lock:
+                if not self._pending or self._closed:
+                    return
+                try:
+                    self._flush()
+                    return
+                except StateError:
+                    continue
+
+    def _set_health(self, reason: str) -> None:
+        if reason == self._failed:
+            return
+        self._failed = reason
+        if reason:
+            log.error("the TPM cannot serve: %s", reason)
+        if self._health is not None:
+            try:
+                self._health.tpm_health(bool(reason), reason)
+            except Exception:
+                log.exception("reporting the TPM's health failed")
+
+    @property
+    def failed(self) -> str:
+        """Why the TPM cannot serve now ("" while it can)."""
+        return self._failed
 
     def _cb_delete(self, name: str, must_exist: bool) -> int:
         try:
@@ -162,10 +255,16 @@ class Engine:
             if self._running:
                 raise TpmError("the TPM is already running")
             rc = self._lib.main_init()
-            if rc != TPM_SUCCESS:
+            try:
+                self._check(rc, "initialising the TPM")
+                self._flush()  # a blob written at manufacture must be on disk before serving
+            except BaseException:
+                self._pending.clear()
+                self._write_error = None
                 self._lib.terminate()
-            self._check(rc, "initialising the TPM")
+                raise
             self._running = True
+            self._set_health("")
 
     def stop(self, *, orderly: bool = True) -> None:
         """Stop the TPM. With `orderly`, first send a Shutdown(STATE) (TPM 1.2: SaveState) so
@@ -174,6 +273,7 @@ class Engine:
             if not self._running:
                 return
             try:
+                self._flush()  # the state the TPM holds is stored, or stop says it is not
                 if orderly:
                     cmd = (
                         frames.shutdown(TPM_SU.STATE)
@@ -182,7 +282,10 @@ class Engine:
                     )
                     self._lib.process(cmd)
                     self._raise_callback_error()
+                    self._flush()
             finally:
+                self._pending.clear()  # never acknowledged: the disk holds the last state that was
+                self._write_error = None
                 self._lib.terminate()
                 self._running = False
 
@@ -214,13 +317,19 @@ class Engine:
         with self._lock:
             if not self._running:
                 raise TpmError("the TPM is not running")
+            if self._pending:
+                self._flush()  # raises while the held state still cannot be stored
             if locality is not None and locality != self._locality:
                 self._use_locality(locality)
             rc, resp = self._lib.process(command)
             if self._callback_error is not None:  # inline: this is the per-command path
                 self._raise_callback_error()
+            if self._pending:  # this command's state write failed: it is not acknowledged
+                raise StateError(f"the TPM's state cannot be stored: {self._write_error}")
             if rc != TPM_SUCCESS:
                 raise TpmError(f"libtpms could not process the command (result {rc:#x})")
+            if resp[6:10] == self._failure_code and not self._failed:
+                self._set_health("libtpms is in failure mode (a restart of the TPM ends it)")
             return resp
 
     def cancel(self) -> None:

@@ -4,7 +4,8 @@ At start the instance says Hello with its uuid and receives its state key and th
 its current state blobs (or a refusal). It then serves as the state store's journal: each blob
 written is reported and the write completes only once the Manager acknowledges it; a deletion
 is reported the same way. When the link drops (the Manager died) the instance is told to stop:
-a write it can no longer report must not be acknowledged to its client.
+a write it can no longer report must not be acknowledged to its client. The instance also
+tells the Manager, unasked, when its TPM cannot serve and when it can again (`TpmHealth`).
 
 The instance's own requests (Hello, state writes, deep quotes) go one at a time and take their
 answer from the reader thread. The Manager may also ask the instance for its PCR values (a deep
@@ -132,6 +133,15 @@ class ManagerLink:
     def ready(self) -> None:
         """Tell the Manager the instance serves (its frontends listen)."""
         self._send(ipc.Ready())
+
+    def tpm_health(self, failed: bool, reason: str) -> None:
+        """Tell the Manager the TPM cannot serve (and why), or serves again; for its status.
+        No answer is awaited (this runs under the engine's lock)."""
+        text = reason.encode("utf-8")[: ipc.MAX_REASON].decode("utf-8", "ignore") if failed else ""
+        try:
+            self._send(ipc.TpmHealth(failed, text))
+        except OSError as e:
+            log.warning("telling the Manager of the TPM's health failed: %s", e)
 
     # end ------------------------------------------------------------------------------------
 

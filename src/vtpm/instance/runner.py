@@ -54,7 +54,10 @@ class Instance:
         cfg = self.config
         cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ident = identity.resolve(cfg.state_dir, cfg.vtpm_uuid, cfg.tpm_version)
-        self.store = StateStore(cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link)
+        health = None if self.link is None else self.link.tpm_health
+        self.store = StateStore(
+            cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link, health=health
+        )
         self.store.open()
         try:
             quote = None if self.link is None else self.link.deep_quote

@@ -12,10 +12,19 @@ old version intact until the new one is complete. A failed load never changes th
 
 Under a Manager a `StateJournal` records each blob's digest and decides which file is current
 (rollback protection). A write then goes to `<name>.next` first, is reported to the journal,
-and only once the journal has recorded it replaces `<name>.blob`. Whatever point a crash hits,
-one of the two files carries the digest the journal holds: load picks that one and promotes it;
-a file the journal does not know (an older copy put back, a write the journal never recorded)
-is refused or discarded, never used.
+and only once the journal has recorded it replaces `<name>.blob`; a deletion renames the blob to
+`<name>.gone`, is reported, then unlinks it. Whatever point a crash hits, one of the files
+carries the digest the journal holds: load picks that one and promotes it (or restores it).
+What load does with the rest, by the rules of `_load_journaled`:
+- a `.next` or `.gone` file the journal does not hold is the leftover of a write or deletion
+  in flight, never acknowledged: discarded;
+- a `.blob` file the journal does not hold is never deleted and never used: if the journal holds
+  no such blob (the Manager's database is older than the state, or lost) or another digest (an
+  older copy of the blob put back, or a newer one the database does not know), the instance
+  refuses to start, naming the file and what to do, and leaves every file as it is;
+- a recorded `volatilestate` that is missing is "no saved volatile state" (the TPM then needs
+  Startup(CLEAR)), logged at WARNING and recorded as deleted; a recorded `permall` or
+  `savestate` that is missing is refused (acknowledged state lost).
 
 Clear text never reaches the disk. It lives in Python `bytes`, which cannot be wiped reliably;
 the process boundary is what isolates it.
@@ -32,6 +41,7 @@ import secrets
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -48,12 +58,14 @@ from vtpm.instance.statekey import StateKey
 
 log = logging.getLogger(__name__)
 
+VOLATILE = "volatilestate"
 MAGIC = b"VTPMBLB1"
 FORMAT_VERSION = 1
 HEADER = struct.Struct(">8sIQ12s")
 BLOB_NAMES = ("permall", "volatilestate", "savestate")
 SUFFIX = ".blob"
 NEXT_SUFFIX = ".next"
+GONE_SUFFIX = ".gone"
 TMP_SUFFIX = ".tmp"
 
 
@@ -80,6 +92,10 @@ class BlobInfo:
     digest: bytes  # SHA-256 of the file as written
 
 
+def _digest(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
 class StateStore:
     """Encrypted, atomic, locked storage for one vTPM's state blobs. Thread-safe."""
 
@@ -89,15 +105,21 @@ class StateStore:
         vtpm_uuid: uuid.UUID,
         key: StateKey,
         journal: StateJournal | None = None,
+        health: Callable[[bool, str], None] | None = None,
     ) -> None:
+        """`health`: told when the TPM these blobs belong to cannot serve, and when it can
+        again (the engine calls `tpm_health`; the Manager's link passes it on)."""
         self.directory = directory
         self.journal = journal
+        self._health = health
         self.vtpm_uuid = vtpm_uuid
         hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"vtpm state blob v1")
         self._aead = AESGCM(hkdf.derive(key.secret))
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
         self._counters: dict[str, int] = {}
+        # writes whose recording failed: (SHA-256 of the data, counter, file bytes), by name
+        self._unsettled: dict[str, tuple[bytes, int, bytes]] = {}
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -129,6 +151,11 @@ class StateStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def tpm_health(self, failed: bool, reason: str) -> None:
+        """`vtpm.engine.engine.HealthListener`: passed on to the `health` callback, if any."""
+        if self._health is not None:
+            self._health(failed, reason)
+
     # helpers ---------------------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
@@ -138,6 +165,9 @@ class StateStore:
 
     def _next_path(self, name: str) -> Path:
         return self.directory / f"{name}{NEXT_SUFFIX}"
+
+    def _gone_path(self, name: str) -> Path:
+        return self.directory / f"{name}{GONE_SUFFIX}"
 
     def _aad(self, name: str, counter: int) -> bytes:
         return (
@@ -193,31 +223,82 @@ class StateStore:
         )
 
     def _load_journaled(self, name: str, path: Path) -> bytes | None:
+        """The rules of the module docstring: the journal's digest picks the file."""
         assert self.journal is not None
         expected = self.journal.expected(name)
-        nxt = self._next_path(name)
-        if expected is None:
-            # the journal holds no such blob: whatever file is here was never recorded
-            for stale in (path, nxt):
-                if stale.exists():
-                    log.info("discarding %s: the Manager records no %s blob", stale.name, name)
-                    stale.unlink()
-                    _fsync_dir(self.directory)
-            return None
+        nxt, gone = self._next_path(name), self._gone_path(name)
         cur_raw = self._read(path)
-        if cur_raw is not None and hashlib.sha256(cur_raw).digest() == expected:
-            if nxt.exists():
-                log.info("discarding %s: a write the Manager never recorded", nxt.name)
-                nxt.unlink()
-                _fsync_dir(self.directory)
+        if expected is None:
+            if cur_raw is not None:
+                raise self._unrecorded(name, path, cur_raw, none_recorded=True)
+            self._discard(nxt, "a write the Manager never recorded")
+            self._discard(gone, "a deletion the Manager recorded")
+            return None
+        if cur_raw is not None and _digest(cur_raw) == expected:
+            self._discard(nxt, "a write the Manager never recorded")
+            self._discard(gone, "a deletion the Manager never recorded, superseded")
             return self._open(name, path, cur_raw)
-        nxt_raw = self._read(nxt)
-        if nxt_raw is not None and hashlib.sha256(nxt_raw).digest() == expected:
-            plain = self._open(name, nxt, nxt_raw)
-            os.replace(nxt, path)  # the recorded write completes
+        # a recorded write whose rename did not happen; a deletion the Manager never recorded
+        # (only where no .blob is: a .blob file is never replaced by anything but its write)
+        candidates = [(nxt, "the write the Manager recorded completes")]
+        if cur_raw is None:
+            candidates.append((gone, "a deletion the Manager never recorded is undone"))
+        for candidate, what in candidates:
+            raw = self._read(candidate)
+            if raw is not None and _digest(raw) == expected:
+                plain = self._open(name, candidate, raw)
+                log.info("%s: %s", path.name, what)
+                os.replace(candidate, path)
+                _fsync_dir(self.directory)
+                self._discard(gone, "superseded")
+                return plain
+        if cur_raw is not None:
+            raise self._unrecorded(name, path, cur_raw, none_recorded=False)
+        if name != VOLATILE:
+            raise StateIntegrityError(
+                f"state blob {path} is missing but the Manager records it (acknowledged state "
+                "lost); refusing to start, files left as they are: restore the file from a "
+                "backup of the state directory"
+            )
+        self._discard(nxt, "a write the Manager never recorded")
+        self._discard(gone, "a deletion the Manager never recorded")
+        log.warning(
+            "%s: the Manager records a saved volatile state but the file is missing; "
+            "starting without it (the TPM needs Startup(CLEAR))",
+            path,
+        )
+        self.journal.deleted(name)
+        return None
+
+    def _unrecorded(
+        self, name: str, path: Path, raw: bytes, none_recorded: bool
+    ) -> StateIntegrityError:
+        """The refusal of a `.blob` file the journal does not hold (it is left as it is)."""
+        try:
+            self._open(name, path, raw)
+        except StateIntegrityError:
+            return self._refuse(path, "not the recorded digest, and it does not open")
+        if none_recorded:
+            return StateIntegrityError(
+                f"state blob {path} is this vTPM's but the Manager records no {name} state "
+                "(its database is older than the state, or was replaced); refusing to start, "
+                "the file is kept: restore the Manager's database that recorded it, or move "
+                "the file out of the state directory to start without it (its state is then "
+                "lost)"
+            )
+        return StateIntegrityError(
+            f"state blob {path} does not match the recorded state (an older copy put back, "
+            "or a state newer than the Manager's database); refusing to start, the file is "
+            "kept: put back the blob the Manager recorded, or the Manager's database that "
+            "recorded this one"
+        )
+
+    def _discard(self, path: Path, why: str) -> None:
+        """Remove a `.next` / `.gone` leftover of an operation in flight (never a `.blob`)."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            log.info("discarding %s: %s", path.name, why)
             _fsync_dir(self.directory)
-            return plain
-        raise self._rolled_back(path)
 
     def _open(self, name: str, path: Path, raw: bytes) -> bytes:
         if len(raw) < HEADER.size + 16:
@@ -237,27 +318,52 @@ class StateStore:
     def store(self, name: str, data: bytes) -> BlobInfo:
         path = self.path(name)
         with self._lock:
-            counter = self._next_counter(name, path)
-            nonce = secrets.token_bytes(12)
-            body = self._aead.encrypt(nonce, data, self._aad(name, counter))
-            raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
-            tmp = path.with_name(path.name + TMP_SUFFIX)
-            write_new(tmp, raw, 0o600)
-            digest = hashlib.sha256(raw).digest()
-            if self.journal is None:
-                os.replace(tmp, path)
-                _fsync_dir(self.directory)
+            unsettled = self._unsettled.get(name)
+            if unsettled is not None:
+                counter, raw = self._retry_unsettled(name, data, unsettled)
             else:
-                nxt = self._next_path(name)
+                counter = self._next_counter(name, path)
+                nonce = secrets.token_bytes(12)
+                body = self._aead.encrypt(nonce, data, self._aad(name, counter))
+                raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
+            tmp = path.with_name(path.name + TMP_SUFFIX)
+            digest = hashlib.sha256(raw).digest()
+            try:  # a full disk, a quota: the old file stays current, the write can be retried
+                write_new(tmp, raw, 0o600)
+                nxt = path if self.journal is None else self._next_path(name)
                 os.replace(tmp, nxt)
                 _fsync_dir(self.directory)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise StateError(f"state blob {path} cannot be written: {e.strerror}") from None
+            if self.journal is not None:
                 # until recorded, the old file stays current; if recording fails, .next stays
                 # for the next load to settle by what the journal ends up holding
-                self.journal.written(name, counter, digest)
+                try:
+                    self.journal.written(name, counter, digest)
+                except BaseException:
+                    self._unsettled[name] = (hashlib.sha256(data).digest(), counter, raw)
+                    raise
+                self._unsettled.pop(name, None)
                 os.replace(nxt, path)
                 _fsync_dir(self.directory)
             self._counters[name] = counter
             return BlobInfo(name, counter, digest)
+
+    def _retry_unsettled(
+        self, name: str, data: bytes, unsettled: tuple[bytes, int, bytes]
+    ) -> tuple[int, bytes]:
+        """The bytes of a write whose recording failed, for its retry. The journal may have
+        recorded it (a lost answer): the `.next` file then must keep exactly these bytes, so
+        only the same state is written again, as the same file."""
+        data_digest, counter, raw = unsettled
+        if hashlib.sha256(data).digest() != data_digest:
+            raise StateError(
+                f"state blob {name} cannot be written: an earlier write of it may or may not "
+                "have been recorded by the Manager; restart the vTPM to settle it"
+            )
+        return counter, raw
 
     def _next_counter(self, name: str, path: Path) -> int:
         if name not in self._counters:
@@ -277,9 +383,17 @@ class StateStore:
         path = self.path(name)
         with self._lock:
             existed = self.exists(name)
+            gone = self._gone_path(name)
             if self.journal is not None and existed:
-                self.journal.deleted(name)  # recorded first: a leftover file is then discarded
-            for victim in (path, self._next_path(name)):
+                # renamed first, then recorded: a crash leaves a `.gone` file that the next
+                # load restores (not recorded) or discards (recorded), never a `.blob` the
+                # journal does not hold
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path, gone)
+                    _fsync_dir(self.directory)
+                self.journal.deleted(name)
+            self._unsettled.pop(name, None)
+            for victim in (path, self._next_path(name), gone):
                 with contextlib.suppress(FileNotFoundError):
                     victim.unlink()
             _fsync_dir(self.directory)

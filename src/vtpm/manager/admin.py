@@ -97,6 +97,7 @@ class AdminService:
                 child.last_exit,
                 child.failed,
                 str(child.log_file),
+                child.tpm_failed,
             )
         )
         return api.VtpmView(

@@ -10,7 +10,8 @@ instance; nothing the instance says changes that. It releases the state key only
 5. the vTPM is not open on another link (a vTPM runs at most once).
 1-3 need no TPM (`policy_refusal`, unit-tested); 4 is the hardware TPM's; 5 is `Links.open`.
 Every refusal is audited and logged. After the grant, every state write is recorded before it
-is acknowledged; the recorded digests decide, at the next start, which blob is current.
+is acknowledged; the recorded digests decide, at the next start, which blob is current. The
+instance's reports of its TPM's health (`TpmHealth`) go to the supervisor, for `vtpm status`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 GuestQuote = Callable[[uuid.UUID, ipc.QuoteRequest], bytes]
 # called when the instance on a link reports that it serves
 Ready = Callable[[], None]
+# called when the instance reports that its TPM cannot serve (the reason) or serves again ("")
+Health = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +86,9 @@ class KeyCustody:
         self._links = links
         self._guest_quote = guest_quote
 
-    def serve(self, vtpm_uuid: uuid.UUID, sock: socket.socket, ready: Ready) -> None:
+    def serve(
+        self, vtpm_uuid: uuid.UUID, sock: socket.socket, ready: Ready, health: Health
+    ) -> None:
         link = InstanceLink(sock)
         codec: Codec[ipc.Event] = link.codec
         granted = False
@@ -95,7 +100,7 @@ class KeyCustody:
                 elif not granted:
                     reply = ipc.Refused("say Hello first")
                 else:
-                    reply = self._after_grant(vtpm_uuid, link, ev, ready)
+                    reply = self._after_grant(vtpm_uuid, link, ev, ready, health)
                 if reply is not None:
                     link.send(reply)
         except RemoteProtocolError as e:
@@ -146,7 +151,7 @@ class KeyCustody:
     # after the grant ------------------------------------------------------------------------
 
     def _after_grant(
-        self, vtpm_uuid: uuid.UUID, link: InstanceLink, ev: ipc.Event, ready: Ready
+        self, vtpm_uuid: uuid.UUID, link: InstanceLink, ev: ipc.Event, ready: Ready, health: Health
     ) -> ipc.ManagerEvent | None:
         """What an instance said after its Hello; the answer, if one is due now."""
         if isinstance(ev, ipc.StateWritten):
@@ -166,6 +171,14 @@ class KeyCustody:
             link.pcr_replies.put(ev)
         elif isinstance(ev, ipc.Ready):
             ready()
+        elif isinstance(ev, ipc.TpmHealth):
+            # the instance's words end on an administrator's terminal: printable only
+            reason = "".join(c if c.isprintable() else "?" for c in ev.reason)
+            if ev.failed:
+                log.error("vTPM %s: its TPM cannot serve: %s", vtpm_uuid, reason)
+            else:
+                log.warning("vTPM %s: its TPM serves again", vtpm_uuid)
+            health(reason or "unknown failure" if ev.failed else "")
         elif isinstance(ev, ipc.Goodbye):
             log.info("vTPM %s: instance stopped in order", vtpm_uuid)
         else:

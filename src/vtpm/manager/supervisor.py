@@ -4,7 +4,9 @@ Each vTPM runs as `vtpm instance run --manager-fd N` with one end of a socketpai
 the Manager knows which vTPM (and so which label) is on the other end of every key-custody link
 without trusting anything the peer says. The supervisor only manages processes; what is said on
 the link is the `Serve` callback's business, run in a thread per child, which calls the `ready`
-it is given when the instance reports that it serves. A child's state is changed only here.
+it is given when the instance reports that it serves, and the `health` it is given when the
+instance reports that its TPM cannot serve (a state write fails, libtpms in failure mode) or
+serves again. A child's state is changed only here; a respawned process starts healthy.
 
 Restart policy: a child that exits while wanted is started again after a delay that doubles from
 0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
@@ -36,8 +38,9 @@ HEALTHY_AFTER = 60.0
 MAX_QUICK_FAILURES = 5
 STOP_TIMEOUT = 20.0
 
-# serve(vtpm_uuid, the Manager's end of the link, ready): runs for the life of the link
-Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None]], None]
+# serve(vtpm_uuid, the Manager's end of the link, ready, health): runs for the life of the
+# link; health(reason) with "" once the TPM serves again
+Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None], Callable[[str], None]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class ChildStatus:
     last_exit: int | None
     failed: str
     log_file: Path
+    tpm_failed: str = ""  # why the running instance's TPM cannot serve ("" while it can)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Child:
     exit_handled: bool = False
     once: list[str] = field(default_factory=list)  # arguments for the next process only
     failed: str = ""
+    tpm_failed: str = ""  # the current process's last TpmHealth report
     last_exit: int | None = None
     link_thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -93,6 +98,7 @@ class Child:
             last_exit=self.last_exit,
             failed=self.failed,
             log_file=self.log_file,
+            tpm_failed=self.tpm_failed if alive else "",
         )
 
 
@@ -161,6 +167,7 @@ class Supervisor:
         child.ready_event = threading.Event()
         child.exit_handled = False
         child.failed = ""
+        child.tpm_failed = ""
         child.link_thread = threading.Thread(
             target=self._run_link,
             args=(child, child.proc, mine),
@@ -177,8 +184,13 @@ class Supervisor:
                     child.ready = True
                     child.ready_event.set()
 
+        def health(reason: str) -> None:
+            with self._lock:
+                if child.proc is proc:
+                    child.tpm_failed = reason
+
         try:
-            self._serve(child.vtpm_uuid, sock, ready)
+            self._serve(child.vtpm_uuid, sock, ready, health)
         except Exception:
             log.exception("vTPM %s: key-custody link failed", child.vtpm_uuid)
         finally:

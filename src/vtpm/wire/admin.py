@@ -79,6 +79,7 @@ class RunView:
     last_exit: int | None = None
     failed: str = ""
     log: str = ""
+    tpm_failed: str = ""  # why the running instance's TPM cannot serve ("" while it can)
 
 
 @dataclass(frozen=True, slots=True)

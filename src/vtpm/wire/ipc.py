@@ -21,6 +21,8 @@ Messages (type: layout; names are 1..32 of [a-z0-9_], multi-byte integers big-en
   0x06 Ack           manager → peer   empty
   0x07 Goodbye       peer → manager   empty (orderly exit, all state stored)
   0x08 Ready         peer → manager   empty (the instance's frontends listen)
+  0x09 TpmHealth     peer → manager   u8 failed (0 or 1) | UTF-8 reason, 0..1024 bytes, empty
+                                      when 0 (the TPM cannot serve / serves again)
   0x10 AdminRequest  peer → manager   UTF-8 JSON {"args": {...}, "op": "<non-empty>"}
   0x11 AdminReply    manager → peer   UTF-8 JSON {"ok": true, "result": ...} or
                                       {"error": "...", "ok": false}
@@ -37,8 +39,8 @@ leniently as to layout, strictly as to content: exactly the keys above, no key t
 object, no NaN or Infinity, integers within -2**63..2**64-1, containers nested at most 32
 deep inside "args" / "result", strings that are valid Unicode (`vtpm.wire.ipc_json`).
 
-Roles: the MANAGER receives Hello, StateWritten, StateDeleted, Goodbye, Ready, AdminRequest,
-QuoteRequest and PcrReply and sends KeyGrant, Refused, Ack, AdminReply, QuoteReply and
+Roles: the MANAGER receives Hello, StateWritten, StateDeleted, Goodbye, Ready, TpmHealth,
+AdminRequest, QuoteRequest and PcrReply and sends KeyGrant, Refused, Ack, AdminReply, QuoteReply and
 PcrRequest; the PEER (instance or admin client) the reverse. The events and their field rules
 are in `vtpm.wire.ipc_events` (re-exported here); PCR banks and digest sizes are
 `vtpm.tpm.constants.DIGEST_SIZES`.
@@ -59,7 +61,7 @@ from collections.abc import Callable
 from typing import Final, cast
 
 from vtpm.errors import LocalProtocolError, RemoteProtocolError
-from vtpm.tpm.constants import DIGEST_SIZES
+from vtpm.wire import ipc_pcrs
 from vtpm.wire._common import CLOSED, NEED_DATA, ReceiveBuffer, Sentinel
 from vtpm.wire.ipc_events import (
     DEFAULT_MAX_FRAME,
@@ -92,6 +94,7 @@ from vtpm.wire.ipc_events import (
     Role,
     StateDeleted,
     StateWritten,
+    TpmHealth,
 )
 from vtpm.wire.ipc_json import (
     MAX_JSON_DEPTH,
@@ -140,6 +143,7 @@ __all__ = [
     "Role",
     "StateDeleted",
     "StateWritten",
+    "TpmHealth",
 ]
 
 # A sans-IO buffer cannot refuse bytes it is handed, so it bounds what it holds: one
@@ -150,37 +154,6 @@ _HEADER = struct.Struct(">IB")
 _COUNTER = struct.Struct(">Q")
 
 # encoding --------------------------------------------------------------------------------------
-
-
-def _mask(pcrs: tuple[int, ...]) -> int:
-    return sum(1 << i for i in pcrs)
-
-
-def _unmask(mask: int, what: str) -> tuple[int, ...]:
-    if mask >> 24:
-        raise RemoteProtocolError(f"{what} selects PCRs above 23")
-    return tuple(i for i in range(24) if mask >> i & 1)
-
-
-def _values_bytes(bank: int, pcrs: tuple[tuple[int, bytes], ...]) -> bytes:
-    return struct.pack(">HB", bank, len(pcrs)) + b"".join(bytes([i]) + d for i, d in pcrs)
-
-
-def _take_values(body: bytes, pos: int, what: str) -> tuple[int, tuple[tuple[int, bytes], ...]]:
-    if pos + 3 > len(body):
-        raise RemoteProtocolError(f"{what} ends before its PCR values")
-    bank, count = struct.unpack_from(">HB", body, pos)
-    size = DIGEST_SIZES.get(bank)
-    if size is None:
-        raise RemoteProtocolError(f"{what}: unknown PCR bank {bank:#06x}")
-    pos += 3
-    if pos + count * (1 + size) != len(body):
-        raise RemoteProtocolError(f"{what}: {count} PCR values do not fill the body")
-    values = tuple(
-        (body[pos + k * (1 + size)], body[pos + k * (1 + size) + 1 : pos + (k + 1) * (1 + size)])
-        for k in range(count)
-    )
-    return bank, values
 
 
 def _name_bytes(name: str) -> bytes:
@@ -205,6 +178,8 @@ def _encode_body(event: Event) -> bytes:
             return _name_bytes(name)
         case Ack() | Goodbye() | Ready():
             return b""
+        case TpmHealth(failed=failed, reason=reason):
+            return bytes([failed]) + reason.encode("utf-8")
         case AdminRequest(op=op, args=args):
             check_json("AdminRequest.args", args)
             return dump_json("AdminRequest", {"args": args, "op": op})
@@ -214,14 +189,14 @@ def _encode_body(event: Event) -> bytes:
         case AdminReply(error=error):
             return dump_json("AdminReply", {"error": error, "ok": False})
         case QuoteRequest(nonce=nonce, host_pcrs=host, bank=bank, pcrs=pcrs):
-            head = struct.pack(">H", len(nonce)) + nonce + struct.pack(">I", _mask(host))
-            return head + _values_bytes(bank, pcrs)
+            head = struct.pack(">H", len(nonce)) + nonce + struct.pack(">I", ipc_pcrs.mask(host))
+            return head + ipc_pcrs.values_bytes(bank, pcrs)
         case QuoteReply(evidence=evidence):
             return evidence
         case PcrRequest(bank=bank, pcrs=pcrs):
-            return struct.pack(">HI", bank, _mask(pcrs))
+            return struct.pack(">HI", bank, ipc_pcrs.mask(pcrs))
         case PcrReply(bank=bank, pcrs=pcrs):
-            return _values_bytes(bank, pcrs)
+            return ipc_pcrs.values_bytes(bank, pcrs)
     raise LocalProtocolError(f"cannot encode {type(event).__name__}")
 
 
@@ -274,13 +249,23 @@ def _decode_key_grant(body: bytes) -> KeyGrant:
     return KeyGrant(body[:KEY_SIZE], tuple(digests))
 
 
-def _decode_refused(body: bytes) -> Refused:
+def _reason(body: bytes, what: str) -> str:
     if len(body) > MAX_REASON:
-        raise RemoteProtocolError(f"Refused reason of {len(body)} bytes exceeds {MAX_REASON}")
+        raise RemoteProtocolError(f"{what} reason of {len(body)} bytes exceeds {MAX_REASON}")
     try:
-        return Refused(body.decode("utf-8"))
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise RemoteProtocolError("Refused reason is not UTF-8") from exc
+        raise RemoteProtocolError(f"{what} reason is not UTF-8") from exc
+
+
+def _decode_refused(body: bytes) -> Refused:
+    return Refused(_reason(body, "Refused"))
+
+
+def _decode_tpm_health(body: bytes) -> TpmHealth:
+    if not body or body[0] > 1:
+        raise RemoteProtocolError("TpmHealth body does not start with 0 or 1")
+    return TpmHealth(body[0] == 1, _reason(body[1:], "TpmHealth"))
 
 
 def _empty(event: type[Ack | Goodbye | Ready]) -> Callable[[bytes], Event]:
@@ -314,18 +299,18 @@ def _decode_quote_request(body: bytes) -> QuoteRequest:
         raise RemoteProtocolError("QuoteRequest body ends inside its nonce or PCR mask")
     nonce = body[2 : 2 + n]
     (mask,) = struct.unpack_from(">I", body, 2 + n)
-    bank, values = _take_values(body, 2 + n + 4, "QuoteRequest")
-    return QuoteRequest(nonce, _unmask(mask, "QuoteRequest"), bank, values)
+    bank, values = ipc_pcrs.take_values(body, 2 + n + 4, "QuoteRequest")
+    return QuoteRequest(nonce, ipc_pcrs.unmask(mask, "QuoteRequest"), bank, values)
 
 
 def _decode_pcr_request(body: bytes) -> PcrRequest:
     _expect_size(body, 6, "PcrRequest")
     bank, mask = struct.unpack(">HI", body)
-    return PcrRequest(bank, _unmask(mask, "PcrRequest"))
+    return PcrRequest(bank, ipc_pcrs.unmask(mask, "PcrRequest"))
 
 
 def _decode_pcr_reply(body: bytes) -> PcrReply:
-    bank, values = _take_values(body, 0, "PcrReply")
+    bank, values = ipc_pcrs.take_values(body, 0, "PcrReply")
     return PcrReply(bank, values)
 
 
@@ -367,6 +352,7 @@ _MESSAGES: dict[MessageType, tuple[type[Event], Role, Callable[[bytes], Event]]]
     MessageType.ACK: (Ack, Role.MANAGER, _empty(Ack)),
     MessageType.GOODBYE: (Goodbye, Role.PEER, _empty(Goodbye)),
     MessageType.READY: (Ready, Role.PEER, _empty(Ready)),
+    MessageType.TPM_HEALTH: (TpmHealth, Role.PEER, _decode_tpm_health),
     MessageType.ADMIN_REQUEST: (AdminRequest, Role.PEER, _decode_admin_request),
     MessageType.ADMIN_REPLY: (AdminReply, Role.MANAGER, _decode_admin_reply),
     MessageType.QUOTE_REQUEST: (QuoteRequest, Role.PEER, _decode_quote_request),

@@ -42,6 +42,7 @@ class MessageType(enum.IntEnum):
     ACK = 0x06
     GOODBYE = 0x07
     READY = 0x08
+    TPM_HEALTH = 0x09
     ADMIN_REQUEST = 0x10
     ADMIN_REPLY = 0x11
     QUOTE_REQUEST = 0x20
@@ -234,6 +235,27 @@ class Ready:
 
 
 @dataclass(frozen=True, slots=True)
+class TpmHealth:
+    """The instance's TPM cannot serve (`failed`: a state write fails, libtpms is in failure
+    mode; `reason` says which, for `vtpm status`), or serves again (`failed` False, no reason).
+    Sent when it changes; a new instance process starts healthy."""
+
+    failed: bool
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if type(self.failed) is not bool:
+            raise LocalProtocolError("TpmHealth.failed must be a bool")
+        if not isinstance(self.reason, str):
+            raise LocalProtocolError("TpmHealth.reason must be a str")
+        check_text("TpmHealth.reason", self.reason)
+        if len(self.reason.encode("utf-8")) > MAX_REASON:
+            raise LocalProtocolError(f"TpmHealth.reason is longer than {MAX_REASON} bytes")
+        if not self.failed and self.reason:
+            raise LocalProtocolError("a healthy TpmHealth carries no reason")
+
+
+@dataclass(frozen=True, slots=True)
 class AdminRequest:
     """An administrator's request: an operation name and its arguments."""
 
@@ -271,7 +293,15 @@ class AdminReply:
 
 
 PeerEvent: TypeAlias = (
-    Hello | StateWritten | StateDeleted | Goodbye | Ready | AdminRequest | QuoteRequest | PcrReply
+    Hello
+    | StateWritten
+    | StateDeleted
+    | Goodbye
+    | Ready
+    | TpmHealth
+    | AdminRequest
+    | QuoteRequest
+    | PcrReply
 )
 """What a PEER sends and the MANAGER receives."""
 ManagerEvent: TypeAlias = KeyGrant | Refused | Ack | AdminReply | QuoteReply | PcrRequest

@@ -1,8 +1,11 @@
-"""The store's schema migrations: a version 1 database opens under version 2 with its groups,
-vTPMs and meta intact; the attestation-key columns start empty and can then be written."""
+"""The store's schema migrations: a version 1 database opens under the current version with its
+groups, vTPMs and meta intact; the attestation-key columns start empty and can then be
+written; v3 makes labels unique (and refuses, by name, a database where two vTPMs share one)
+and carries each group's approval NV index. `database_present` tells a lost database."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import uuid
@@ -10,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from vtpm.errors import ManagerError
-from vtpm.manager import store as store_mod
-from vtpm.manager.store import GroupRecord, Store
+from vtpm.errors import ConfigError, ManagerError
+from vtpm.manager import schema
+from vtpm.manager.store import GroupRecord, Store, VtpmRecord, database_present
 from vtpm.tpm.policy import PcrState
 
 GROUP = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -21,13 +24,15 @@ MANAGER = "0f0e0d0c-0b0a-0908-0706-050403020100"
 STATE = PcrState((0, 7), (bytes(32), b"\x07" * 32))
 
 
-def make_v1(path: Path) -> None:
-    """A database as vtpm with schema version 1 wrote it: its statements, its rows."""
+def make_v1(path: Path, *, up_to: int = 1, extra_vtpms: tuple[tuple[str, str], ...] = ()) -> None:
+    """A database as vtpm with schema version `up_to` (1 or 2) wrote it: its statements, its
+    rows; `extra_vtpms`: (uuid, label) of more vTPMs in the group."""
     db = sqlite3.connect(path, isolation_level=None)
     try:
-        for stmt in filter(None, (s.strip() for s in store_mod._SCHEMA_V1.split(";"))):
-            db.execute(stmt)
-        db.execute("INSERT INTO meta(key, value) VALUES('schema_version', '1')")
+        for v in range(1, up_to + 1):
+            for stmt in filter(None, (s.strip() for s in schema._MIGRATIONS[v].split(";"))):
+                db.execute(stmt)
+        db.execute("INSERT INTO meta(key, value) VALUES('schema_version', ?)", (str(up_to),))
         db.execute("INSERT INTO meta(key, value) VALUES('manager_uuid', ?)", (MANAGER,))
         db.execute(
             "INSERT INTO groups(uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, "
@@ -62,17 +67,23 @@ def make_v1(path: Path) -> None:
                 1700000001.0,
             ),
         )
+        for u, label in extra_vtpms:
+            db.execute(
+                "INSERT INTO vtpms(uuid, group_uuid, label, tpm, frontends, wrapped_key, created) "
+                "VALUES(?,?,?,?,?,?,?)",
+                (u, str(GROUP), label, "2.0", "[]", b"w", 1700000002.0),
+            )
     finally:
         db.close()
 
 
-def test_a_v1_database_opens_under_v2_with_its_groups_intact(tmp_path: Path) -> None:
+def test_a_v1_database_opens_under_v3_with_its_groups_intact(tmp_path: Path) -> None:
     path = tmp_path / "manager.db"
     make_v1(path)
     s = Store(path)
     s.open()
     try:
-        assert s.meta("schema_version") == str(store_mod.SCHEMA_VERSION) == "3"
+        assert s.meta("schema_version") == str(schema.SCHEMA_VERSION) == "3"
         assert s.meta("manager_uuid") == MANAGER  # not replaced by the migration
         g = s.group("legacy")
         assert g == GroupRecord(
@@ -113,7 +124,7 @@ def test_a_v1_database_opens_under_v2_with_its_groups_intact(tmp_path: Path) -> 
         s.close()
 
 
-def test_a_new_database_is_created_at_v2_and_keeps_the_ak(tmp_path: Path) -> None:
+def test_a_new_database_is_created_at_v3_and_keeps_the_ak(tmp_path: Path) -> None:
     s = Store(tmp_path / "manager.db")
     s.open()
     try:
@@ -134,10 +145,14 @@ def test_a_new_database_is_created_at_v2_and_keeps_the_ak(tmp_path: Path) -> Non
             ak_alg="ecc",
             ak_public=b"ak-pub",
             ak_private=b"ak-priv",
+            approval_nv=0x01500100,
         )
         s.add_group(g)
         assert s.group("new") == g
         assert s.groups() == [g]
+        moved = dataclasses.replace(g, seq=1, approval_nv=0x01500101)
+        s.update_group(moved)
+        assert s.group("new") == moved
     finally:
         s.close()
 
@@ -153,3 +168,72 @@ def test_a_newer_database_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ManagerError, match="schema version 99"):
         s.open()
     s.close()
+
+
+def test_v3_makes_labels_unique_and_keeps_approval_nv(tmp_path: Path) -> None:
+    path = tmp_path / "manager.db"
+    make_v1(path, up_to=2)
+    s = Store(path)
+    s.open()
+    try:
+        g = s.group("legacy")
+        assert g is not None and g.approval_nv == 0  # the column's default in old groups
+        other = VtpmRecord(uuid.uuid4(), GROUP, "guest1_u:vm_r:vtpm_t", "2.0", None, None, ())
+        with pytest.raises(ConfigError, match=f"label guest1_u:vm_r:vtpm_t is already .* {VTPM}"):
+            s.add_vtpm(other)
+        with pytest.raises(sqlite3.IntegrityError):  # the index holds even past the check
+            s._conn().execute(
+                "INSERT INTO vtpms(uuid, group_uuid, label, tpm, frontends, wrapped_key, "
+                "created) VALUES(?,?,?,?,?,?,?)",
+                (str(other.uuid), str(GROUP), other.label, "2.0", "[]", b"", 1.0),
+            )
+        s.add_vtpm(dataclasses.replace(other, label="guest2_u:vm_r:vtpm_t"))
+        assert len(s.vtpms()) == 2
+    finally:
+        s.close()
+
+
+def test_v3_refuses_a_database_where_two_vtpms_share_a_label_and_names_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "manager.db"
+    dup = "aaaaaaaa-0000-0000-0000-000000000001"
+    make_v1(
+        path,
+        up_to=2,
+        extra_vtpms=((dup, "guest1_u:vm_r:vtpm_t"), (str(uuid.uuid4()), "guest2_u:vm_r:vtpm_t")),
+    )
+    s = Store(path)
+    with pytest.raises(ManagerError) as e:
+        s.open()
+    s.close()
+    msg = str(e.value)
+    assert "\n" not in msg and "schema 3" in msg
+    assert "label guest1_u:vm_r:vtpm_t is carried by" in msg
+    assert dup in msg and str(VTPM) in msg and "guest2_u" not in msg
+    db = sqlite3.connect(path)
+    try:  # the failed migration changed nothing
+        assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        cols = [r[1] for r in db.execute("PRAGMA table_info(groups)")]
+        assert "approval_nv" not in cols
+    finally:
+        db.close()
+
+
+def test_database_present_tells_a_lost_database(tmp_path: Path) -> None:
+    path = tmp_path / "manager.db"
+    assert not database_present(path)  # missing
+    path.write_bytes(b"")
+    assert not database_present(path)  # 0 bytes
+    path.unlink()
+    sqlite3.connect(path).execute("CREATE TABLE x(a)").connection.close()
+    assert not database_present(path)  # SQLite, but no Manager schema
+    path.unlink()
+    s = Store(path)
+    s.open()
+    s.close()
+    assert database_present(path)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(ManagerError, match="restore it from the backup"):
+        database_present(garbage)

@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
     )
     client.add_common(run, json_output=False)
     logs.add_arguments(run)
+    run.add_argument(
+        "--accept-rollback",
+        action="store_true",
+        help="start once on a data directory older than the hardware TPM's floor says (a "
+        "restored backup, when the newer copy is lost); its vTPMs run on their older state",
+    )
     run.set_defaults(func=cmd_run)
 
     status = msub.add_parser(
@@ -86,8 +92,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         args.admin_group,
         None if args.labels is None else args.labels.resolve(),
     )
-    from vtpm.manager.store import Store  # noqa: PLC0415 - only `init` needs SQLite here
+    # only `init` needs SQLite here (and the floor's checks, which load tpm2-pytss)
+    from vtpm.manager import floor  # noqa: PLC0415
+    from vtpm.manager.store import Store, database_present  # noqa: PLC0415
 
+    # a lost database beside vTPM state is not re-created: its keys would be gone for good
+    floor.refuse_lost_database(cfg, database_present(cfg.db_path))
     try:
         cfg.save()
         store = Store(cfg.db_path)
@@ -116,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     os.umask(0o077)
     logs.setup(args)
     cfg = ManagerConfig.load(client.data_dir(args).resolve())
-    manager = Manager(cfg)
+    manager = Manager(cfg, accept_rollback=args.accept_rollback)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         manager.request_stop()  # only record it; the loop acts

@@ -5,11 +5,13 @@ key custody (`custody`), the vTPMs and their processes (`vtpms`, `supervisor`), 
 (`groupops`, with the keys and seals of `groups`), measured launches (`launch`), deep quotes
 (`quotes`, batched by `deepquote`) and the admin protocol (`admin`).
 
-Lifecycle: `open()` (data directory, store, hardware TPM — a swtpm simulator when none is
-configured and /dev/tpmrm0 is absent — then the groups are checked against the host PCRs and
-the services built), `listen()` (the admin socket), `autostart()` (vTPMs that were running),
+Lifecycle: `open()` (data directory; a lost database refused; hardware TPM — a swtpm simulator
+when none is configured and /dev/tpmrm0 is absent —; store; the floor checked (`floor`); then
+the groups are checked against the host PCRs and the services built), `listen()` (the admin
+socket), `autostart()` (vTPMs that were running),
 `run()` until `request_stop()`, then `close()`: instances are stopped first (their last state
-writes are still recorded), then the sockets, the hardware TPM and the store.
+writes are still recorded), then the sockets, the floor advanced, the hardware TPM and the
+store closed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vtpm.endpoints import Endpoint
 from vtpm.errors import ManagerError
 from vtpm.labelpolicy import LabelMap
 from vtpm.listen import Server, SocketPolicy, bind
+from vtpm.manager import floor
 from vtpm.manager.admin import AdminHandler, AdminService, Services
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import KeyCustody
@@ -33,7 +36,7 @@ from vtpm.manager.launch import Launches
 from vtpm.manager.links import Links
 from vtpm.manager.quotes import DeepQuotes
 from vtpm.manager.simulator import Simulator
-from vtpm.manager.store import Store
+from vtpm.manager.store import Store, database_present
 from vtpm.manager.supervisor import Supervisor
 from vtpm.manager.vtpms import VtpmRegistry
 
@@ -44,9 +47,11 @@ ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hol
 
 
 class Manager:
-    def __init__(self, config: ManagerConfig) -> None:
+    def __init__(self, config: ManagerConfig, *, accept_rollback: bool = False) -> None:
         self.config = config
+        self.accept_rollback = accept_rollback  # start once on an older data directory
         self.store = Store(config.db_path)
+        self.floor: floor.Floor | None = None
         self.simulator: Simulator | None = None
         self.hw: HardwareTpm | None = None
         self.admin_server: Server | None = None
@@ -75,12 +80,21 @@ class Manager:
             d.mkdir(mode=0o700, exist_ok=True)
         if cfg.labels_file is not None:
             LabelMap.load(cfg.labels_file)  # a policy file that does not parse stops the start
-        self.store.open()
+        present = database_present(cfg.db_path)
+        floor.refuse_lost_database(cfg, present)
         try:
             tcti = self._tcti()  # its simulator (if any) comes back through `revive`
             revive = None if self.simulator is None else self.simulator.revive
             self.hw = HardwareTpm(tcti, revive=revive)
             self.hw.open()
+            if not present:
+                floor.refuse_floored_tpm(self.hw, cfg.db_path)
+            self.store.open()
+            checked = floor.Floor(self.store, self.hw)
+            value = checked.open(accept_rollback=self.accept_rollback)
+            self.floor = checked  # only a floor that passed its check advances at close
+            self.store.audit_listener = checked.note
+            log.info("floor: NV 0x%08x at %d", checked.handle, value)
             groups = GroupKeys(self.store, self.hw)
             groups.refresh()
             self._services = self._build(groups, self.hw)
@@ -170,6 +184,8 @@ class Manager:
     def run(self) -> None:
         while not self._stop.wait(0.2):
             self.services.supervisor.poll()
+            if self.floor is not None:
+                self.floor.tick()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -183,6 +199,10 @@ class Manager:
         if self.admin_server is not None:
             self.admin_server.close()
             self.admin_server = None
+        if self.floor is not None:
+            self.store.audit_listener = None
+            self.floor.close()
+            self.floor = None
         if self.hw is not None:
             self.hw.close()
             self.hw = None

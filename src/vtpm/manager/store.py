@@ -8,9 +8,12 @@ audit log of every administrative change, accepted or refused. Nothing secret is
 the clear: the group key exists only sealed by the hardware TPM, state keys only wrapped under a
 group key.
 
-The schema is versioned (`meta.schema_version`); `open()` creates or upgrades it, one migration
-per version in one transaction (v2: groups gain their attestation key). All methods are
-thread-safe (one connection, one lock); each write is one transaction.
+The schema is versioned (`meta.schema_version`); `open()` creates or upgrades it
+(`vtpm.manager.schema`). All methods are thread-safe (one connection, one lock); each write is
+one transaction. An empty or missing database is what `open()` creates; whether that is
+allowed (no vTPM state beside it) is for the caller to decide first, with `database_present`.
+Each audited change is passed to `audit_listener` once committed (the hardware-TPM floor
+advances on the administrative ones, `vtpm.manager.floor`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,65 +32,9 @@ from typing import Any
 from uuid import UUID
 
 from vtpm.errors import ConfigError, ManagerError
+from vtpm.manager import schema
 from vtpm.tpm.policy import PcrState
 
-SCHEMA_VERSION = 3
-
-_SCHEMA_V1 = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE groups (
-    uuid TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    owner_pub BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    pcr_states TEXT NOT NULL,
-    labels TEXT NOT NULL,
-    sealed_public BLOB NOT NULL,
-    sealed_private BLOB NOT NULL,
-    sealed_root BLOB NOT NULL,
-    approval BLOB NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE vtpms (
-    uuid TEXT PRIMARY KEY,
-    group_uuid TEXT NOT NULL REFERENCES groups(uuid),
-    label TEXT NOT NULL,
-    tpm TEXT NOT NULL,
-    owner_uid INTEGER,
-    owner_gid INTEGER,
-    frontends TEXT NOT NULL,
-    wrapped_key BLOB NOT NULL,
-    wanted_running INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL
-);
-CREATE TABLE state_digests (
-    vtpm_uuid TEXT NOT NULL REFERENCES vtpms(uuid) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    counter INTEGER NOT NULL,
-    digest BLOB NOT NULL,
-    PRIMARY KEY (vtpm_uuid, name)
-);
-CREATE TABLE audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    outcome TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
-
-# v2: each group's attestation key; empty in groups made before it (one is made on first need)
-_SCHEMA_V2 = """
-ALTER TABLE groups ADD COLUMN ak_alg TEXT NOT NULL DEFAULT '';
-ALTER TABLE groups ADD COLUMN ak_public BLOB NOT NULL DEFAULT x'';
-ALTER TABLE groups ADD COLUMN ak_private BLOB NOT NULL DEFAULT x''
-"""
-# v3: each group's approval-epoch NV counter on the hardware TPM (0: none yet, see groups.py)
-_SCHEMA_V3 = "ALTER TABLE groups ADD COLUMN approval_nv INTEGER NOT NULL DEFAULT 0"
-
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
 # column lists are constants: the f-strings below build no query from input
 _GROUP_COLS = (
     "uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, sealed_private, "
@@ -115,7 +62,7 @@ class GroupRecord:
     ak_alg: str = ""  # "ecc" or "rsa"; "" while the group has no attestation key yet
     ak_public: bytes = b""  # the AK as the hardware TPM returned it: TPM2B_PUBLIC
     ak_private: bytes = b""  # ... and TPM2B_PRIVATE (useless off that TPM)
-    approval_nv: int = 0  # NV counter handle of the group's approval epoch; 0: none yet
+    approval_nv: int = 0  # NV index in the hardware TPM behind the owner's approvals; 0: none
 
 
 def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
@@ -164,11 +111,51 @@ class AuditEntry:
     detail: str
 
 
+def label_taken(label: str, holder: uuid.UUID) -> str:
+    return (
+        f"label {label} is already carried by vTPM {holder}: a label names one vTPM of this "
+        f"Manager (delete that vTPM first, or choose another label)"
+    )
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    return (
+        f"the Manager's database {path} cannot be opened ({e}): restore it from the backup "
+        f"taken together with {path.parent / 'vtpms'}/ (nothing was changed)"
+    )
+
+
+def database_present(path: Path) -> bool:
+    """Whether `path` holds a Manager database (one with a schema), without changing anything.
+
+    False for a missing file, a 0-byte one, or a SQLite file with no schema: what `open()`
+    would create silently. A file SQLite cannot read raises ManagerError."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ManagerError(_unreadable(path, e)) from None
+    try:
+        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise ManagerError(_unreadable(path, e)) from None
+    try:
+        return schema.version(db) > 0
+    except (sqlite3.Error, ValueError) as e:
+        raise ManagerError(_unreadable(path, e)) from None
+    finally:
+        db.close()
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
         self._lock = threading.RLock()
+        # told (action, outcome) of every audit entry once it is committed; must not raise
+        self.audit_listener: Callable[[str, str], None] | None = None
 
     # lifecycle ------------------------------------------------------------------------------
 
@@ -183,11 +170,10 @@ class Store:
             db.execute("PRAGMA secure_delete=ON")  # a deleted vTPM's wrapped key is overwritten
             db.execute("PRAGMA busy_timeout=10000")
         except sqlite3.DatabaseError as e:
-            raise ManagerError(
-                f"the Manager's database {self.path} cannot be opened: {e}"
-            ) from None
+            raise ManagerError(_unreadable(self.path, e)) from None
         self._db = db
-        self._migrate()
+        with self._tx() as tx:
+            schema.migrate(tx, self.path)
 
     def close(self) -> None:
         with self._lock:
@@ -212,32 +198,6 @@ class Store:
                 raise
             db.execute("COMMIT")
 
-    def _migrate(self) -> None:
-        db = self._conn()
-        has_meta = db.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-        ).fetchone()
-        version = 0
-        if has_meta:
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise ManagerError(
-                f"{self.path} has schema version {version}; this vtpm knows up to "
-                f"{SCHEMA_VERSION}: upgrade vtpm"
-            )
-        with self._tx() as tx:
-            for v in range(version + 1, SCHEMA_VERSION + 1):
-                for stmt in filter(None, (s.strip() for s in _MIGRATIONS[v].split(";"))):
-                    tx.execute(stmt)
-                tx.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema_version', ?)", (v,)
-                )
-            if version == 0:
-                tx.execute(
-                    "INSERT INTO meta(key, value) VALUES('manager_uuid', ?)", (str(uuid.uuid4()),)
-                )
-
     # meta -----------------------------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:
@@ -246,8 +206,15 @@ class Store:
             return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
+        self.update_meta({key: value})
+
+    def update_meta(self, values: dict[str, str], remove: tuple[str, ...] = ()) -> None:
+        """Set `values` and delete the keys in `remove`, in one transaction."""
         with self._tx() as tx:
-            tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+            for key, value in values.items():
+                tx.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+            for key in remove:
+                tx.execute("DELETE FROM meta WHERE key=?", (key,))
 
     # groups ---------------------------------------------------------------------------------
 
@@ -292,7 +259,7 @@ class Store:
             )
 
     def update_group(self, g: GroupRecord) -> None:
-        """Replace a group's mutable fields (sequence, states, labels, sealed key)."""
+        """Replace a group's mutable fields (sequence, states, labels, sealed key, approval)."""
         with self._tx() as tx:
             cur = tx.execute(
                 "UPDATE groups SET seq=?, pcr_states=?, labels=?, sealed_public=?, "
@@ -358,6 +325,9 @@ class Store:
         with self._tx() as tx:
             if tx.execute("SELECT 1 FROM vtpms WHERE uuid=?", (str(v.uuid),)).fetchone():
                 raise ConfigError(f"a vTPM with uuid {v.uuid} exists already")
+            other = self.vtpm_by_label(v.label)
+            if other is not None:
+                raise ConfigError(label_taken(v.label, other.uuid))
             tx.execute(
                 f"INSERT INTO vtpms({_VTPM_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
                 (
@@ -379,6 +349,16 @@ class Store:
             row = (
                 self._conn()
                 .execute(f"SELECT {_VTPM_COLS} FROM vtpms WHERE uuid=?", (str(vtpm_uuid),))
+                .fetchone()
+            )
+            return None if row is None else self._vtpm(row)
+
+    def vtpm_by_label(self, label: str) -> VtpmRecord | None:
+        """The vTPM carrying `label` (canonical form): labels are unique per Manager."""
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(f"SELECT {_VTPM_COLS} FROM vtpms WHERE label=?", (label,))
                 .fetchone()
             )
             return None if row is None else self._vtpm(row)
@@ -441,6 +421,8 @@ class Store:
                 "INSERT INTO audit(ts, actor, action, target, outcome, detail) VALUES(?,?,?,?,?,?)",
                 (time.time(), actor, action, target, outcome, json.dumps(detail, sort_keys=True)),
             )
+        if self.audit_listener is not None:
+            self.audit_listener(action, outcome)
 
     def audit_log(self, limit: int = 100) -> list[AuditEntry]:
         with self._lock:

@@ -8,19 +8,27 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Sequence
 
 from vtpm import labels as lbl
 from vtpm.endpoints import Endpoint, Frontend, FrontendKind
-from vtpm.errors import InstanceExitedError, LabelError, ManagerError, RequestError, VtpmError
+from vtpm.errors import (
+    ConfigError,
+    InstanceExitedError,
+    LabelError,
+    ManagerError,
+    RequestError,
+    VtpmError,
+)
 from vtpm.instanceargs import ManagedInstance
 from vtpm.manager import launchfiles, lookup
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.custody import group_permits
 from vtpm.manager.groups import GroupKeys
-from vtpm.manager.store import Store, VtpmRecord
+from vtpm.manager.store import Store, VtpmRecord, label_taken
 from vtpm.manager.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,9 @@ class VtpmRegistry:
         self._store = store
         self._groups = groups
         self._supervisor = supervisor
+        # creates one at a time: a label is checked free and taken in one step (the store's
+        # unique index on vtpms.label is the last word)
+        self._creating = threading.Lock()
 
     def new(
         self,
@@ -61,20 +72,31 @@ class VtpmRegistry:
         if not frontends:
             ctrl = Endpoint("unix", path=str(self._config.run_dir / f"{u}.ctrl"))
             frontends = (Frontend(FrontendKind.CTRL, ctrl),)
-        self._groups.refresh()
-        wrapped = self._groups.wrap_state_key(g.uuid, u, secrets.token_bytes(32))
-        rec = VtpmRecord(
-            uuid=u,
-            group_uuid=g.uuid,
-            label=str(parsed),
-            tpm=tpm,
-            owner_uid=None if owner is None else owner[0],
-            owner_gid=None if owner is None else owner[1],
-            frontends=tuple(str(f) for f in frontends),
-            wrapped_key=wrapped,
-            created=time.time(),
-        )
-        self._store.add_vtpm(rec)
+        with self._creating:
+            holder = self._store.vtpm_by_label(str(parsed))
+            if holder is not None:
+                self._store.audit(
+                    actor,
+                    "vtpm.new",
+                    str(u),
+                    "refused",
+                    {"why": "label taken", "label": str(parsed)},
+                )
+                raise ConfigError(label_taken(str(parsed), holder.uuid))
+            self._groups.refresh()
+            wrapped = self._groups.wrap_state_key(g.uuid, u, secrets.token_bytes(32))
+            rec = VtpmRecord(
+                uuid=u,
+                group_uuid=g.uuid,
+                label=str(parsed),
+                tpm=tpm,
+                owner_uid=None if owner is None else owner[0],
+                owner_gid=None if owner is None else owner[1],
+                frontends=tuple(str(f) for f in frontends),
+                wrapped_key=wrapped,
+                created=time.time(),
+            )
+            self._store.add_vtpm(rec)
         self._store.audit(actor, "vtpm.new", str(u), "ok", {"group": g.name, "label": rec.label})
         return rec
 

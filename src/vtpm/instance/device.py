@@ -33,7 +33,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vtpm.engine.engine import BLOB_NAMES, Engine, NvramBackend, StateType, TpmVersion
+from vtpm.engine.engine import (
+    BLOB_NAMES,
+    Engine,
+    HealthListener,
+    NvramBackend,
+    StateType,
+    TpmVersion,
+)
 from vtpm.errors import DeviceError, RequestError, VtpmError
 from vtpm.instance import vendor
 from vtpm.instance.transfer import ExportedBlob, Transfer, TransferBlob
@@ -103,6 +110,11 @@ class _TrialNvram:
         existed = self.trial.get(name) is not None
         self.trial[name] = None
         return existed
+
+    def tpm_health(self, failed: bool, reason: str) -> None:
+        """`HealthListener`: passed on to the store, which tells the Manager."""
+        if isinstance(self._store, HealthListener):
+            self._store.tpm_health(failed, reason)
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,7 +76,7 @@ def init_manager(data_dir: Path, *extra: str) -> None:
     vtpm_cli(data_dir, "manager", "init", *extra)
 
 
-def start_manager(data_dir: Path) -> ManagerProc:
+def start_manager(data_dir: Path, *run_args: str) -> ManagerProc:
     log = data_dir / "manager.log"
     proc = subprocess.Popen(
         [
@@ -88,6 +88,7 @@ def start_manager(data_dir: Path) -> ManagerProc:
             "--log-file",
             str(log),
             "--log-level=debug",
+            *run_args,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -104,10 +105,10 @@ def start_manager(data_dir: Path) -> ManagerProc:
 
 
 @contextlib.contextmanager
-def manager(data_dir: Path, *init_args: str) -> Iterator[ManagerProc]:
+def manager(data_dir: Path, *init_args: str, run_args: Sequence[str] = ()) -> Iterator[ManagerProc]:
     if not (data_dir / "manager.json").exists():
         init_manager(data_dir, *init_args)
-    m = start_manager(data_dir)
+    m = start_manager(data_dir, *run_args)
     try:
         yield m
     finally:

@@ -100,7 +100,9 @@ def test_an_older_manager_database_never_costs_the_newer_state(tmp_path: Path) -
         (tmp_path / "older.db", "does not match the recorded state"),
     ):
         put_back_db(data, copy)
-        with manager(data) as m:
+        # the Manager's NV floor refuses an older database (tests/integration/test_floor.py);
+        # an operator who accepts it on purpose still cannot lose the newer state blob
+        with manager(data, run_args=("--accept-rollback",)) as m:
             res = m.cli("start", uid, check=False)
             assert res.returncode == 1, res
             err = res.stderr.strip()
@@ -111,7 +113,7 @@ def test_an_older_manager_database_never_costs_the_newer_state(tmp_path: Path) -
         assert permall.exists() and digest(permall) == newest  # kept, untouched
 
     put_back_db(data, current)  # the database that recorded it: nothing was lost
-    with manager(data) as m:
+    with manager(data, run_args=("--accept-rollback",)) as m:  # older than the floor now
         m.cli("start", uid)
         assert read_nv(port) == b"BBBBBBBB"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from pathlib import Path
@@ -13,11 +14,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from vtpm.errors import RequestError, VerifyError
+from vtpm.errors import LocalProtocolError, RemoteProtocolError, RequestError, VerifyError
 from vtpm.manager import certs
 from vtpm.tpm import der, ekcert
 from vtpm.tpm.ekcert import VtpmIdentity
 from vtpm.tpm.public import PublicKey
+from vtpm.wire.evidence import Bundle, SignedQuote
 
 GROUP = uuid.UUID("11111111-2222-3333-4444-555555555555")
 VTPM = uuid.UUID("66666666-7777-8888-9999-000000000000")
@@ -179,3 +181,57 @@ def test_a_certificate_without_the_extension() -> None:
     signer = SoftwareSigner()
     with pytest.raises(VerifyError):
         ekcert.identity_of(x509.load_der_x509_certificate(_ca(signer)))
+
+
+# the bundle's "ca" fields (vtpm.wire.evidence.Bundle) ---------------------------------------
+
+
+def _bundle(**ca: bytes | None) -> Bundle:
+    return Bundle(
+        group={"uuid": str(GROUP)},
+        ak_alg="ecc",
+        ak_public=b"\x01",
+        ak_name=b"\x02",
+        ak_qualified_name=b"\x03",
+        ek_public=b"\x04",
+        ek_certificate=None,
+        config_quote=SignedQuote(b"a", b"s", {16: bytes(32)}),
+        manager_uuid="m",
+        **ca,
+    )
+
+
+def test_bundle_ca_fields_round_trip() -> None:
+    with_ca = _bundle(
+        ca_public=b"pub",
+        ca_certificate=b"cert",
+        ca_certify_attest=b"att",
+        ca_certify_signature=b"sig",
+    )
+    doc = json.loads(json.dumps(with_ca.to_json()))
+    assert doc["ca"] == {
+        "public": b"pub".hex(),
+        "certificate": b"cert".hex(),
+        "certify_attest": b"att".hex(),
+        "certify_signature": b"sig".hex(),
+    }
+    assert Bundle.from_json(doc) == with_ca
+    without = _bundle()
+    doc = without.to_json()
+    assert doc["ca"] is None and Bundle.from_json(doc) == without
+    del doc["ca"]  # a bundle from before CAs
+    assert Bundle.from_json(doc) == without
+
+
+def test_bundle_ca_fields_all_or_none() -> None:
+    with pytest.raises(LocalProtocolError):
+        _bundle(ca_public=b"pub")
+    doc = _bundle(
+        ca_public=b"p", ca_certificate=b"c", ca_certify_attest=b"a", ca_certify_signature=b"s"
+    ).to_json()
+    del doc["ca"]["certify_signature"]
+    with pytest.raises(RemoteProtocolError):
+        Bundle.from_json(doc)
+    doc["ca"] = "nope"
+    with pytest.raises(RemoteProtocolError):
+        Bundle.from_json(doc)

@@ -69,6 +69,7 @@ from vtpm.tpm import ekcert
 from vtpm.tpm.constants import TPMA_OBJECT as ATTR
 from vtpm.tpm.ekcert import VtpmIdentity
 from vtpm.tpm.public import TpmPublic, parse_public
+from vtpm.wire.admin import CertsView
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,11 @@ def ca_template() -> bytes:
     ecc.curveID = TPM2_ECC.NIST_P256
     ecc.kdf.scheme = TPM2_ALG.NULL
     return bytes(t.marshal())
+
+
+def certs_dir(vtpm_dir: Path) -> Path:
+    """Where a vTPM's certificates are written, beside its state directory `vtpm_dir`."""
+    return vtpm_dir.with_name(f"{vtpm_dir.name}.certs")
 
 
 class CaTpm:
@@ -282,10 +288,23 @@ class GroupCa:
             raise ManagerError(f"no vTPM {vtpm_uuid}")
         return self.issue(rec, kind, ek_public)
 
+    def view(self, vtpm: VtpmRecord) -> CertsView:
+        """The vTPM's certificates and its group CA's (admin op `vtpm.certs`); the files in
+        its certificate directory are rewritten from the record on the way."""
+        g = self._store.group(str(vtpm.group_uuid))
+        ca_cert = g.ca.certificate if g is not None and g.ca is not None else b""
+        issued = {c.kind: c.certificate for c in self._store.certs(vtpm.uuid)}
+        if issued and ca_cert:
+            try:
+                self.write_files(vtpm.uuid, ca_cert)
+            except OSError as e:
+                log.warning("vTPM %s: certificate files not written: %s", vtpm.uuid, e)
+        return CertsView(issued, ca_cert)
+
     # the certificate directory -------------------------------------------------------------
 
     def certs_dir(self, vtpm_uuid: uuid.UUID) -> Path:
-        return self._vtpms_dir / f"{vtpm_uuid}.certs"
+        return certs_dir(self._vtpms_dir / str(vtpm_uuid))
 
     def write_files(self, vtpm_uuid: uuid.UUID, ca_cert: bytes) -> Path:
         """Write the vTPM's recorded certificates and the group CA's to its directory."""

@@ -5,6 +5,7 @@ and refuses against another group's; nothing issued while the group is locked.""
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 import struct
 import subprocess
@@ -20,16 +21,21 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import ESYS_TR, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE, TPMA_OBJECT, TPMT_PUBLIC
 
+from tests.helpers import VTPM
+from tests.mgr import GUEST1, manager, new_group, new_vtpm, owner_key
 from vtpm.errors import ManagerError, RequestError, SealError
 from vtpm.manager import ownerreq
 from vtpm.manager.ca import CaTpm, GroupCa
+from vtpm.manager.config import ManagerConfig
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
+from vtpm.manager.service import Manager
 from vtpm.manager.simulator import Simulator
 from vtpm.manager.store import GroupRecord, Store, VtpmRecord
 from vtpm.tpm import ekcert
 from vtpm.tpm.attest import TPM_GENERATED_VALUE, TPM_ST_ATTEST, parse_attest, parse_signature
 from vtpm.tpm.public import parse_public
+from vtpm.wire.evidence import Bundle
 
 pytestmark = pytest.mark.integration
 
@@ -209,3 +215,66 @@ def test_keys_that_are_not_the_kind_asked_are_refused(
     with pytest.raises(RequestError, match="not an endorsement key"):
         ca.issue(v, "ek-ecc256", g.ak_public)  # a signing key is no EK
     assert store.certs(v.uuid) == []
+
+
+def test_through_the_manager_bundle_files_and_vtpm_ek(tmp_path: Path) -> None:
+    """A real Manager: its groups get CAs, the bundle carries them, issued certificates appear in
+    `<data>/vtpms/<uuid>.certs/` and through `vtpm ek`, and `openssl verify -CAfile` accepts
+    them against their group's CA and refuses them against another group's."""
+    d = tmp_path / "data"
+    with manager(d) as m:
+        key = owner_key(tmp_path)
+        new_group(m, "tenant", key)
+        new_group(m, "other", key)
+        view, _port = new_vtpm(m, "tenant", GUEST1, start=False)
+        bundle = Bundle.from_json(m.json("group", "provision", "tenant"))
+        other = Bundle.from_json(m.json("group", "provision", "other"))
+        assert m.json("ek", view["uuid"]) == {
+            "certificates": {},
+            "ca_certificate": bundle_ca(bundle).hex(),
+        }
+    vtpm_uuid = uuid.UUID(view["uuid"])
+
+    mgr = Manager(ManagerConfig.load(d))  # issues as key custody will for a CertRequest
+    mgr.open()
+    try:
+        ek = mgr.services.groups.attestation.ek_public()
+        issued = mgr.services.ca.issue_for(vtpm_uuid, "ek-rsa2048", ek)
+    finally:
+        mgr.close()
+
+    with manager(d) as m:
+        out = tmp_path / "out"
+        m.cli("ek", str(vtpm_uuid), "--out-dir", str(out))
+        assert sorted(p.name for p in out.iterdir()) == ["ek-rsa2048.pem", "group-ca.pem"]
+        ok = _openssl_verify(out / "group-ca.pem", out / "ek-rsa2048.pem")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        wrong = _pem(tmp_path / "other-ca.pem", bundle_ca(other))
+        assert _openssl_verify(wrong, out / "ek-rsa2048.pem").returncode != 0
+        der = subprocess.run(
+            [*VTPM, "ek", str(vtpm_uuid), "--format", "der", "--kind", "ek-rsa2048"],
+            env={**os.environ, "VTPM_DATA_DIR": str(d)},
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert der == issued
+        shown = m.json("ek", "show", str(vtpm_uuid))
+        assert shown["certificates"] == {"ek-rsa2048": issued.hex()}
+        bad = m.cli("ek", str(vtpm_uuid), "--kind", "platform", check=False)
+        assert bad.returncode == 1 and "no platform certificate" in bad.stderr
+    files = d / "vtpms" / f"{vtpm_uuid}.certs"
+    assert (files / "ek-rsa2048.der").read_bytes() == issued
+    assert (files / "group-ca.der").read_bytes() == bundle_ca(bundle)
+    assert stat.S_IMODE((files / "ek-rsa2048.der").stat().st_mode) == 0o644
+    cert = x509.load_der_x509_certificate(issued)
+    assert cert.public_key() == parse_public(ek).key
+    assert bundle.ca_public is not None
+    assert (
+        parse_public(bundle.ca_public).key
+        == x509.load_der_x509_certificate(bundle_ca(bundle)).public_key()
+    )
+
+
+def bundle_ca(b: Bundle) -> bytes:
+    assert b.ca_certificate is not None, "the bundle carries no CA"
+    return b.ca_certificate

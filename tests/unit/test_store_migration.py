@@ -15,7 +15,14 @@ import pytest
 
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.manager import schema
-from vtpm.manager.store import GroupRecord, Store, VtpmRecord, database_present
+from vtpm.manager.store import (
+    CertRecord,
+    GroupCaRecord,
+    GroupRecord,
+    Store,
+    VtpmRecord,
+    database_present,
+)
 from vtpm.tpm.policy import PcrState
 
 GROUP = uuid.UUID("11111111-2222-3333-4444-555555555555")
@@ -77,13 +84,13 @@ def make_v1(path: Path, *, up_to: int = 1, extra_vtpms: tuple[tuple[str, str], .
         db.close()
 
 
-def test_a_v1_database_opens_under_v3_with_its_groups_intact(tmp_path: Path) -> None:
+def test_a_v1_database_opens_under_v4_with_its_groups_intact(tmp_path: Path) -> None:
     path = tmp_path / "manager.db"
     make_v1(path)
     s = Store(path)
     s.open()
     try:
-        assert s.meta("schema_version") == str(schema.SCHEMA_VERSION) == "3"
+        assert s.meta("schema_version") == str(schema.SCHEMA_VERSION) == "4"
         assert s.meta("manager_uuid") == MANAGER  # not replaced by the migration
         g = s.group("legacy")
         assert g == GroupRecord(
@@ -119,16 +126,16 @@ def test_a_v1_database_opens_under_v3_with_its_groups_intact(tmp_path: Path) -> 
     s.open()
     try:
         g3 = s.group("legacy")
-        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "3"
+        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "4"
     finally:
         s.close()
 
 
-def test_a_new_database_is_created_at_v3_and_keeps_the_ak(tmp_path: Path) -> None:
+def test_a_new_database_is_created_at_v4_and_keeps_the_ak(tmp_path: Path) -> None:
     s = Store(tmp_path / "manager.db")
     s.open()
     try:
-        assert s.meta("schema_version") == "3"
+        assert s.meta("schema_version") == "4"
         assert s.meta("manager_uuid")
         g = GroupRecord(
             uuid=GROUP,
@@ -237,3 +244,34 @@ def test_database_present_tells_a_lost_database(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a database at all" * 100)
     with pytest.raises(ManagerError, match="restore it from the backup"):
         database_present(garbage)
+
+
+def test_v4_group_ca_and_vtpm_certificates(tmp_path: Path) -> None:
+    """Schema v4: a group's CA is stored apart from its other fields, and the certificates
+    issued to a vTPM are recorded per kind, replaced on re-issue, and go with the vTPM."""
+    path = tmp_path / "manager.db"
+    make_v1(path)
+    s = Store(path)
+    s.open()
+    try:
+        g = s.group("legacy")
+        assert g is not None and g.ca is None
+        ca = GroupCaRecord(b"pub", b"priv", b"cert", b"attest", b"sig")
+        s.set_group_ca(GROUP, ca)
+        s.update_group(g)  # the other group writes leave the CA alone
+        g2 = s.group("legacy")
+        assert g2 is not None and g2.ca == ca
+        with pytest.raises(ManagerError):
+            s.set_group_ca(uuid.uuid4(), ca)
+        assert s.certs(VTPM) == []
+        s.record_cert(VTPM, "ek-rsa2048", b"name1", b"der1")
+        s.record_cert(VTPM, "ek-ecc256", b"name2", b"der2")
+        s.record_cert(VTPM, "ek-rsa2048", b"name3", b"der3")  # re-issued: replaced
+        assert s.certs(VTPM) == [
+            CertRecord("ek-ecc256", b"name2", b"der2"),
+            CertRecord("ek-rsa2048", b"name3", b"der3"),
+        ]
+        s.delete_vtpm(VTPM)
+        assert s.certs(VTPM) == []
+    finally:
+        s.close()

@@ -21,6 +21,7 @@ COMMANDS = {
     "manager": "vtpm.cli.manager_cmd",
     "group": "vtpm.cli.group_cmd",
     "vtpm": "vtpm.cli.vtpm_cmd",
+    "ek": "vtpm.cli.ek_cmd",
     "quote": "vtpm.cli.quote_cmd",
     "instance": "vtpm.cli.instance_cmd",
     "launch": "vtpm.cli.launch_cmd",

@@ -21,6 +21,7 @@ from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import peer_credentials
 from vtpm.manager import launchfiles, lookup
+from vtpm.manager.ca import GroupCa
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
@@ -48,6 +49,7 @@ class Services:
     hw_note: Callable[[], str]  # why the "hardware" TPM is not one, or ""
     groups: GroupKeys
     group_ops: GroupOps
+    ca: GroupCa
     vtpms: VtpmRegistry
     launches: Launches
     quotes: DeepQuotes
@@ -184,6 +186,8 @@ class AdminService:
             case api.VtpmDel(uuid=u):
                 s.vtpms.delete(lookup.vtpm(s.store, u).uuid, actor=actor)
                 return None
+            case api.VtpmCerts(uuid=u):
+                return s.ca.view(lookup.vtpm(s.store, u))
             case api.VtpmLaunch(uuid=u, record=raw, label=label):
                 rec = lookup.vtpm(s.store, u)
                 placed = s.launches.launch(

@@ -1,24 +1,31 @@
 """Group operations an administrator asks for, each audited: create, update by an owner-signed
 request, delete, and the group's attestation (provisioning bundle, host quotes by its AK,
-credential activation). The keys and seals themselves are `vtpm.manager.groups.GroupKeys`'.
+credential activation). The keys and seals themselves are `vtpm.manager.groups.GroupKeys`';
+the group CA is `vtpm.manager.ca.GroupCa`'s, made with the group (and, for a group from before
+CAs, at its first provisioning while it is unlocked).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 
-from vtpm.errors import VtpmError
+from vtpm.errors import ManagerError, VtpmError
 from vtpm.manager import lookup, provision
+from vtpm.manager.ca import GroupCa
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.store import GroupRecord, Store
 from vtpm.wire.evidence import Bundle, SignedQuote
 
+log = logging.getLogger(__name__)
+
 
 class GroupOps:
-    def __init__(self, store: Store, groups: GroupKeys) -> None:
+    def __init__(self, store: Store, groups: GroupKeys, ca: GroupCa | None = None) -> None:
         self._store = store
         self._groups = groups
+        self._ca = ca if ca is not None else GroupCa(store, groups)
 
     def new(
         self,
@@ -30,6 +37,10 @@ class GroupOps:
         ak_alg: str = "ecc",
     ) -> GroupRecord:
         g = self._groups.create(name, owner_pem, pcrs, labels, ak_alg)
+        try:
+            g = self._ca.ensure(g)  # unlocked: it was just made
+        except VtpmError as e:  # the group works without; its first provisioning tries again
+            log.warning("group %s (%s): no CA yet: %s", name, g.uuid, e)
         detail: dict[str, object] = {
             "name": name,
             "pcrs": list(pcrs),
@@ -63,8 +74,13 @@ class GroupOps:
     # attestation (vtpm.manager.attestation, vtpm.manager.provision) -------------------------
 
     def provision(self, ref: str) -> Bundle:
-        """The group's provisioning bundle (its AK is made now if it has none yet)."""
+        """The group's provisioning bundle (its AK is made now if it has none yet, its CA too
+        if the group is unlocked; a locked group without a CA gets a bundle without one)."""
         g = self._groups.ensure_ak(lookup.group(self._store, ref))
+        try:
+            g = self._ca.ensure(g)
+        except ManagerError as e:
+            log.warning("group %s: provisioning bundle without a CA: %s", g.name, e)
         manager_uuid = self._store.meta("manager_uuid") or ""
         return provision.build_bundle(g, self._groups.attestation, manager_uuid)
 

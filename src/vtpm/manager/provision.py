@@ -6,6 +6,9 @@ public area and certificate (if the TPM has one), the Manager's uuid, and a conf
 quote: TPM2_Quote by the AK over the PCRs of the group's first permitted state with
 extraData = config_digest(group object). The quote ties the AK to this group configuration
 and to a host PCR state; the EK, through MakeCredential/ActivateCredential, to the TPM.
+With the group's CA (`vtpm.manager.ca`), the bundle also carries the CA key's public area, its
+certificate and the AK's TPM2_Certify of the key: what a verifier needs to take a vTPM's EK
+certificate back to the AK.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def build_bundle(g: GroupRecord, tpm: AttestationTpm, manager_uuid: str) -> Bund
     group = group_object(g)
     pub = tpm.ak_public(ak)
     quote = tpm.quote(ak, config_digest(group), g.pcr_states[0].pcrs)
+    ca = g.ca
     return Bundle(
         group=group,
         ak_alg=g.ak_alg,
@@ -46,4 +50,8 @@ def build_bundle(g: GroupRecord, tpm: AttestationTpm, manager_uuid: str) -> Bund
         ek_certificate=tpm.ek_certificate(),
         config_quote=quote,
         manager_uuid=manager_uuid,
+        ca_public=None if ca is None else ca.public,
+        ca_certificate=None if ca is None else ca.certificate,
+        ca_certify_attest=None if ca is None else ca.certify_attest,
+        ca_certify_signature=None if ca is None else ca.certify_signature,
     )

@@ -3,7 +3,9 @@
 v1: meta, groups, vTPMs, state digests, audit. v2: groups gain their attestation key. v3: a
 vTPM's label is unique within the Manager (the same-user rule and the label in a deep quote
 must name one vTPM), and groups gain `approval_nv`, the hardware-TPM NV index behind their
-owner approvals (0: none). A migration that cannot be applied (v3 on a database where two
+owner approvals (0: none). v4: groups gain their CA (key blobs, certificate, the AK's
+certification of the key: `vtpm.manager.ca`), and `vtpm_certs` holds the certificates it issued
+to each vTPM. A migration that cannot be applied (v3 on a database where two
 vTPMs share a label) refuses with a ManagerError naming what is in the way, and the
 transaction leaves the database as it was.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from vtpm.errors import ManagerError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,7 +79,23 @@ ALTER TABLE groups ADD COLUMN approval_nv INTEGER NOT NULL DEFAULT 0;
 CREATE UNIQUE INDEX vtpms_label ON vtpms(label)
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3}
+# v4: each group's CA in the hardware TPM (empty until made) and the certificates it issued
+_SCHEMA_V4 = """
+ALTER TABLE groups ADD COLUMN ca_public BLOB NOT NULL DEFAULT x'';
+ALTER TABLE groups ADD COLUMN ca_private BLOB NOT NULL DEFAULT x'';
+ALTER TABLE groups ADD COLUMN ca_cert BLOB NOT NULL DEFAULT x'';
+ALTER TABLE groups ADD COLUMN ca_certify_attest BLOB NOT NULL DEFAULT x'';
+ALTER TABLE groups ADD COLUMN ca_certify_signature BLOB NOT NULL DEFAULT x'';
+CREATE TABLE vtpm_certs (
+    vtpm_uuid TEXT NOT NULL REFERENCES vtpms(uuid) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    ek_name BLOB NOT NULL,
+    certificate BLOB NOT NULL,
+    PRIMARY KEY (vtpm_uuid, kind)
+)
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
 
 
 def _no_shared_labels(tx: sqlite3.Connection, path: Path) -> None:

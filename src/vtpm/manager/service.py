@@ -2,8 +2,9 @@
 
 This module only wires the Manager together; what it does is in the services it builds:
 key custody (`custody`), the vTPMs and their processes (`vtpms`, `supervisor`), groups
-(`groupops`, with the keys and seals of `groups`), measured launches (`launch`), deep quotes
-(`quotes`, batched by `deepquote`) and the admin protocol (`admin`).
+(`groupops`, with the keys and seals of `groups` and the group CAs of `ca`), measured
+launches (`launch`), deep quotes (`quotes`, batched by `deepquote`) and the admin protocol
+(`admin`).
 
 Lifecycle: `open()` (data directory; a lost database refused; hardware TPM — a swtpm simulator
 when none is configured and /dev/tpmrm0 is absent —; store; the floor checked (`floor`); then
@@ -26,6 +27,7 @@ from vtpm.labelpolicy import LabelMap
 from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.manager import floor
 from vtpm.manager.admin import AdminHandler, AdminService, Services
+from vtpm.manager.ca import GroupCa
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
@@ -131,7 +133,8 @@ class Manager:
         """The services, each given what it acts on (no service knows the Manager)."""
         cfg, store = self.config, self.store
         links = Links()
-        group_ops = GroupOps(store, groups)
+        ca = GroupCa(store, groups, vtpms_dir=cfg.data_dir / "vtpms")
+        group_ops = GroupOps(store, groups, ca)
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
         custody = KeyCustody(store, groups, links, quotes.for_guest)
@@ -144,6 +147,7 @@ class Manager:
             hw_note=self._hw_note,
             groups=groups,
             group_ops=group_ops,
+            ca=ca,
             vtpms=vtpms,
             launches=Launches(cfg, store, groups, vtpms, self._supervisor),
             quotes=quotes,

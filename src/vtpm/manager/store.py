@@ -1,9 +1,11 @@
 """The Manager's store: one SQLite database (WAL, synchronous FULL) in the data directory.
 
 What it holds: groups (owner key, sequence number, permitted PCR states and labels, the group
-key as a hardware-TPM sealed object, the group's attestation key as hardware-TPM blobs), vTPMs
+key as a hardware-TPM sealed object, the group's attestation key and CA key as hardware-TPM blobs
+with the CA's certificate), vTPMs
 (group, label, TPM version, frontends, the state key as AES-GCM ciphertext under the group key),
-each vTPM's recorded state-blob digests (which blob is current: the rollback check), and an
+each vTPM's recorded state-blob digests (which blob is current: the rollback check), the
+certificates the group CA issued to each vTPM, and an
 audit log of every administrative change, accepted or refused. Nothing secret is stored in
 the clear: the group key exists only sealed by the hardware TPM, state keys only wrapped under a
 group key.
@@ -26,43 +28,43 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.manager import schema
+from vtpm.manager.records import (
+    AuditEntry,
+    CertRecord,
+    GroupCaRecord,
+    GroupRecord,
+    StateDigest,
+    VtpmRecord,
+)
 from vtpm.tpm.policy import PcrState
+
+__all__ = [
+    "AuditEntry",
+    "CertRecord",
+    "GroupCaRecord",
+    "GroupRecord",
+    "StateDigest",
+    "VtpmRecord",
+    "Store",
+    "database_present",
+    "label_taken",
+]
 
 # column lists are constants: the f-strings below build no query from input
 _GROUP_COLS = (
     "uuid, name, owner_pub, seq, pcr_states, labels, sealed_public, sealed_private, "
-    "sealed_root, approval, approval_nv, created, ak_alg, ak_public, ak_private"
+    "sealed_root, approval, approval_nv, created, ak_alg, ak_public, ak_private, "
+    "ca_public, ca_private, ca_cert, ca_certify_attest, ca_certify_signature"
 )
 _VTPM_COLS = (
     "uuid, group_uuid, label, tpm, owner_uid, owner_gid, frontends, wrapped_key, "
     "wanted_running, created"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class GroupRecord:
-    uuid: UUID
-    name: str
-    owner_pub: bytes  # PEM
-    seq: int
-    pcr_states: tuple[PcrState, ...]
-    labels: tuple[str, ...]
-    sealed_public: bytes
-    sealed_private: bytes
-    sealed_root: bytes  # the states root the sealed key's policy was built from
-    approval: bytes  # the owner's TPM approval of pcr_states (empty until the owner signs one)
-    created: float = 0.0
-    ak_alg: str = ""  # "ecc" or "rsa"; "" while the group has no attestation key yet
-    ak_public: bytes = b""  # the AK as the hardware TPM returned it: TPM2B_PUBLIC
-    ak_private: bytes = b""  # ... and TPM2B_PRIVATE (useless off that TPM)
-    approval_nv: int = 0  # NV index in the hardware TPM behind the owner's approvals; 0: none
 
 
 def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
@@ -79,36 +81,10 @@ def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class VtpmRecord:
-    uuid: UUID
-    group_uuid: UUID
-    label: str
-    tpm: str
-    owner_uid: int | None
-    owner_gid: int | None
-    frontends: tuple[str, ...]  # endpoint specs: "ctrl=unix:/path", "server=tcp:...", ...
-    wrapped_key: bytes = b""
-    wanted_running: bool = False
-    created: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class StateDigest:
-    name: str
-    counter: int
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    id: int
-    ts: float
-    actor: str
-    action: str
-    target: str
-    outcome: str
-    detail: str
+def _ca_fields(ca: GroupCaRecord | None) -> tuple[bytes, ...]:
+    if ca is None:
+        return (b"",) * 5
+    return (ca.public, ca.private, ca.certificate, ca.certify_attest, ca.certify_signature)
 
 
 def label_taken(label: str, holder: uuid.UUID) -> str:
@@ -220,8 +196,9 @@ class Store:
 
     @staticmethod
     def _group(row: Any) -> GroupRecord:
-        (u, name, pub, seq, states, labels, spub, spriv, root, approval, nv, created, *ak) = row
-        ak_alg, ak_public, ak_private = ak
+        (u, name, pub, seq, states, labels, spub, spriv, root, approval, nv, created, *rest) = row
+        ak_alg, ak_public, ak_private, *ca = rest
+        ca_fields = tuple(bytes(c) for c in ca)
         return GroupRecord(
             uuid=uuid.UUID(str(u)),
             name=str(name),
@@ -238,6 +215,7 @@ class Store:
             ak_alg=str(ak_alg),
             ak_public=bytes(ak_public),
             ak_private=bytes(ak_private),
+            ca=GroupCaRecord(*ca_fields) if ca_fields[0] else None,
         )
 
     def add_group(self, g: GroupRecord) -> None:
@@ -245,7 +223,7 @@ class Store:
             if tx.execute("SELECT 1 FROM groups WHERE name=?", (g.name,)).fetchone():
                 raise ConfigError(f"a group named {g.name!r} exists already")
             tx.execute(
-                f"INSERT INTO groups({_GROUP_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO groups({_GROUP_COLS}) VALUES({','.join('?' * 20)})",
                 (
                     str(g.uuid),
                     g.name,
@@ -255,6 +233,7 @@ class Store:
                     g.ak_alg,
                     g.ak_public,
                     g.ak_private,
+                    *_ca_fields(g.ca),
                 ),
             )
 
@@ -275,6 +254,17 @@ class Store:
             cur = tx.execute(
                 "UPDATE groups SET ak_alg=?, ak_public=?, ak_private=? WHERE uuid=?",
                 (alg, public, private, str(group_uuid)),
+            )
+            if cur.rowcount != 1:
+                raise ManagerError(f"group {group_uuid} does not exist")
+
+    def set_group_ca(self, group_uuid: uuid.UUID, ca: GroupCaRecord) -> None:
+        """Record a group's CA (the only write of the ca_* columns)."""
+        with self._tx() as tx:
+            cur = tx.execute(
+                "UPDATE groups SET ca_public=?, ca_private=?, ca_cert=?, ca_certify_attest=?, "
+                "ca_certify_signature=? WHERE uuid=?",
+                (*_ca_fields(ca), str(group_uuid)),
             )
             if cur.rowcount != 1:
                 raise ManagerError(f"group {group_uuid} does not exist")
@@ -385,6 +375,7 @@ class Store:
     def delete_vtpm(self, vtpm_uuid: uuid.UUID) -> None:
         with self._tx() as tx:
             tx.execute("DELETE FROM state_digests WHERE vtpm_uuid=?", (str(vtpm_uuid),))
+            tx.execute("DELETE FROM vtpm_certs WHERE vtpm_uuid=?", (str(vtpm_uuid),))
             tx.execute("DELETE FROM vtpms WHERE uuid=?", (str(vtpm_uuid),))
 
     # state digests (rollback protection) -----------------------------------------------------
@@ -410,6 +401,26 @@ class Store:
             tx.execute(
                 "DELETE FROM state_digests WHERE vtpm_uuid=? AND name=?", (str(vtpm_uuid), name)
             )
+
+    # certificates the group CA issued (public: nothing here is secret) ---------------------
+
+    def record_cert(self, vtpm_uuid: uuid.UUID, kind: str, ek_name: bytes, der: bytes) -> None:
+        """Record (or replace) the vTPM's certificate of `kind`."""
+        with self._tx() as tx:
+            tx.execute(
+                "INSERT OR REPLACE INTO vtpm_certs(vtpm_uuid, kind, ek_name, certificate) "
+                "VALUES(?,?,?,?)",
+                (str(vtpm_uuid), kind, ek_name, der),
+            )
+
+    def certs(self, vtpm_uuid: uuid.UUID) -> list[CertRecord]:
+        """The vTPM's certificates, by kind."""
+        with self._lock:
+            rows = self._conn().execute(
+                "SELECT kind, ek_name, certificate FROM vtpm_certs WHERE vtpm_uuid=? ORDER BY kind",
+                (str(vtpm_uuid),),
+            )
+            return [CertRecord(str(k), bytes(n), bytes(c)) for k, n, c in rows.fetchall()]
 
     # audit ----------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from vtpm.errors import (
 )
 from vtpm.instanceargs import ManagedInstance
 from vtpm.manager import launchfiles, lookup
+from vtpm.manager.ca import certs_dir
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.custody import group_permits
 from vtpm.manager.groups import GroupKeys
@@ -150,6 +151,7 @@ class VtpmRegistry:
         self._supervisor.stop(rec.uuid)
         self._supervisor.forget(rec.uuid)
         shutil.rmtree(self._config.vtpm_dir(rec.uuid), ignore_errors=True)
+        shutil.rmtree(certs_dir(self._config.vtpm_dir(rec.uuid)), ignore_errors=True)
         launchfiles.forget(self._config, rec.uuid)
         self._store.delete_vtpm(rec.uuid)
         self._store.audit(actor, "vtpm.del", str(rec.uuid), "ok", {"group": str(rec.group_uuid)})

@@ -146,6 +146,15 @@ class LaunchResult:
     record: Document  # a launch record document (`vtpm.launchrecord.LaunchRecord`)
 
 
+@dataclass(frozen=True, slots=True)
+class CertsView:
+    """A vTPM's certificates as its group CA issued them (kind -> DER; kinds not issued are
+    absent) and the group CA's certificate (DER; empty while the group has no CA)."""
+
+    certificates: dict[str, bytes]
+    ca_certificate: bytes
+
+
 # requests -----------------------------------------------------------------------------------
 
 
@@ -269,6 +278,15 @@ class VtpmDel(Request[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class VtpmCerts(Request[CertsView]):
+    """The vTPM's EK and platform certificates and its group CA's certificate."""
+
+    op: ClassVar[str] = "vtpm.certs"
+    result: ClassVar[Any] = CertsView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
 class VtpmLaunch(Request[LaunchResult]):
     op: ClassVar[str] = "vtpm.launch"
     result: ClassVar[Any] = LaunchResult
@@ -319,6 +337,7 @@ REQUESTS: dict[str, type[Request[Any]]] = {
         VtpmStart,
         VtpmStop,
         VtpmDel,
+        VtpmCerts,
         VtpmLaunch,
         VtpmLaunchCancel,
         QuoteDeep,

@@ -11,6 +11,11 @@ Provisioning bundle ("vtpm-group-bundle/1"):
                    pcrs: {"0": hex, ..}}  -- a TPM2_Quote by the AK whose extraData is
                    config_digest(group), the SHA-256 of the group object's canonical JSON
     manager: {uuid}
+    ca:     {public: TPM2B_PUBLIC, certificate: DER, certify_attest: TPMS_ATTEST,
+             certify_signature: TPMT_SIGNATURE} or null  -- the group CA (`vtpm.manager.ca`):
+             its key in the hardware TPM, its self-signed certificate, and TPM2_Certify of the
+             key by the AK with qualifyingData = SHA-256(certificate). null (or absent, in
+             bundles from before it) for a group without a CA.
 
 Deep-quote evidence ("vtpm-deep-quote/1"):
     info: DeepQuoteInfo (see `vtpm.wire.deepquote`), path: [{side: "L"|"R", hash}],
@@ -111,6 +116,26 @@ class Bundle:
     ek_certificate: bytes | None
     config_quote: SignedQuote
     manager_uuid: str
+    ca_public: bytes | None = None  # TPM2B_PUBLIC of the group CA key
+    ca_certificate: bytes | None = None  # DER, self-signed
+    ca_certify_attest: bytes | None = None  # TPMS_ATTEST of TPM2_Certify by the AK
+    ca_certify_signature: bytes | None = None  # TPMT_SIGNATURE
+
+    def __post_init__(self) -> None:
+        parts = (self.ca_public, self.ca_certificate, self.ca_certify_attest)
+        given = [p is not None for p in (*parts, self.ca_certify_signature)]
+        if any(given) and not all(given):
+            raise LocalProtocolError("a bundle's CA has all four parts or none")
+
+    def _ca_json(self) -> dict[str, str] | None:
+        if self.ca_public is None:
+            return None
+        return {
+            "public": self.ca_public.hex(),
+            "certificate": (self.ca_certificate or b"").hex(),
+            "certify_attest": (self.ca_certify_attest or b"").hex(),
+            "certify_signature": (self.ca_certify_signature or b"").hex(),
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -128,6 +153,7 @@ class Bundle:
             },
             "config_quote": self.config_quote.to_json(),
             "manager": {"uuid": self.manager_uuid},
+            "ca": self._ca_json(),
         }
 
     @classmethod
@@ -151,7 +177,16 @@ class Bundle:
             ek_certificate=None if cert is None else _hex(cert, "ek.certificate"),
             config_quote=SignedQuote.from_json(d.get("config_quote"), "config_quote"),
             manager_uuid=str(_obj(d.get("manager", {}), "manager").get("uuid", "")),
+            **_ca_fields(d.get("ca")),
         )
+
+
+def _ca_fields(raw: object) -> dict[str, bytes | None]:
+    if raw is None:
+        return {}
+    ca = _obj(raw, "ca")
+    keys = ("public", "certificate", "certify_attest", "certify_signature")
+    return {f"ca_{k}": _hex(ca.get(k), f"ca.{k}") for k in keys}
 
 
 @dataclass(frozen=True, slots=True)

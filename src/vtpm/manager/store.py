@@ -100,6 +100,15 @@ class StateDigest:
     digest: bytes
 
 
+# STAND-IN (branch verifychain) until branch `ca` lands the vtpm_certs table: take `ca`'s
+# CertRecord and Store.certs over this hunk when merging.
+@dataclass(frozen=True, slots=True)
+class CertRecord:
+    kind: str
+    ek_name: bytes
+    certificate: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class AuditEntry:
     id: int
@@ -352,6 +361,10 @@ class Store:
                 .fetchone()
             )
             return None if row is None else self._vtpm(row)
+
+    def certs(self, vtpm_uuid: uuid.UUID) -> list[CertRecord]:
+        """STAND-IN (branch verifychain): no vtpm_certs table yet, so no certificates."""
+        return []
 
     def vtpm_by_label(self, label: str) -> VtpmRecord | None:
         """The vTPM carrying `label` (canonical form): labels are unique per Manager."""

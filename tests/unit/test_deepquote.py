@@ -119,7 +119,7 @@ def test_info_version_2_without_ek_and_version_1_still_parsed() -> None:
 )
 def test_bad_ek_name_or_version_refused(change: dict[str, object], message: str) -> None:
     with pytest.raises(LocalProtocolError, match=message):
-        dataclass_replace(INFO_V2, **change)
+        dataclass_replace(INFO_V2, **change)  # type: ignore[arg-type]
 
 
 def test_bad_v2_bytes() -> None:

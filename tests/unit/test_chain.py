@@ -210,8 +210,24 @@ def test_deep_ek_binds_the_certified_ek(chain: Chain) -> None:
 
 
 def test_identity_extension_round_trip() -> None:
-    ident = EkIdentity(uuid.uuid4(), uuid.uuid4(), "u_u:r_r:t_t")
+    ident = EkIdentity(uuid.uuid4(), uuid.uuid4(), "u_u:r_r:t_t", "ek-ecc256")
     assert parse_identity(encode_identity(ident)) == ident
+    # the exact bytes of the group CA's definition (version 1 first, kind last)
+    raw = encode_identity(ident)
+    assert (
+        raw[0] == 0x30
+        and raw[2:5] == bytes.fromhex("020101")
+        and raw.endswith(b"\x0c\x09ek-ecc256")
+    )
+
+
+def test_a_platform_certificate_is_no_ek_certificate(chain: Chain) -> None:
+    ca = TpmTestCa.create(chain.a.tpm, "tenants")  # the same primary: group A's CA again
+    _name, key = real_ek(chain.a, "rsa")
+    ident = dataclasses.replace(identity(chain.vtpm, chain.a.group, LABEL), kind="platform")
+    cert = ca.ek_certificate(key, ident)
+    chain.a.tpm.flush(ca.key)
+    assert failed(chain, chain.ca_a, cert) == {"chain.ek_extension"}
 
 
 def test_keylime_style_store_trusting_only_the_group_ca(chain: Chain, tmp_path: Path) -> None:

@@ -32,7 +32,8 @@ Checks:
     chain.ek_cert       the EK certificate is issued by the CA certificate's subject and
                         signed by the CA key, inside its validity period, not a CA, and (when it
                         has an extendedKeyUsage) an EK certificate (2.23.133.8.1)
-    chain.ek_extension  the vTPM identity extension is present, its group is the bundle's, the
+    chain.ek_extension  the vTPM identity extension is present, of an EK kind ("ek-..."), its
+                        group is the bundle's, the
                         group permits its label; with a policy, its uuid/label/group are the
                         expected ones
 
@@ -310,6 +311,8 @@ def check_ek_extension(
             "chain.ek_extension", False, "the EK certificate has no vTPM identity extension"
         ), None
     problems = []
+    if not ident.kind.startswith("ek-"):
+        problems.append(f"it was issued as {ident.kind!r}, not as an EK certificate")
     if ident.group_uuid != group.uuid:
         problems.append(f"its group is {ident.group_uuid}, the bundle's is {group.uuid}")
     elif not group.permits(ident.label):

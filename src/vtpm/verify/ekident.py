@@ -3,15 +3,16 @@
 Two facts a verifier reads from an EK certificate issued by a group CA:
 
 1. The vTPM identity extension (non-critical; the group CA puts it in every EK and platform
-   certificate it issues). This module is the verifier's one definition of it: OID and ASN.1
-   below, so aligning with the issuer is a change here only.
+   certificate it issues). This module is the verifier's one definition of it, as branch `ca`
+   issues it (`vtpm.tpm.ekcert` there; an OID under the UUID arc 2.25, ITU-T X.667):
 
-       id-vtpm-identity  OBJECT IDENTIFIER ::= { IDENTITY_OID }
+       id-vtpm-identity OBJECT IDENTIFIER ::= { 2 25 292244736769242437814819020044331002690 }
        VtpmIdentity ::= SEQUENCE {
+           version    INTEGER (1),
            vtpmUuid   OCTET STRING (SIZE (16)),   -- RFC 4122 bytes
            groupUuid  OCTET STRING (SIZE (16)),
-           label      UTF8String (SIZE (1..256))  -- the vTPM's label, user:role:type
-       }
+           label      UTF8String (SIZE (1..256)), -- the vTPM's label, user:role:type
+           kind       UTF8String }                -- "ek-rsa2048", ..., "platform"
 
 2. The TPM name of the certified key. A deep quote carries the vTPM EK's name
    (nameAlg || H(TPMT_PUBLIC)); a certificate carries only the SubjectPublicKeyInfo. The name
@@ -40,8 +41,10 @@ from vtpm.tpm.hashes import HASHES
 
 # the identity extension: the one place the verifier defines it -------------------------------
 
-IDENTITY_OID = x509.ObjectIdentifier("1.3.6.1.4.1.59702.1.1")
+IDENTITY_OID = x509.ObjectIdentifier("2.25.292244736769242437814819020044331002690")
+IDENTITY_VERSION = 1
 MAX_LABEL = 256
+MAX_KIND = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,7 @@ class EkIdentity:
     vtpm_uuid: uuid.UUID
     group_uuid: uuid.UUID
     label: str
+    kind: str = "ek-rsa2048"
 
 
 def _der(data: bytes, pos: int, tag: int, what: str) -> tuple[bytes, int]:
@@ -75,20 +79,26 @@ def parse_identity(value: bytes) -> EkIdentity:
     body, end = _der(value, 0, 0x30, "the SEQUENCE")
     if end != len(value):
         raise VerifyError("vTPM identity extension: bytes after the SEQUENCE")
-    vtpm_raw, pos = _der(body, 0, 0x04, "vtpmUuid")
+    version, pos = _der(body, 0, 0x02, "version")
+    if version != bytes([IDENTITY_VERSION]):
+        raise VerifyError(f"vTPM identity extension: not version {IDENTITY_VERSION}")
+    vtpm_raw, pos = _der(body, pos, 0x04, "vtpmUuid")
     group_raw, pos = _der(body, pos, 0x04, "groupUuid")
     label_raw, pos = _der(body, pos, 0x0C, "label")
+    kind_raw, pos = _der(body, pos, 0x0C, "kind")
     if pos != len(body):
-        raise VerifyError("vTPM identity extension: unexpected fields after the label")
+        raise VerifyError("vTPM identity extension: unexpected fields after the kind")
     if len(vtpm_raw) != 16 or len(group_raw) != 16:
         raise VerifyError("vTPM identity extension: a uuid is not 16 bytes")
     if not 1 <= len(label_raw) <= MAX_LABEL:
         raise VerifyError(f"vTPM identity extension: a label is 1..{MAX_LABEL} bytes")
+    if len(kind_raw) > MAX_KIND:
+        raise VerifyError(f"vTPM identity extension: a kind is at most {MAX_KIND} bytes")
     try:
-        label = label_raw.decode()
+        label, kind = label_raw.decode(), kind_raw.decode()
     except UnicodeDecodeError:
-        raise VerifyError("vTPM identity extension: the label is not UTF-8") from None
-    return EkIdentity(uuid.UUID(bytes=vtpm_raw), uuid.UUID(bytes=group_raw), label)
+        raise VerifyError("vTPM identity extension: the label or kind is not UTF-8") from None
+    return EkIdentity(uuid.UUID(bytes=vtpm_raw), uuid.UUID(bytes=group_raw), label, kind)
 
 
 def encode_identity(ident: EkIdentity) -> bytes:
@@ -102,8 +112,9 @@ def encode_identity(ident: EkIdentity) -> bytes:
             return bytes([tag, 0x81, n]) + content
         return bytes([tag, 0x82]) + n.to_bytes(2, "big") + content
 
-    body = tlv(0x04, ident.vtpm_uuid.bytes) + tlv(0x04, ident.group_uuid.bytes)
-    return tlv(0x30, body + tlv(0x0C, ident.label.encode()))
+    body = tlv(0x02, bytes([IDENTITY_VERSION]))
+    body += tlv(0x04, ident.vtpm_uuid.bytes) + tlv(0x04, ident.group_uuid.bytes)
+    return tlv(0x30, body + tlv(0x0C, ident.label.encode()) + tlv(0x0C, ident.kind.encode()))
 
 
 def identity_of(cert: x509.Certificate) -> EkIdentity | None:

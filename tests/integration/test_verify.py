@@ -37,6 +37,7 @@ from vtpm.wire.evidence import Bundle, Evidence
 pytest.importorskip("tpm2_pytss", reason="tpm2-pytss is a dev dependency of the project")
 from tpm2_pytss import ESYS_TR, TSS2_Exception
 
+from tests.tpm_ca import TpmTestCa, ecc_ek_template, identity
 from tests.tpm_quotes import (
     TOOLS,
     Key,
@@ -623,3 +624,82 @@ def test_cli_plain_quote_from_tpm2_tools(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 1
     assert r.stderr.splitlines()[-1].startswith("vtpm: error: TPMT_SIGNATURE: truncated")
+
+
+# the EK certificate chain through the CLI (--ek-cert) ---------------------------------------
+
+
+def test_cli_ek_chain_and_deep_ek(tmp_path: Path) -> None:
+    """`vtpm verify --ek-cert`: the chain EK cert -> group CA -> TPM2_Certify -> AK, alone and
+    with a deep quote whose DeepQuoteInfo carries the vTPM EK's name; another vTPM's EK
+    certificate fails by deep.ek."""
+    sim = Simulator(tmp_path / "hw")
+    tpm = QuoteTpm(sim.start())
+    try:
+        tpm.extend(16, b"host boot")
+        ak = tpm.ecc_ak()
+        group = make_group("tenants", [GUEST1, GUEST2], tpm.pcrs([16]))
+        bundle = make_bundle(tpm, ak, b"", group, [16])
+        ca = TpmTestCa.create(tpm, "tenants")
+        eks: list[Key] = []
+        for _ in range(2):
+            ek = (
+                tpm.ek()
+                if not eks
+                else tpm.primary(ecc_ek_template(False), ESYS_TR.ENDORSEMENT, "ecc")
+            )
+            tpm.flush(ek)
+            eks.append(ek)
+        vtpms = [uuid.uuid4(), uuid.uuid4()]
+        certs = [
+            ca.ek_certificate(parse_public(ek.public).key, identity(v, group, label))
+            for ek, v, label in zip(eks, vtpms, (GUEST1, GUEST2), strict=True)
+        ]
+        ca_block = ca.certified_by(ak)
+        tpm.flush(ca.key)
+        info = dataclasses.replace(
+            vtpm_info(NONCE, vtpms[0], group, GUEST1, VTPM_PCRS_1), ek_name=eks[0].name
+        )
+        (evidence,) = make_evidence(tpm, ak, [info], [16])
+    finally:
+        tpm.close()
+        sim.stop()
+    with_ca = dataclasses.replace(
+        bundle,
+        ca_public=ca_block.public,
+        ca_certificate=ca_block.certificate,
+        ca_certify_attest=ca_block.certify_attest,
+        ca_certify_signature=ca_block.certify_signature,
+    )
+    doc = with_ca.to_json()
+    bundle_path = write_json(tmp_path / "bundle.json", doc)
+    ev_path = write_json(tmp_path / "evidence.json", evidence.to_json())
+    for n, der in enumerate(certs):
+        (tmp_path / f"ek{n}.der").write_bytes(der)
+
+    r = run_cli("--bundle", bundle_path, "--ek-cert", tmp_path / "ek0.der")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for check_id in ("chain.ak", "chain.ca_cert", "chain.certify", "chain.ek_cert"):
+        assert any(line.startswith(f"PASS {check_id}: ") for line in r.stdout.splitlines())
+
+    deep_args: list[str | Path] = [
+        "--bundle",
+        bundle_path,
+        "--evidence",
+        ev_path,
+        "--nonce",
+        NONCE.hex(),
+    ]
+    r = run_cli(*deep_args, "--ek-cert", tmp_path / "ek0.der", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ids = [c["id"] for c in json.loads(r.stdout)["checks"]]
+    assert "deep.ek" in ids and "chain.ek_extension" in ids
+
+    r = run_cli(*deep_args, "--ek-cert", tmp_path / "ek1.der", "--json")
+    assert r.returncode == 1
+    assert [c["id"] for c in json.loads(r.stdout)["checks"] if not c["ok"]] == ["deep.ek"]
+
+    bare = write_json(tmp_path / "bare.json", bundle.to_json())  # a bundle without a CA
+    r = run_cli("--bundle", bare, "--ek-cert", tmp_path / "ek0.der", "--json")
+    failed_ids = {c["id"] for c in json.loads(r.stdout)["checks"] if not c["ok"]}
+    assert r.returncode == 1 and "chain.ca_cert" in failed_ids

@@ -6,12 +6,13 @@ import contextlib
 import hashlib
 import struct
 import uuid
+from dataclasses import replace as dataclass_replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vtpm.errors import RemoteProtocolError
+from vtpm.errors import LocalProtocolError, RemoteProtocolError
 from vtpm.instance import vendor
 from vtpm.wire.deepquote import (
     FLAG_PCRS,
@@ -27,8 +28,9 @@ from vtpm.wire.deepquote import (
 from vtpm.wire.evidence import Evidence, SignedQuote, decode_evidence, encode_evidence
 
 INFO = DeepQuoteInfo(
-    b"\x01\x02", uuid.UUID(int=1), uuid.UUID(int=2), "a:b:c", 0x000B, ((3, b"\x33" * 32),)
-)
+    b"\x01\x02", uuid.UUID(int=1), uuid.UUID(int=2), "a:b:c", 0x000B, ((3, b"\x33" * 32),),
+    version=1,
+)  # fmt: skip
 INFO_HEX = (
     "56544451"  # VTDQ
     "0001" "0001"  # version, flags (PCRS)
@@ -68,6 +70,66 @@ def test_label_hash_must_match() -> None:
     raw = bytearray.fromhex(INFO_HEX)
     raw[49] ^= 1  # inside the label hash
     with pytest.raises(RemoteProtocolError, match="label hash"):
+        DeepQuoteInfo.unmarshal(bytes(raw))
+
+
+EK_NAME = b"\x00\x0b" + b"\xee" * 32
+INFO_V2 = DeepQuoteInfo(
+    b"\x01\x02", uuid.UUID(int=1), uuid.UUID(int=2), "a:b:c", 0x000B, ((3, b"\x33" * 32),),
+    ek_name=EK_NAME,
+)  # fmt: skip
+INFO_V2_HEX = (
+    "56544451"
+    "0002" "0001"  # version 2, flags (PCRS)
+    "0002" "0102"
+    + "00" * 15 + "01"
+    + "00" * 15 + "02"
+    + "0005" "613a623a63"
+    + hashlib.sha256(b"a:b:c").hexdigest()
+    + "0022" "000b" + "ee" * 32  # EK name: nameAlg SHA-256 || digest
+    + "000b" "01" "03" + "33" * 32
+)  # fmt: skip
+
+
+def test_info_version_2_carries_the_ek_name() -> None:
+    assert INFO_V2.version == 2
+    assert INFO_V2.marshal().hex() == INFO_V2_HEX
+    back = DeepQuoteInfo.unmarshal(bytes.fromhex(INFO_V2_HEX))
+    assert back == INFO_V2 and back.ek_name == EK_NAME
+    # the EK name is signed: it is in the leaf
+    assert INFO_V2.leaf() != dataclass_replace(INFO_V2, ek_name=b"\x00\x0b" + b"\xef" * 32).leaf()
+
+
+def test_info_version_2_without_ek_and_version_1_still_parsed() -> None:
+    no_ek = dataclass_replace(INFO_V2, ek_name=b"")
+    assert DeepQuoteInfo.unmarshal(no_ek.marshal()) == no_ek
+    v1 = DeepQuoteInfo.unmarshal(bytes.fromhex(INFO_HEX))
+    assert v1.version == 1 and v1.ek_name == b""
+    assert v1.marshal().hex() == INFO_HEX  # re-marshals as the version-1 bytes it was
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"version": 1}, "version 1"),
+        ({"version": 3}, "version"),
+        ({"ek_name": b"\x00\x0b" + b"\xee" * 31}, "EK name"),
+        ({"ek_name": b"\x12\x34" + b"\xee" * 32}, "EK name"),
+    ],
+)
+def test_bad_ek_name_or_version_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(LocalProtocolError, match=message):
+        dataclass_replace(INFO_V2, **change)  # type: ignore[arg-type]
+
+
+def test_bad_v2_bytes() -> None:
+    raw = bytearray.fromhex(INFO_V2_HEX)
+    raw[83:85] = b"\x00\x50"  # EK name length beyond any name (offset: after the label hash)
+    with pytest.raises(RemoteProtocolError, match="EK name"):
+        DeepQuoteInfo.unmarshal(bytes(raw))
+    raw = bytearray.fromhex(INFO_V2_HEX)
+    raw[85] = 0x99  # a nameAlg that is no hash
+    with pytest.raises(RemoteProtocolError, match="EK name"):
         DeepQuoteInfo.unmarshal(bytes(raw))
 
 

@@ -29,7 +29,7 @@ def info(**kw: object) -> DeepQuoteInfo:
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: info(version=2), "version"),
+        (lambda: info(version=3), "version"),
         (lambda: info(flags=0x80), "flags"),
         (lambda: info(nonce=b""), "nonce"),
         (lambda: info(nonce=bytes(65)), "nonce"),

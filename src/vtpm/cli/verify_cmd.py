@@ -5,7 +5,11 @@
     vtpm verify --ak-public AK --quote MSG --signature SIG --pcrs PCRS [--pcr-list BANK:I,J..]
                 [--ak-qualified-name QN] [--nonce HEX] [--policy P.json] [--previous MSG0]
                 [--event-log LOG] [--json]
-    vtpm verify --bundle B.json [--json]
+    vtpm verify --bundle B.json [--ek-cert EK.der [--policy P.json]] [--json]
+
+With --ek-cert (DER or PEM), the EK certificate's chain to the group's AK is checked too
+(`vtpm.verify.chain`: chain.*), and with --evidence the deep quote must be of that vTPM
+(deep.ek).
 
 Plain quotes take tpm2-tools 5.x files: `tpm2_quote -m` (TPMS_ATTEST), `-s` (TPMT_SIGNATURE,
 its default `tss` format), `-o` (PCR values: the default serialized form, or with `-F values`
@@ -37,6 +41,7 @@ from vtpm.tpm.attest import TPM_GENERATED_VALUE
 from vtpm.tpm.hashes import HASH_BY_NAME, hash_name
 from vtpm.tpm.public import parse_public
 from vtpm.verify.bundle import verify_bundle
+from vtpm.verify.chain import GroupCaEvidence, load_certificate, verify_chain
 from vtpm.verify.deepquote import compare_pcrs, verify_deep_quote
 from vtpm.verify.expected import Expected
 from vtpm.verify.quote import Ak, verify_quote
@@ -82,6 +87,13 @@ def register(sub: Any) -> None:
         "--pcr-list", metavar="BANK:I,J", help="selection of a bare-values PCR file (-F values)"
     )
     p.add_argument("--event-log", type=Path, metavar="FILE", help="replay this event log too")
+    p.add_argument(
+        "--ek-cert",
+        type=Path,
+        metavar="FILE",
+        help="a vTPM EK certificate (DER or PEM): check its chain to the bundle's AK, and that "
+        "the deep quote (--evidence) is of that vTPM",
+    )
     p.add_argument("--json", action="store_true", help="print the verdict as JSON")
     p.set_defaults(func=cmd_verify)
 
@@ -268,21 +280,43 @@ def event_log_checks(
 # modes ----------------------------------------------------------------------------------------
 
 
+def _bundle(path: Path) -> tuple[Bundle, GroupCaEvidence | None]:
+    """The bundle document and its group CA (None when it has none)."""
+    raw = _json(path, "bundle")
+    try:
+        bundle = Bundle.from_json(raw)
+        return bundle, GroupCaEvidence.from_bundle(bundle)
+    except (VtpmError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise VerifyError(f"bundle {path}: {e}") from None
+
+
+def _chain(
+    args: argparse.Namespace, bundle: Bundle, ca: GroupCaEvidence | None, expected: Expected | None
+) -> Verdict:
+    return verify_chain(bundle, ca, _read(args.ek_cert, "EK certificate"), expected)
+
+
 def _deep(args: argparse.Namespace, expected: Expected | None) -> Verdict:
     if args.bundle is None or args.nonce is None:
         raise ConfigError("--evidence needs --bundle and --nonce")
-    bundle: Bundle = _document(args.bundle, "bundle", Bundle.from_json)
+    bundle, ca = _bundle(args.bundle)
     evidence: Evidence = _document(args.evidence, "evidence", Evidence.from_json)
     previous = None
     if args.previous is not None:
         previous = _document(args.previous, "previous evidence", Evidence.from_json)
     nonce = _hex_arg(args.nonce, "--nonce")
+    ek_cert = None
+    if args.ek_cert is not None:
+        ek_cert = load_certificate(_read(args.ek_cert, "EK certificate"), str(args.ek_cert))
     verdict = verify_bundle(bundle)
     verdict = verdict.plus(
         verify_deep_quote(
-            evidence, bundle, nonce=nonce, expected=expected, previous=previous
+            evidence, bundle, nonce=nonce, expected=expected, previous=previous,
+            ek_certificate=ek_cert,
         ).checks
-    )
+    )  # fmt: skip
+    if args.ek_cert is not None:
+        verdict = verdict.plus(_chain(args, bundle, ca, expected).checks)
     if args.event_log is not None:
         info = evidence.info
         bank = hash_name(info.pcr_bank)
@@ -302,6 +336,8 @@ def _plain(args: argparse.Namespace, expected: Expected | None) -> Verdict:
     ]
     if missing:
         raise ConfigError(f"--quote needs {', '.join(missing)}")
+    if args.ek_cert is not None:
+        raise ConfigError("--ek-cert needs --bundle (a plain quote has no group CA)")
     ak = load_ak(args.ak_public)
     attest = load_attest(args.quote, "quote")
     signature = _read(args.signature, "signature")
@@ -372,7 +408,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif args.bundle is not None:
         if args.event_log is not None or args.nonce is not None:
             raise ConfigError("--bundle alone verifies the bundle; --nonce/--event-log need more")
-        verdict = verify_bundle(_document(args.bundle, "bundle", Bundle.from_json))
+        bundle, ca = _bundle(args.bundle)
+        verdict = verify_bundle(bundle)
+        if args.ek_cert is not None:
+            verdict = verdict.plus(_chain(args, bundle, ca, expected).checks)
     else:
         raise ConfigError(
             "give --bundle with --evidence (deep quote), --quote with --ak-public (TPM quote), "

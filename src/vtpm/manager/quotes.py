@@ -1,9 +1,12 @@
 """Deep quotes: asked on the host (the Manager reads the running vTPM's PCRs over its link)
 or by the guest through its vTPM (the PCR values come with the request).
 
-The vTPM's uuid, group and label in the quoted DeepQuoteInfo come from the Manager's records,
-never from the asker. The group must be unlocked; the host PCRs default to those of the group's
-first permitted state. Batching is `vtpm.manager.deepquote.DeepQuoter`'s.
+The vTPM's uuid, group, label and EK name in the quoted DeepQuoteInfo come from the Manager's
+records, never from the asker. The EK name is that of the vTPM's certified EK ("ek-rsa2048"
+when it has one, else its first certified EK kind), so a verifier holding the EK certificate
+can tie the quote to it; empty when the vTPM has no certified EK. The group must be
+unlocked; the host PCRs default to those of the group's first permitted state. Batching is
+`vtpm.manager.deepquote.DeepQuoter`'s.
 
 Fail closed: a group found locked is checked again with a fresh PCR read (it may have been
 locked only by a hardware TPM outage that is over); a hardware TPM known to be down refuses
@@ -26,6 +29,16 @@ from vtpm.wire.deepquote import DeepQuoteInfo
 from vtpm.wire.evidence import Evidence, encode_evidence
 
 PcrValues = tuple[tuple[int, bytes], ...]
+PREFERRED_EK = "ek-rsa2048"
+
+
+def certified_ek_name(store: Store, vtpm_uuid: uuid.UUID) -> bytes:
+    """The name of the EK a deep quote binds: ek-rsa2048, else the first EK kind recorded."""
+    eks = [c for c in store.certs(vtpm_uuid) if c.kind.startswith("ek-") and c.ek_name]
+    for cert in eks:
+        if cert.kind == PREFERRED_EK:
+            return cert.ek_name
+    return eks[0].ek_name if eks else b""
 
 
 class DeepQuotes:
@@ -55,7 +68,10 @@ class DeepQuotes:
         if not host_pcrs:
             host_pcrs = g.pcr_states[0].pcrs
         try:
-            info = DeepQuoteInfo(nonce, rec.uuid, g.uuid, rec.label, bank, values)
+            info = DeepQuoteInfo(
+                nonce, rec.uuid, g.uuid, rec.label, bank, values,
+                ek_name=certified_ek_name(self._store, rec.uuid),
+            )  # fmt: skip
         except LocalProtocolError as e:
             raise RequestError(f"deep quote: {e}") from None
         return self._quoter.request(g.uuid, info, tuple(sorted(set(host_pcrs))))

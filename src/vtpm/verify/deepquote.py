@@ -18,6 +18,10 @@ Merkle root that `deep.merkle` checks, and `quote.clock` only with a previous ev
     deep.label_expected  the label is the expected one              } policy names
     deep.vtpm_pcrs       the vTPM PCR values in the info are the expected ones     } them
     deep.host_pcrs       the host PCR values are the expected ones                 }
+    deep.ek              (with an EK certificate) the info's EK name (DeepQuoteInfo version 2)
+                         is the TPM name of the certificate's key as a TCG EK, and the
+                         certificate's vTPM identity, when it has one, is the info's vTPM; a
+                         version 1 info carries no EK binding and fails this check
 
 The bundle is trusted as given here: check it once with `vtpm.verify.bundle.verify_bundle`
 (and credential activation) before taking deep quotes on its word.
@@ -29,11 +33,15 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 
+from cryptography import x509
+
+from vtpm.errors import VerifyError
 from vtpm.tpm.attest import parse_attest
 from vtpm.tpm.hashes import hash_name
 from vtpm.tpm.public import parse_public
 from vtpm.verify import quote
 from vtpm.verify.bundle import GroupInfo
+from vtpm.verify.ekident import ek_name, identity_of
 from vtpm.verify.expected import Expected, PcrBanks
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.deepquote import FLAG_PCRS, DeepQuoteInfo, root_from_path
@@ -117,6 +125,32 @@ def check_host_state(host_pcrs: Mapping[int, bytes], bank: str, group: GroupInfo
     )
 
 
+def check_ek(info: DeepQuoteInfo, cert: x509.Certificate) -> Check:
+    """The deep quote is of the vTPM whose EK `cert` certifies."""
+    if info.version < 2:
+        return Check("deep.ek", False, "a version 1 deep quote carries no EK binding")
+    if not info.ek_name:
+        return Check("deep.ek", False, "the deep quote names no EK: the vTPM has no certified EK")
+    try:
+        template, name = ek_name(cert)
+        ident = identity_of(cert)
+    except VerifyError as e:
+        return Check("deep.ek", False, f"the EK certificate: {e}")
+    if not hmac.compare_digest(name, info.ek_name):
+        return Check(
+            "deep.ek",
+            False,
+            f"the certificate's key as a TCG {template} EK is named {_short(name)}, the deep "
+            f"quote signed the EK name {_short(info.ek_name)}: another vTPM's EK certificate",
+        )
+    if ident is not None and ident.vtpm_uuid != info.vtpm_uuid:
+        why = (
+            f"the certificate is for vTPM {ident.vtpm_uuid}, the deep quote is of {info.vtpm_uuid}"
+        )
+        return Check("deep.ek", False, why)
+    return Check("deep.ek", True, f"the deep quote is of the vTPM whose {template} EK is certified")
+
+
 def compare_pcrs(check_id: str, got: Mapping[int, bytes], bank: str, want: PcrBanks) -> Check:
     """The PCR values `got` (bank `bank`) against the expected banks `want`."""
     problems: list[str] = []
@@ -171,9 +205,10 @@ def verify_deep_quote(
     nonce: bytes,
     expected: Expected | None = None,
     previous: Evidence | None = None,
+    ek_certificate: x509.Certificate | None = None,
 ) -> Verdict:
-    """Every check of one deep quote. Raises VerifyError when the bundle's AK or group, or the
-    host quote's bytes, do not parse."""
+    """Every check of one deep quote (and `deep.ek` with an EK certificate). Raises VerifyError
+    when the bundle's AK or group, or the host quote's bytes, do not parse."""
     ak = parse_public(bundle.ak_public)
     group = GroupInfo.from_json(bundle.group)
     host = evidence.host
@@ -202,4 +237,6 @@ def verify_deep_quote(
         checks.append(state)
     if expected is not None:
         checks += expected_checks(info, evidence, group, expected)
+    if ek_certificate is not None:
+        checks.append(check_ek(info, ek_certificate))
     return Verdict(tuple(checks))

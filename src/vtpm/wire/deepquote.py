@@ -10,12 +10,14 @@ tree shared by all requests gathered in one batch, and signs the root:
 Each answer carries its DeepQuoteInfo, its inclusion path and the shared hardware quote. A lone
 request's tree is one leaf: the root is its leaf hash.
 
-DeepQuoteInfo, all integers big-endian (version 1):
+DeepQuoteInfo, all integers big-endian (version 2; version 1 lacks the EK name field):
 
-    magic "VTDQ" | u16 version (1) | u16 flags
+    magic "VTDQ" | u16 version (2, or 1) | u16 flags
     u16 nonce length (1..64) | nonce
     16-byte vTPM uuid | 16-byte group uuid
     u16 label length (1..256) | label (UTF-8) | 32-byte SHA-256(label)
+    u16 EK name length | EK name (version 2 only): the TPM name (nameAlg || H(TPMT_PUBLIC)) of
+        the vTPM's certified EK, empty when it has none; binds the quote to the EK certificate
     u16 PCR bank (TPM_ALG_ID) | u8 n (0..24) | n x (u8 PCR index | digest of the bank's size),
         indices strictly increasing
     u32 vTPM quote length | vTPM quote (TPM2B_ATTEST || TPMT_SIGNATURE from the vTPM), only
@@ -45,13 +47,15 @@ from vtpm.errors import LocalProtocolError, RemoteProtocolError
 from vtpm.tpm.constants import DIGEST_SIZES, TPM_ALG
 
 MAGIC = b"VTDQ"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # version 1: no EK name (documents made before the EK binding)
 FLAG_PCRS = 0x0001
 FLAG_VTPM_QUOTE = 0x0002
 KNOWN_FLAGS = FLAG_PCRS | FLAG_VTPM_QUOTE
 MAX_NONCE = 64
 MAX_LABEL = 256
 MAX_VTPM_QUOTE = 8192
+MAX_EK_NAME = 2 + 64  # a TPMT_HA: nameAlg and a digest of at most SHA-512's size
 LEAF = b"\x00"
 NODE = b"\x01"
 
@@ -72,10 +76,18 @@ class DeepQuoteInfo:
     flags: int = FLAG_PCRS
     version: int = VERSION
     label_hash: bytes = field(default=b"")
+    ek_name: bytes = b""
 
     def __post_init__(self) -> None:
-        if self.version != VERSION:
-            raise LocalProtocolError(f"DeepQuoteInfo version {self.version} is not {VERSION}")
+        if self.version not in VERSIONS:
+            raise LocalProtocolError(f"DeepQuoteInfo version {self.version} is not 1 or 2")
+        if self.ek_name and self.version < 2:
+            raise LocalProtocolError("a version 1 DeepQuoteInfo carries no EK name")
+        if self.ek_name and not (
+            len(self.ek_name) > 2
+            and DIGEST_SIZES.get(int.from_bytes(self.ek_name[:2], "big")) == len(self.ek_name) - 2
+        ):
+            raise LocalProtocolError("an EK name is nameAlg || a digest of that algorithm")
         if self.flags & ~KNOWN_FLAGS:
             raise LocalProtocolError(f"unknown DeepQuoteInfo flags {self.flags:#x}")
         if not 1 <= len(self.nonce) <= MAX_NONCE:
@@ -120,8 +132,10 @@ class DeepQuoteInfo:
             struct.pack(">H", len(label)),
             label,
             self.label_hash,
-            struct.pack(">HB", self.pcr_bank, len(self.pcrs)),
         ]
+        if self.version >= 2:
+            out += [struct.pack(">H", len(self.ek_name)), self.ek_name]
+        out.append(struct.pack(">HB", self.pcr_bank, len(self.pcrs)))
         for index, value in self.pcrs:
             out += [struct.pack(">B", index), value]
         if self.flags & FLAG_VTPM_QUOTE:
@@ -143,6 +157,12 @@ class DeepQuoteInfo:
         group_uuid = uuid.UUID(bytes=r.take(16))
         raw_label = r.take(r.unpack(">H")[0])
         label_hash = r.take(32)
+        ek_name = b""
+        if version >= 2:
+            name_size = r.unpack(">H")[0]
+            if name_size > MAX_EK_NAME:
+                raise RemoteProtocolError(f"DeepQuoteInfo: an EK name of {name_size} bytes")
+            ek_name = r.take(name_size)
         bank, count = r.unpack(">HB")
         size = DIGEST_SIZES.get(bank)
         if size is None:
@@ -160,7 +180,7 @@ class DeepQuoteInfo:
             label = raw_label.decode()
             return cls(
                 nonce, vtpm_uuid, group_uuid, label, bank, tuple(pcrs), vtpm_quote, flags,
-                version, label_hash,
+                version, label_hash, ek_name,
             )  # fmt: skip
         except (UnicodeDecodeError, LocalProtocolError) as e:
             raise RemoteProtocolError(f"DeepQuoteInfo: {e}") from None

@@ -1,0 +1,194 @@
+"""What a vTPM EK certificate says about the vTPM: its identity extension and its EK's TPM name.
+
+Two facts a verifier reads from an EK certificate issued by a group CA:
+
+1. The vTPM identity extension (non-critical; the group CA puts it in every EK and platform
+   certificate it issues). This module is the verifier's one definition of it, as branch `ca`
+   issues it (`vtpm.tpm.ekcert` there; an OID under the UUID arc 2.25, ITU-T X.667):
+
+       id-vtpm-identity OBJECT IDENTIFIER ::= { 2 25 292244736769242437814819020044331002690 }
+       VtpmIdentity ::= SEQUENCE {
+           version    INTEGER (1),
+           vtpmUuid   OCTET STRING (SIZE (16)),   -- RFC 4122 bytes
+           groupUuid  OCTET STRING (SIZE (16)),
+           label      UTF8String (SIZE (1..256)), -- the vTPM's label, user:role:type
+           kind       UTF8String }                -- "ek-rsa2048", ..., "platform"
+
+2. The TPM name of the certified key. A deep quote carries the vTPM EK's name
+   (nameAlg || H(TPMT_PUBLIC)); a certificate carries only the SubjectPublicKeyInfo. The name
+   is rebuilt by putting the certificate's key into the TCG EK Credential Profile template of
+   its algorithm (the unique field of a TCG EK is its public key; every other field is fixed by
+   the template) and hashing that TPMT_PUBLIC. A name equal to the signed one means the vTPM's
+   EK is exactly this key with the standard EK attributes and policy. Templates: L-1 (RSA 2048)
+   and L-2 (ECC P-256), SHA-256, attributes 0x000300B2, PolicyA; H-3 (ECC P-384), SHA-384,
+   0x000300F2 (adds userWithAuth), PolicyB, AES-256-CFB.
+
+Parsing only; malformed bytes raise VerifyError.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from vtpm.errors import VerifyError
+from vtpm.tpm.constants import TPM_ALG, TPM_ECC_CURVE
+from vtpm.tpm.hashes import HASHES
+
+# the identity extension: the one place the verifier defines it -------------------------------
+
+IDENTITY_OID = x509.ObjectIdentifier("2.25.292244736769242437814819020044331002690")
+IDENTITY_VERSION = 1
+MAX_LABEL = 256
+MAX_KIND = 32
+
+
+@dataclass(frozen=True, slots=True)
+class EkIdentity:
+    vtpm_uuid: uuid.UUID
+    group_uuid: uuid.UUID
+    label: str
+    kind: str = "ek-rsa2048"
+
+
+def _der(data: bytes, pos: int, tag: int, what: str) -> tuple[bytes, int]:
+    """The contents of the DER element of `tag` at `pos`, and the position after it."""
+    if pos + 2 > len(data) or data[pos] != tag:
+        raise VerifyError(f"vTPM identity extension: {what} is not where it should be")
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 2 or pos + count > len(data):
+            raise VerifyError(f"vTPM identity extension: {what} has a bad length")
+        length = int.from_bytes(data[pos : pos + count], "big")
+        if length < 0x80 or (count == 2 and length < 0x100):
+            raise VerifyError(f"vTPM identity extension: {what} length is not minimal DER")
+        pos += count
+    if pos + length > len(data):
+        raise VerifyError(f"vTPM identity extension: {what} is truncated")
+    return data[pos : pos + length], pos + length
+
+
+def parse_identity(value: bytes) -> EkIdentity:
+    """The DER VtpmIdentity (the extension's extnValue contents)."""
+    body, end = _der(value, 0, 0x30, "the SEQUENCE")
+    if end != len(value):
+        raise VerifyError("vTPM identity extension: bytes after the SEQUENCE")
+    version, pos = _der(body, 0, 0x02, "version")
+    if version != bytes([IDENTITY_VERSION]):
+        raise VerifyError(f"vTPM identity extension: not version {IDENTITY_VERSION}")
+    vtpm_raw, pos = _der(body, pos, 0x04, "vtpmUuid")
+    group_raw, pos = _der(body, pos, 0x04, "groupUuid")
+    label_raw, pos = _der(body, pos, 0x0C, "label")
+    kind_raw, pos = _der(body, pos, 0x0C, "kind")
+    if pos != len(body):
+        raise VerifyError("vTPM identity extension: unexpected fields after the kind")
+    if len(vtpm_raw) != 16 or len(group_raw) != 16:
+        raise VerifyError("vTPM identity extension: a uuid is not 16 bytes")
+    if not 1 <= len(label_raw) <= MAX_LABEL:
+        raise VerifyError(f"vTPM identity extension: a label is 1..{MAX_LABEL} bytes")
+    if len(kind_raw) > MAX_KIND:
+        raise VerifyError(f"vTPM identity extension: a kind is at most {MAX_KIND} bytes")
+    try:
+        label, kind = label_raw.decode(), kind_raw.decode()
+    except UnicodeDecodeError:
+        raise VerifyError("vTPM identity extension: the label or kind is not UTF-8") from None
+    return EkIdentity(uuid.UUID(bytes=vtpm_raw), uuid.UUID(bytes=group_raw), label, kind)
+
+
+def encode_identity(ident: EkIdentity) -> bytes:
+    """The DER VtpmIdentity; for tests and for documentation of the exact bytes."""
+
+    def tlv(tag: int, content: bytes) -> bytes:
+        n = len(content)
+        if n < 0x80:
+            return bytes([tag, n]) + content
+        if n < 0x100:
+            return bytes([tag, 0x81, n]) + content
+        return bytes([tag, 0x82]) + n.to_bytes(2, "big") + content
+
+    body = tlv(0x02, bytes([IDENTITY_VERSION]))
+    body += tlv(0x04, ident.vtpm_uuid.bytes) + tlv(0x04, ident.group_uuid.bytes)
+    return tlv(0x30, body + tlv(0x0C, ident.label.encode()) + tlv(0x0C, ident.kind.encode()))
+
+
+def identity_of(cert: x509.Certificate) -> EkIdentity | None:
+    """The certificate's vTPM identity; None when it has no such extension."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID)
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as e:  # duplicate or malformed extensions
+        raise VerifyError(f"the certificate's extensions do not parse: {e}") from None
+    value = ext.value
+    if not isinstance(value, x509.UnrecognizedExtension):
+        raise VerifyError("the vTPM identity extension is not an opaque extension")
+    return parse_identity(value.value)
+
+
+# the TPM name of a certified EK key --------------------------------------------------------
+
+POLICY_A_SHA256 = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
+POLICY_B_SHA384 = bytes.fromhex(
+    "b26e7d28d11a50bc53d882bcf5fd3a1a074148bb35d3b4e4cb1c0ad9bde419ca"
+    "cb47ba09699646150f9fc000f3f80e12"
+)
+ATTRS_A = 0x000300B2  # fixedTPM fixedParent sensitiveDataOrigin adminWithPolicy restricted decrypt
+ATTRS_B = ATTRS_A | 0x00000040  # + userWithAuth (high-range templates)
+
+
+def _b(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def ek_template_public(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey) -> tuple[str, bytes]:
+    """(template name, marshalled TPMT_PUBLIC) of a TCG EK with public key `key`."""
+    if isinstance(key, rsa.RSAPublicKey):
+        numbers = key.public_numbers()
+        if key.key_size != 2048 or numbers.e != 65537:
+            raise VerifyError(f"an RSA-{key.key_size} EK has no TCG template here (RSA-2048)")
+        head = struct.pack(">HHI", TPM_ALG.RSA, TPM_ALG.SHA256, ATTRS_A) + _b(POLICY_A_SHA256)
+        params = struct.pack(">HHH", TPM_ALG.AES, 128, TPM_ALG.CFB)
+        params += struct.pack(">HHI", TPM_ALG.NULL, 2048, 0)
+        return "L-1 (RSA 2048)", head + params + _b(numbers.n.to_bytes(256, "big"))
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        point = key.public_numbers()
+        if isinstance(key.curve, ec.SECP256R1):
+            name, name_alg, attrs, policy = (
+                "L-2 (ECC P-256)",
+                TPM_ALG.SHA256,
+                ATTRS_A,
+                POLICY_A_SHA256,
+            )
+            bits, curve, size = 128, TPM_ECC_CURVE.NIST_P256, 32
+        elif isinstance(key.curve, ec.SECP384R1):
+            name, name_alg, attrs, policy = (
+                "H-3 (ECC P-384)",
+                TPM_ALG.SHA384,
+                ATTRS_B,
+                POLICY_B_SHA384,
+            )
+            bits, curve, size = 256, TPM_ECC_CURVE.NIST_P384, 48
+        else:
+            raise VerifyError(f"an ECC {key.curve.name} EK has no TCG template here")
+        head = struct.pack(">HHI", TPM_ALG.ECC, name_alg, attrs) + _b(policy)
+        params = struct.pack(">HHH", TPM_ALG.AES, bits, TPM_ALG.CFB)
+        params += struct.pack(">HHH", TPM_ALG.NULL, curve, TPM_ALG.NULL)
+        unique = _b(point.x.to_bytes(size, "big")) + _b(point.y.to_bytes(size, "big"))
+        return name, head + params + unique
+    raise VerifyError(f"an EK certificate's key is {type(key).__name__}, not RSA or ECC")
+
+
+def ek_name(cert: x509.Certificate) -> tuple[str, bytes]:
+    """(template name, TPM name) of the EK the certificate certifies, as a TCG EK."""
+    key = cert.public_key()
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise VerifyError(f"an EK certificate's key is {type(key).__name__}, not RSA or ECC")
+    template, tpmt = ek_template_public(key)
+    name_alg = int.from_bytes(tpmt[2:4], "big")
+    return template, struct.pack(">H", name_alg) + HASHES[name_alg].digest(tpmt)

@@ -38,9 +38,9 @@ from tpm2_pytss import (
 )
 
 from tests.tpm_quotes import UNRESTRICTED_ATTRIBUTES, Key, QuoteTpm, ecc_template
+from vtpm.tpm.ekcert import OID_VTPM_IDENTITY, VtpmIdentity
 from vtpm.tpm.public import parse_public
 from vtpm.verify.chain import GroupCaEvidence, certify_qualifying_data
-from vtpm.verify.ekident import IDENTITY_OID, EkIdentity, encode_identity
 
 ECDSA_SHA256 = bytes.fromhex("300a06082a8648ce3d040302")  # AlgorithmIdentifier, no parameters
 EK_CERTIFICATE_EKU = x509.ObjectIdentifier("2.23.133.8.1")
@@ -110,7 +110,7 @@ class TpmTestCa:
         value = b"\x00" + encode_dss_signature(r, s)
         return _tlv(0x30, tbs + ECDSA_SHA256 + _tlv(0x03, value))
 
-    def ek_certificate(self, ek_key: Any, ident: EkIdentity | None) -> bytes:
+    def ek_certificate(self, ek_key: Any, ident: VtpmIdentity | None) -> bytes:
         b = self._builder(x509.Name([]), ek_key)
         b = b.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         b = b.add_extension(x509.ExtendedKeyUsage([EK_CERTIFICATE_EKU]), critical=False)
@@ -125,7 +125,9 @@ class TpmTestCa:
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
         )
         if ident is not None:
-            ext = x509.UnrecognizedExtension(IDENTITY_OID, encode_identity(ident))
+            ext = x509.UnrecognizedExtension(
+                x509.ObjectIdentifier(OID_VTPM_IDENTITY), ident.encode()
+            )
             b = b.add_extension(ext, critical=False)
         return self.sign(b)
 
@@ -142,8 +144,8 @@ def pem(der: bytes) -> bytes:
     return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
 
 
-def identity(vtpm_uuid: uuid.UUID, group: dict[str, Any], label: str) -> EkIdentity:
-    return EkIdentity(vtpm_uuid, uuid.UUID(group["uuid"]), label)
+def identity(vtpm_uuid: uuid.UUID, group: dict[str, Any], label: str) -> VtpmIdentity:
+    return VtpmIdentity(vtpm_uuid, uuid.UUID(group["uuid"]), label, "ek-rsa2048")
 
 
 def ecc_ek_template(p384: bool) -> TPM2B_PUBLIC:

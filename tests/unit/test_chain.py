@@ -17,10 +17,11 @@ import pytest
 from cryptography import x509
 
 from vtpm.manager.simulator import Simulator
+from vtpm.tpm.ekcert import VtpmIdentity
 from vtpm.tpm.public import parse_public
 from vtpm.verify.chain import GroupCaEvidence, verify_chain
 from vtpm.verify.deepquote import check_ek
-from vtpm.verify.ekident import EkIdentity, ek_name, encode_identity, parse_identity
+from vtpm.verify.ekident import ek_name
 from vtpm.verify.expected import Expected
 from vtpm.wire.evidence import Bundle
 
@@ -219,10 +220,10 @@ def test_deep_ek_binds_the_certified_ek(chain: Chain) -> None:
 
 
 def test_identity_extension_round_trip() -> None:
-    ident = EkIdentity(uuid.uuid4(), uuid.uuid4(), "u_u:r_r:t_t", "ek-ecc256")
-    assert parse_identity(encode_identity(ident)) == ident
+    ident = VtpmIdentity(uuid.uuid4(), uuid.uuid4(), "u_u:r_r:t_t", "ek-ecc256")
+    assert VtpmIdentity.decode(ident.encode()) == ident
     # the exact bytes of the group CA's definition (version 1 first, kind last)
-    raw = encode_identity(ident)
+    raw = ident.encode()
     assert (
         raw[0] == 0x30
         and raw[2:5] == bytes.fromhex("020101")

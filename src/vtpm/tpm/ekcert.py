@@ -47,6 +47,8 @@ OID_SUBJECT_DIRECTORY_ATTRIBUTES = "2.5.29.9"
 OID_VTPM_IDENTITY = "2.25.292244736769242437814819020044331002690"
 
 IDENTITY_VERSION = 1
+MAX_LABEL = 256  # bytes of a label in the identity extension
+MAX_KIND = 32
 CERT_KINDS = ("ek-rsa2048", "ek-ecc256", "ek-ecc384", "platform")
 
 # The TPM the certificates describe: libtpms, as every vTPM runs it. Manufacturer and version
@@ -101,6 +103,10 @@ class VtpmIdentity:
             uuids.append(uuid.UUID(bytes=raw))
         label = der.read_utf8(parts[3], f"{what} label")
         kind = der.read_utf8(parts[4], f"{what} kind")
+        if not 1 <= len(label.encode()) <= MAX_LABEL:
+            raise VerifyError(f"{what}: a label is 1..{MAX_LABEL} bytes")
+        if len(kind.encode()) > MAX_KIND:
+            raise VerifyError(f"{what}: a kind is at most {MAX_KIND} bytes")
         return cls(uuids[0], uuids[1], label, kind)
 
 
@@ -115,10 +121,21 @@ def tpm_specification() -> bytes:
 
 def identity_of(cert: x509.Certificate) -> VtpmIdentity:
     """The vTPM identity extension of `cert`; VerifyError if it has none or it is malformed."""
+    found = find_identity(cert)
+    if found is None:
+        raise VerifyError("the certificate has no vTPM identity extension")
+    return found
+
+
+def find_identity(cert: x509.Certificate) -> VtpmIdentity | None:
+    """The vTPM identity extension of `cert`, None when it has none; VerifyError when it is
+    malformed (or the certificate's extensions do not parse)."""
     try:
         ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_VTPM_IDENTITY))
     except x509.ExtensionNotFound:
-        raise VerifyError("the certificate has no vTPM identity extension") from None
+        return None
+    except ValueError as e:  # duplicate or malformed extensions
+        raise VerifyError(f"the certificate's extensions do not parse: {e}") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):
         raise VerifyError("the vTPM identity extension does not parse")

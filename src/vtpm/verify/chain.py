@@ -62,11 +62,11 @@ from vtpm.tpm.attest import (
     parse_signature,
 )
 from vtpm.tpm.constants import TPMA_OBJECT
+from vtpm.tpm.ekcert import VtpmIdentity, find_identity
 from vtpm.tpm.public import TpmPublic, parse_public
 from vtpm.tpm.reader import Reader
 from vtpm.verify import quote
 from vtpm.verify.bundle import GroupInfo, check_bundle_ak, check_config_quote
-from vtpm.verify.ekident import EkIdentity, identity_of
 from vtpm.verify.expected import Expected
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.evidence import Bundle
@@ -293,9 +293,9 @@ def check_ek_cert(
 
 def check_ek_extension(
     ek: x509.Certificate, group: GroupInfo, expected: Expected | None
-) -> tuple[Check, EkIdentity | None]:
+) -> tuple[Check, VtpmIdentity | None]:
     try:
-        ident = identity_of(ek)
+        ident = find_identity(ek)
     except VerifyError as e:
         return Check("chain.ek_extension", False, str(e)), None
     if ident is None:

@@ -37,11 +37,12 @@ from cryptography import x509
 
 from vtpm.errors import VerifyError
 from vtpm.tpm.attest import parse_attest
+from vtpm.tpm.ekcert import find_identity
 from vtpm.tpm.hashes import hash_name
 from vtpm.tpm.public import parse_public
 from vtpm.verify import quote
 from vtpm.verify.bundle import GroupInfo
-from vtpm.verify.ekident import ek_name, identity_of
+from vtpm.verify.ekident import ek_name
 from vtpm.verify.expected import Expected, PcrBanks
 from vtpm.verify.verdict import Check, Verdict
 from vtpm.wire.deepquote import FLAG_PCRS, DeepQuoteInfo, root_from_path
@@ -133,7 +134,7 @@ def check_ek(info: DeepQuoteInfo, cert: x509.Certificate) -> Check:
         return Check("deep.ek", False, "the deep quote names no EK: the vTPM has no certified EK")
     try:
         template, name = ek_name(cert)
-        ident = identity_of(cert)
+        ident = find_identity(cert)
     except VerifyError as e:
         return Check("deep.ek", False, f"the EK certificate: {e}")
     if not hmac.compare_digest(name, info.ek_name):

@@ -29,8 +29,6 @@ Parsing only; malformed bytes raise VerifyError.
 from __future__ import annotations
 
 import struct
-import uuid
-from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -38,98 +36,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from vtpm.errors import VerifyError
 from vtpm.tpm.constants import TPM_ALG, TPM_ECC_CURVE
 from vtpm.tpm.hashes import HASHES
-
-# the identity extension: the one place the verifier defines it -------------------------------
-
-IDENTITY_OID = x509.ObjectIdentifier("2.25.292244736769242437814819020044331002690")
-IDENTITY_VERSION = 1
-MAX_LABEL = 256
-MAX_KIND = 32
-
-
-@dataclass(frozen=True, slots=True)
-class EkIdentity:
-    vtpm_uuid: uuid.UUID
-    group_uuid: uuid.UUID
-    label: str
-    kind: str = "ek-rsa2048"
-
-
-def _der(data: bytes, pos: int, tag: int, what: str) -> tuple[bytes, int]:
-    """The contents of the DER element of `tag` at `pos`, and the position after it."""
-    if pos + 2 > len(data) or data[pos] != tag:
-        raise VerifyError(f"vTPM identity extension: {what} is not where it should be")
-    length = data[pos + 1]
-    pos += 2
-    if length & 0x80:
-        count = length & 0x7F
-        if not 1 <= count <= 2 or pos + count > len(data):
-            raise VerifyError(f"vTPM identity extension: {what} has a bad length")
-        length = int.from_bytes(data[pos : pos + count], "big")
-        if length < 0x80 or (count == 2 and length < 0x100):
-            raise VerifyError(f"vTPM identity extension: {what} length is not minimal DER")
-        pos += count
-    if pos + length > len(data):
-        raise VerifyError(f"vTPM identity extension: {what} is truncated")
-    return data[pos : pos + length], pos + length
-
-
-def parse_identity(value: bytes) -> EkIdentity:
-    """The DER VtpmIdentity (the extension's extnValue contents)."""
-    body, end = _der(value, 0, 0x30, "the SEQUENCE")
-    if end != len(value):
-        raise VerifyError("vTPM identity extension: bytes after the SEQUENCE")
-    version, pos = _der(body, 0, 0x02, "version")
-    if version != bytes([IDENTITY_VERSION]):
-        raise VerifyError(f"vTPM identity extension: not version {IDENTITY_VERSION}")
-    vtpm_raw, pos = _der(body, pos, 0x04, "vtpmUuid")
-    group_raw, pos = _der(body, pos, 0x04, "groupUuid")
-    label_raw, pos = _der(body, pos, 0x0C, "label")
-    kind_raw, pos = _der(body, pos, 0x0C, "kind")
-    if pos != len(body):
-        raise VerifyError("vTPM identity extension: unexpected fields after the kind")
-    if len(vtpm_raw) != 16 or len(group_raw) != 16:
-        raise VerifyError("vTPM identity extension: a uuid is not 16 bytes")
-    if not 1 <= len(label_raw) <= MAX_LABEL:
-        raise VerifyError(f"vTPM identity extension: a label is 1..{MAX_LABEL} bytes")
-    if len(kind_raw) > MAX_KIND:
-        raise VerifyError(f"vTPM identity extension: a kind is at most {MAX_KIND} bytes")
-    try:
-        label, kind = label_raw.decode(), kind_raw.decode()
-    except UnicodeDecodeError:
-        raise VerifyError("vTPM identity extension: the label or kind is not UTF-8") from None
-    return EkIdentity(uuid.UUID(bytes=vtpm_raw), uuid.UUID(bytes=group_raw), label, kind)
-
-
-def encode_identity(ident: EkIdentity) -> bytes:
-    """The DER VtpmIdentity; for tests and for documentation of the exact bytes."""
-
-    def tlv(tag: int, content: bytes) -> bytes:
-        n = len(content)
-        if n < 0x80:
-            return bytes([tag, n]) + content
-        if n < 0x100:
-            return bytes([tag, 0x81, n]) + content
-        return bytes([tag, 0x82]) + n.to_bytes(2, "big") + content
-
-    body = tlv(0x02, bytes([IDENTITY_VERSION]))
-    body += tlv(0x04, ident.vtpm_uuid.bytes) + tlv(0x04, ident.group_uuid.bytes)
-    return tlv(0x30, body + tlv(0x0C, ident.label.encode()) + tlv(0x0C, ident.kind.encode()))
-
-
-def identity_of(cert: x509.Certificate) -> EkIdentity | None:
-    """The certificate's vTPM identity; None when it has no such extension."""
-    try:
-        ext = cert.extensions.get_extension_for_oid(IDENTITY_OID)
-    except x509.ExtensionNotFound:
-        return None
-    except ValueError as e:  # duplicate or malformed extensions
-        raise VerifyError(f"the certificate's extensions do not parse: {e}") from None
-    value = ext.value
-    if not isinstance(value, x509.UnrecognizedExtension):
-        raise VerifyError("the vTPM identity extension is not an opaque extension")
-    return parse_identity(value.value)
-
 
 # the TPM name of a certified EK key --------------------------------------------------------
 

@@ -1,27 +1,13 @@
-"""What a vTPM EK certificate says about the vTPM: its identity extension and its EK's TPM name.
+"""The TPM name of the key a vTPM EK certificate certifies.
 
-Two facts a verifier reads from an EK certificate issued by a group CA:
-
-1. The vTPM identity extension (non-critical; the group CA puts it in every EK and platform
-   certificate it issues). This module is the verifier's one definition of it, as branch `ca`
-   issues it (`vtpm.tpm.ekcert` there; an OID under the UUID arc 2.25, ITU-T X.667):
-
-       id-vtpm-identity OBJECT IDENTIFIER ::= { 2 25 292244736769242437814819020044331002690 }
-       VtpmIdentity ::= SEQUENCE {
-           version    INTEGER (1),
-           vtpmUuid   OCTET STRING (SIZE (16)),   -- RFC 4122 bytes
-           groupUuid  OCTET STRING (SIZE (16)),
-           label      UTF8String (SIZE (1..256)), -- the vTPM's label, user:role:type
-           kind       UTF8String }                -- "ek-rsa2048", ..., "platform"
-
-2. The TPM name of the certified key. A deep quote carries the vTPM EK's name
-   (nameAlg || H(TPMT_PUBLIC)); a certificate carries only the SubjectPublicKeyInfo. The name
-   is rebuilt by putting the certificate's key into the TCG EK Credential Profile template of
-   its algorithm (the unique field of a TCG EK is its public key; every other field is fixed by
-   the template) and hashing that TPMT_PUBLIC. A name equal to the signed one means the vTPM's
-   EK is exactly this key with the standard EK attributes and policy. Templates: L-1 (RSA 2048)
-   and L-2 (ECC P-256), SHA-256, attributes 0x000300B2, PolicyA; H-3 (ECC P-384), SHA-384,
-   0x000300F2 (adds userWithAuth), PolicyB, AES-256-CFB.
+A deep quote carries the vTPM EK's name (nameAlg || H(TPMT_PUBLIC)); a certificate carries only
+the SubjectPublicKeyInfo. The name is rebuilt by putting the certificate's key into the TCG EK
+Credential Profile template of its algorithm (the unique field of a TCG EK is its public key;
+every other field is fixed by the template) and hashing that TPMT_PUBLIC. A name equal to the
+signed one means the vTPM's EK is exactly this key with the standard EK attributes and policy.
+Templates: L-1 (RSA 2048) and L-2 (ECC P-256), SHA-256, attributes 0x000300B2, PolicyA; H-3
+(ECC P-384), SHA-384, 0x000300F2 (adds userWithAuth), PolicyB, AES-256-CFB. (The certificate's
+vTPM identity extension is `vtpm.tpm.ekcert`'s.)
 
 Parsing only; malformed bytes raise VerifyError.
 """

@@ -1,4 +1,4 @@
-"""`vtpm new|list|show|del|start|stop|status|audit`: vTPMs held by the Manager."""
+"""`vtpm new|list|show|del|start|stop|status|audit|ek provision`: vTPMs held by the Manager."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def _owner(text: str) -> tuple[int, int]:
         return _ID(uid), _ID(gid) if sep else _ID(uid)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"UID[:GID]: {e}") from None
+
+
+def _eks(text: str) -> tuple[str, ...]:
+    return () if text == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def register(sub: Any) -> None:
@@ -61,6 +65,15 @@ def register(sub: Any) -> None:
         metavar="tcp:[HOST:]PORT",
         help="Microsoft simulator protocol (tcti mssim), ports PORT and PORT+1",
     )
+    new.add_argument(
+        "--ek",
+        type=_eks,
+        default=api.DEFAULT_EKS,
+        metavar="KINDS",
+        help="EKs provisioned at its first start, comma-separated: rsa2048, ecc256, ecc384, "
+        f"platform (a platform certificate), or none (default {','.join(api.DEFAULT_EKS)}; "
+        "TPM 1.2: none)",
+    )
     new.add_argument("--start", action="store_true", help="start it at once")
     client.add_common(new)
     new.set_defaults(func=cmd_new)
@@ -82,6 +95,21 @@ def register(sub: Any) -> None:
         p.add_argument("uuid")
         client.add_common(p)
         p.set_defaults(func=func)
+
+    ek = sub.add_parser("ek", help="endorsement keys", description="Endorsement keys.")
+    eksub = ek.add_subparsers(dest="ek_command", required=True)
+    prov = eksub.add_parser(
+        "provision",
+        help="provision EKs and certificates in an existing vTPM (its instance restarts)",
+        description="Provision EKs at their TCG handles and their certificates (from the "
+        "group CA) in the TCG NV indices, write-locked, in a vTPM created before it had them. "
+        "Its instance is restarted once for it (a running guest sees a TPM reset); EKs and "
+        "certificates already there are kept.",
+    )
+    prov.add_argument("uuid")
+    prov.add_argument("--ek", type=_eks, default=api.DEFAULT_EKS, metavar="KINDS")
+    client.add_common(prov)
+    prov.set_defaults(func=cmd_ek_provision)
 
     status = sub.add_parser(
         "status", help="running state of vTPMs", description="Running state of one vTPM or all."
@@ -134,9 +162,17 @@ def cmd_new(args: argparse.Namespace) -> int:
             owner_gid=None if args.owner is None else args.owner[1],
             frontends=tuple(frontends),
             start=args.start,
+            eks=args.ek,
         ),
     )
     return client.emit(args, v, _describe(v))
+
+
+def cmd_ek_provision(args: argparse.Namespace) -> int:
+    v = client.call(args, api.VtpmEkProvision(client.vtpm_uuid(args.uuid), args.ek))
+    return client.emit(
+        args, v, f"vTPM {v.uuid}: EKs provisioned ({','.join(args.ek)}), {v.run.state}"
+    )
 
 
 def cmd_list(args: argparse.Namespace) -> int:

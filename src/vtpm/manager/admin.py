@@ -184,6 +184,9 @@ class AdminService:
             case api.VtpmDel(uuid=u):
                 s.vtpms.delete(lookup.vtpm(s.store, u).uuid, actor=actor)
                 return None
+            case api.VtpmEkProvision(uuid=u, eks=eks):
+                s.vtpms.provision_eks(lookup.vtpm(s.store, u).uuid, eks, actor=actor)
+                return self._vtpm(u)
             case api.VtpmLaunch(uuid=u, record=raw, label=label):
                 rec = lookup.vtpm(s.store, u)
                 placed = s.launches.launch(
@@ -221,6 +224,7 @@ class AdminService:
             vtpm_uuid=req.uuid,
             owner=owner,
             frontends=req.frontends,
+            eks=req.eks,
             actor=actor,
         )
         if req.start:

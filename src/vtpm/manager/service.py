@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 from vtpm.endpoints import Endpoint
 from vtpm.errors import ManagerError
@@ -27,7 +28,7 @@ from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.manager import floor
 from vtpm.manager.admin import AdminHandler, AdminService, Services
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
-from vtpm.manager.custody import KeyCustody
+from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
@@ -46,9 +47,17 @@ ADMIN_CLIENTS = 256  # admin connections served at once (deep quotes wait for th
 ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hold them all)
 
 
+def no_group_ca(_vtpm: uuid.UUID, kind: str, _ek_public: bytes) -> bytes:
+    """Until the group CA lands (manager/ca.py): every certificate is refused."""
+    raise ManagerError(f"no group CA yet: the {kind} certificate cannot be issued")
+
+
 class Manager:
-    def __init__(self, config: ManagerConfig, *, accept_rollback: bool = False) -> None:
+    def __init__(
+        self, config: ManagerConfig, *, accept_rollback: bool = False, issue: Issue | None = None
+    ) -> None:
         self.config = config
+        self.issue = issue  # the certificate issuer; None: the group CA (tests inject theirs)
         self.accept_rollback = accept_rollback  # start once on an older data directory
         self.store = Store(config.db_path)
         self.floor: floor.Floor | None = None
@@ -134,7 +143,7 @@ class Manager:
         group_ops = GroupOps(store, groups)
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
-        custody = KeyCustody(store, groups, links, quotes.for_guest)
+        custody = KeyCustody(store, groups, links, quotes.for_guest, self.issue or no_group_ca)
         self._supervisor = Supervisor(custody.serve)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
         return Services(

@@ -25,6 +25,8 @@ SOCKET_MODE = "--socket-mode"
 MANAGER_FD = "--manager-fd"
 LOG_FILE = "--log-file"
 LAUNCH = "--launch"
+EK = "--ek"
+PLATFORM_CERT = "--platform-cert"
 FRONTEND_FLAGS: dict[FrontendKind, str] = {
     FrontendKind.CTRL: "--ctrl",
     FrontendKind.SERVER: "--server",
@@ -72,3 +74,8 @@ def per_process(manager_fd: int, log_file: Path) -> list[str]:
 def launch(record: Path) -> list[str]:
     """The arguments that arm a measured launch (for one process, not its restarts)."""
     return [LAUNCH, str(record)]
+
+
+def ek(names: tuple[str, ...]) -> list[str]:
+    """The arguments that provision EKs ("rsa2048", ..., "platform") at this start only."""
+    return [EK, ",".join(names)] if names else []

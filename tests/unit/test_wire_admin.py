@@ -62,6 +62,7 @@ TABLE: list[tuple[str, dict[str, Any], api.Request[Any]]] = [
         api.VtpmLaunch(U, {"measurements": []}, "a_u:vm_r:vtpm_t"),
     ),
     ("vtpm.launch.cancel", {"uuid": str(U)}, api.VtpmLaunchCancel(U)),
+    ("vtpm.ek.provision", {"uuid": str(U), "eks": ["ecc384"]}, api.VtpmEkProvision(U, ("ecc384",))),
     (
         "quote.deep",
         {"uuid": str(U), "nonce": "0a1b", "pcrs": [0], "vtpm_pcrs": [4, 5]},

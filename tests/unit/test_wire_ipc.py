@@ -68,6 +68,20 @@ TABLE: list[tuple[w.Role, int, str, w.Event]] = [
     (PEER, 0x09, "00000002 09 00", w.TpmHealth(False)),
     (PEER, 0x09, "00000002 09 01", w.TpmHealth(True)),
     (PEER, 0x09, "00000009 09 01 64697369e280a6", w.TpmHealth(True, "disi…")),
+    # CertRequest: u8 kind length | "ek-rsa2048" | TPM2B_PUBLIC (here 2 bytes of content)
+    (
+        PEER,
+        0x0A,
+        "00000010 0a 0a 656b2d727361323034380002 abcd",
+        w.CertRequest("ek-rsa2048", bytes.fromhex("0002abcd")),
+    ),
+    (
+        PEER,
+        0x0A,
+        "0000000d 0a 08 706c6174666f726d 000101",
+        w.CertRequest("platform", bytes.fromhex("000101")),
+    ),
+    (MANAGER, 0x0B, "00000004 0b 308201", w.CertReply(b"\x30\x82\x01")),
     (
         PEER,
         0x20,
@@ -215,7 +229,7 @@ def frame(kind: str, body: str) -> str:
         (MANAGER, "00000001 07 000000", "closed inside a frame length"),
         # types
         (MANAGER, "00000001 00", "unknown message type 0x00"),
-        (MANAGER, "00000001 0a", "unknown message type 0x0a"),
+        (MANAGER, "00000001 0c", "unknown message type 0x0c"),
         (PEER, "00000001 ff", "unknown message type 0xff"),
         (MANAGER, "00000001 24", "0x24 is reserved"),
         (PEER, "00000001 2f", "0x2f is reserved"),
@@ -276,6 +290,17 @@ def frame(kind: str, body: str) -> str:
         (MANAGER, "00000003 09 00 61", "healthy TpmHealth carries no reason"),
         (MANAGER, "00000403 09 01" + "61" * 1025, "1025 bytes exceeds 1024"),
         (PEER, "00000002 09 00", "the peer does not receive TPM_HEALTH"),
+        # CertRequest / CertReply
+        (MANAGER, "00000001 0a", "CertRequest body ends before a name length"),
+        (MANAGER, "00000004 0a 05 656b", "CertRequest body ends inside a name"),
+        (MANAGER, "00000007 0a 02 656b 000101", "kind 'ek' is not one of"),
+        (MANAGER, "0000000b 0a 08 706c6174666f726d 01", "must be 3..1024 bytes"),
+        (MANAGER, "0000000d 0a 08 706c6174666f726d 000201", "is not one TPM2B_PUBLIC"),
+        (MANAGER, "0000040b 0a 08 706c6174666f726d 03ff" + "00" * 1023, "must be 3..1024"),
+        (PEER, "00000001 0b", "certificate must be 1..4096 bytes"),
+        (PEER, "00001002 0b" + "30" * 4097, "certificate must be 1..4096 bytes"),
+        (PEER, "00000003 0a 01 61", "the peer does not receive CERT_REQUEST"),
+        (MANAGER, "00000002 0b 30", "the manager does not receive CERT_REPLY"),
         # empty bodies
         (PEER, "00000002 06 00", "Ack body is 1 bytes, not 0"),
         (MANAGER, "00000003 07 0000", "Goodbye body is 2 bytes, not 0"),
@@ -388,12 +413,14 @@ PEER_EVENTS: list[w.Event] = [
     w.StateDeleted("a"),
     w.Goodbye(),
     w.AdminRequest("list", {}),
+    w.CertRequest("ek-ecc256", b"\x00\x01\x00"),
 ]
 MANAGER_EVENTS: list[w.Event] = [
     w.KeyGrant(KEY, ()),
     w.Refused("no"),
     w.Ack(),
     w.AdminReply(True),
+    w.CertReply(b"0"),
 ]
 
 
@@ -471,6 +498,10 @@ INVALID: list[tuple[object, str]] = [
     (lambda: w.TpmHealth(True, "x" * 1025), "longer than 1024 bytes"),
     (lambda: w.TpmHealth(True, "\ud800"), "not valid Unicode"),
     (lambda: w.StateDeleted(7), "is not 1..32"),  # type: ignore[arg-type]
+    (lambda: w.CertRequest("ek-rsa4096", b"\x00\x01\x00"), "is not one of"),
+    (lambda: w.CertRequest("platform", "x"), "must be 3..1024 bytes"),  # type: ignore[arg-type]
+    (lambda: w.CertRequest("platform", b"\x00\x05\x00"), "is not one TPM2B_PUBLIC"),
+    (lambda: w.CertReply(b""), "must be 1..4096 bytes"),
     (lambda: w.AdminRequest("", {}), "op must be a non-empty str"),
     (lambda: w.AdminRequest(None, {}), "op must be a non-empty str"),  # type: ignore[arg-type]
     (lambda: w.AdminRequest("\udc80", {}), "not valid Unicode"),

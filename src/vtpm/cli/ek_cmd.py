@@ -1,8 +1,9 @@
-"""`vtpm ek UUID`: a vTPM's EK and platform certificates and its group CA's, from the Manager.
+"""`vtpm ek [show] UUID`: a vTPM's EK and platform certificates and its group CA's, from the
+Manager; `vtpm ek provision UUID`: give a vTPM made before it had them its EKs and certificates.
 
 The certificates are public: anyone allowed on the admin socket may read them, and the
 Manager also keeps them as files in `<data-dir>/vtpms/<uuid>.certs/`. `vtpm ek ACTION UUID`
-names other actions on a vTPM's endorsement (the table `ACTIONS`; "show" is the default).
+names the action on a vTPM's endorsement (the table `ACTIONS`; "show" is the default).
 """
 
 from __future__ import annotations
@@ -34,7 +35,18 @@ def register(sub: Any) -> None:
         "hardware TPM issued them. `openssl verify -CAfile group-ca.pem ek-rsa2048.pem` checks "
         "one against the CA; `vtpm verify --bundle` takes the CA back to the hardware TPM.",
     )
-    p.add_argument("words", nargs="+", metavar="[ACTION] UUID", help="the vTPM (ACTION: show)")
+    p.add_argument(
+        "words", nargs="+", metavar="[ACTION] UUID", help="the vTPM (ACTION: show, provision)"
+    )
+    p.add_argument(
+        "--ek",
+        type=parse_eks,
+        default=api.DEFAULT_EKS,
+        metavar="KINDS",
+        help="provision: the EKs (rsa2048, ecc256, ecc384, platform; default "
+        f"{','.join(api.DEFAULT_EKS)}). The instance restarts once (a running guest sees a "
+        "TPM reset); EKs and certificates already there are kept",
+    )
     p.add_argument("--format", choices=("pem", "der"), default="pem", help="default pem")
     p.add_argument(
         "--kind",
@@ -49,6 +61,11 @@ def register(sub: Any) -> None:
     )
     client.add_common(p)
     p.set_defaults(func=cmd_ek)
+
+
+def parse_eks(text: str) -> tuple[str, ...]:
+    """`--ek KINDS`: comma-separated, or `none`."""
+    return () if text == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _encode(der: bytes, fmt: str) -> bytes:
@@ -104,8 +121,18 @@ def cmd_show(args: argparse.Namespace, vtpm: str) -> int:
     return 0
 
 
+def cmd_provision(args: argparse.Namespace, vtpm: str) -> int:
+    v = client.call(args, api.VtpmEkProvision(client.vtpm_uuid(vtpm), args.ek))
+    return client.emit(
+        args, v, f"vTPM {v.uuid}: EKs provisioned ({','.join(args.ek)}), {v.run.state}"
+    )
+
+
 # `vtpm ek ACTION UUID`: action -> what it does with the vTPM named
-ACTIONS: dict[str, Callable[[argparse.Namespace, str], int]] = {"show": cmd_show}
+ACTIONS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+    "show": cmd_show,
+    "provision": cmd_provision,
+}
 
 
 def cmd_ek(args: argparse.Namespace) -> int:

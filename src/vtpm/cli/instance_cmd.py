@@ -18,6 +18,7 @@ from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
+from vtpm.instance.ekprov import Request
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
 from vtpm.launchrecord import LaunchRecord
@@ -153,6 +154,21 @@ def register(sub: Any) -> None:
         "TPM2_Startup(CLEAR)",
     )
     run.add_argument(
+        instanceargs.EK,
+        default="",
+        metavar="KINDS",
+        help="provision these endorsement keys at this start (comma-separated: rsa2048, ecc256, "
+        "ecc384; 'platform' as --platform-cert), persisted at their TCG handles, with their "
+        "certificates from the Manager's group CA in the TCG NV indices, write-locked; "
+        "give it once (it makes the TPM go through Startup/Shutdown(CLEAR)). Without a "
+        "Manager: keys only, no certificates",
+    )
+    run.add_argument(
+        instanceargs.PLATFORM_CERT,
+        action="store_true",
+        help="with --ek: also a platform certificate in NV 0x01c08000 (needs a Manager)",
+    )
+    run.add_argument(
         "--export-plaintext-state",
         action="store_true",
         help="let CMD_GET_STATEBLOB answer in clear when the peer asks (STATE_FLAG_DECRYPTED): "
@@ -208,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         labels_file=args.labels_file,
         launch=None if args.launch is None else LaunchRecord.load(args.launch),
         export_plaintext_state=args.export_plaintext_state,
+        ek=Request.parse(args.ek, args.platform_cert),
     )
 
 

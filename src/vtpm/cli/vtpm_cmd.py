@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 from vtpm.cli import client
+from vtpm.cli.ek_cmd import parse_eks
 from vtpm.endpoints import Endpoint, Frontend, FrontendKind
 from vtpm.wire import admin as api
 
@@ -60,6 +61,15 @@ def register(sub: Any) -> None:
         default=[],
         metavar="tcp:[HOST:]PORT",
         help="Microsoft simulator protocol (tcti mssim), ports PORT and PORT+1",
+    )
+    new.add_argument(
+        "--ek",
+        type=parse_eks,
+        default=api.DEFAULT_EKS,
+        metavar="KINDS",
+        help="EKs provisioned at its first start, comma-separated: rsa2048, ecc256, ecc384, "
+        f"platform (a platform certificate), or none (default {','.join(api.DEFAULT_EKS)}; "
+        "TPM 1.2: none)",
     )
     new.add_argument("--start", action="store_true", help="start it at once")
     client.add_common(new)
@@ -134,6 +144,7 @@ def cmd_new(args: argparse.Namespace) -> int:
             owner_gid=None if args.owner is None else args.owner[1],
             frontends=tuple(frontends),
             start=args.start,
+            eks=args.ek,
         ),
     )
     return client.emit(args, v, _describe(v))

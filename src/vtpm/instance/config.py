@@ -9,6 +9,7 @@ from pathlib import Path
 from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
+from vtpm.instance.ekprov import Request
 from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import SocketPolicy
 
@@ -41,6 +42,8 @@ class InstanceConfig:
     idle_timeout: float | None = None
     # GET_STATEBLOB may answer in clear when the peer asks (standalone only; see README)
     export_plaintext_state: bool = False
+    # EKs (and a platform certificate) to provision at this start (`instance.ekprov`)
+    ek: Request = field(default_factory=Request)
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -66,6 +69,11 @@ class InstanceConfig:
         for ep in self.mssim:
             if ep.kind != "tcp":
                 raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")
+        if self.ek and self.tpm_version is not TpmVersion.TPM20:
+            raise ConfigError(
+                "--ek: EKs and their certificates are provisioned in TPM 2.0 vTPMs only; a TPM "
+                "1.2 EK certificate (NV 0x1000F000) is not made by this version"
+            )
         if self.launch is not None:
             if self.tpm_version is not TpmVersion.TPM20:
                 raise ConfigError("--launch: a measured launch needs a TPM 2.0 vTPM")

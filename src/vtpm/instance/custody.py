@@ -7,10 +7,11 @@ is reported the same way. When the link drops (the Manager died) the instance is
 a write it can no longer report must not be acknowledged to its client. The instance also
 tells the Manager, unasked, when its TPM cannot serve and when it can again (`TpmHealth`).
 
-The instance's own requests (Hello, state writes, deep quotes) go one at a time and take their
-answer from the reader thread. The Manager may also ask the instance for its PCR values (a deep
-quote asked on the host); those requests are answered from a worker thread, never the reader,
-which must stay free to deliver the answers a TPM command in progress is waiting for.
+The instance's own requests (Hello, state writes, deep quotes, EK certificates) go one at a
+time and take their answer from the reader thread. The Manager may also ask the instance for
+its PCR values (a deep quote asked on the host); those requests are answered from a worker
+thread, never the reader, which must stay free to deliver the answers a TPM command in
+progress is waiting for.
 """
 
 from __future__ import annotations
@@ -116,6 +117,22 @@ class ManagerLink:
         if not isinstance(reply, ipc.QuoteReply):
             raise ManagerError(f"the Manager answered a deep quote with {type(reply).__name__}")
         return reply.evidence
+
+    # certificates -------------------------------------------------------------------------
+
+    def certificate(self, kind: str, ek_public: bytes) -> bytes:
+        """The certificate (DER) the Manager's group CA issues for this vTPM's `kind` EK
+        (or its platform certificate) with public area `ek_public`; ManagerError if refused."""
+        reply = self._roundtrip(
+            ipc.CertRequest(kind, ek_public), f"the {kind} certificate", QUOTE_TIMEOUT
+        )
+        if isinstance(reply, ipc.Refused):
+            raise ManagerError(f"the Manager refused the {kind} certificate: {reply.reason}")
+        if not isinstance(reply, ipc.CertReply):
+            raise ManagerError(
+                f"the Manager answered a certificate request with {type(reply).__name__}"
+            )
+        return reply.certificate
 
     def _answer_pcrs(self, req: ipc.PcrRequest) -> None:
         reader = self._pcr_reader

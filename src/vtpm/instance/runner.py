@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from vtpm import labels as lbl
 from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import LabelError, TpmError
-from vtpm.instance import identity, vendor
+from vtpm.instance import ekprov, identity, vendor
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.device import Device
@@ -32,7 +33,7 @@ from vtpm.instance.transfer import Transfer, TransferKey
 from vtpm.labelpolicy import LabelMap, check_vtpm_peer, resolve_peer
 from vtpm.listen import Handler, PeerCheck, Server, bind
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12
+from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12, TPM_SU
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Instance:
                 cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote, transfer=transfer
             )
             self.device.power_on()
+            if cfg.ek:  # before a launch: that makes the TPM fresh after its rehearsal
+                self._provision(self.device)
             if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
                 Launch(self.device, cfg.launch).arm()
             if cfg.startup_clear:
@@ -100,6 +103,26 @@ class Instance:
             return vendor.read_pcrs(device.execute, indices)
 
         link.serve_pcrs(pcrs)
+
+    def _provision(self, device: Device) -> None:
+        """EKs and certificates (`ekprov`): in a TPM started for it, shut down with
+        Shutdown(CLEAR) and powered on again, so the guest's first Startup finds it off."""
+        request = self.config.ek
+        certify = None if self.link is None else self.link.certificate
+        if certify is None:
+            log.warning("--ek without a Manager: EKs are persisted, no certificate is written")
+        started = time.monotonic()
+        rc = frames.response_code(device.process(frames.startup()))
+        if rc != TPM_RC.SUCCESS:
+            raise TpmError(f"TPM2_Startup(CLEAR) for provisioning failed with TPM_RC {rc:#x}")
+        done = ekprov.Provisioner(device.process, certify).run(request)
+        rc = frames.response_code(device.process(frames.shutdown(TPM_SU.CLEAR)))
+        if rc != TPM_RC.SUCCESS:
+            raise TpmError(f"TPM2_Shutdown(CLEAR) after provisioning failed with TPM_RC {rc:#x}")
+        device.power_off(orderly=False)  # a Shutdown(STATE) would undo the CLEAR
+        device.power_on()
+        ms = (time.monotonic() - started) * 1000
+        log.info("provisioned in %.0f ms: %s", ms, ekprov.summary(done))
 
     def _startup_clear(self) -> None:
         assert self.device is not None

@@ -188,6 +188,9 @@ class AdminService:
                 return None
             case api.VtpmCerts(uuid=u):
                 return s.ca.view(lookup.vtpm(s.store, u))
+            case api.VtpmEkProvision(uuid=u, eks=eks):
+                s.vtpms.provision_eks(lookup.vtpm(s.store, u).uuid, eks, actor=actor)
+                return self._vtpm(u)
             case api.VtpmLaunch(uuid=u, record=raw, label=label):
                 rec = lookup.vtpm(s.store, u)
                 placed = s.launches.launch(
@@ -225,6 +228,7 @@ class AdminService:
             vtpm_uuid=req.uuid,
             owner=owner,
             frontends=req.frontends,
+            eks=req.eks,
             actor=actor,
         )
         if req.start:

@@ -38,7 +38,6 @@ from tpm2_pytss import (
     TPM2_ECC,
     TPM2_SE,
     TPM2B_DATA,
-    TPM2B_DIGEST,
     TPM2B_ENCRYPTED_SECRET,
     TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
@@ -50,12 +49,11 @@ from tpm2_pytss import (
     TPML_PCR_SELECTION,
     TPMS_ATTEST,
     TPMT_PUBLIC,
-    TPMT_SYM_DEF,
 )
 
 from vtpm.errors import ConfigError, HwTpmError, SealError
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
-from vtpm.tpm import policy
+from vtpm.tpm import ektemplates, policy
 from vtpm.tpm.attest import TPM_GENERATED_VALUE, TPM_ST_ATTEST
 from vtpm.wire.evidence import SignedQuote
 
@@ -69,16 +67,6 @@ QUOTE_ATTEMPTS = 5  # quotes retaken because a PCR changed before it was read
 EK_CERT_RSA_INDEX = 0x01C00002  # TCG EK Credential Profile: RSA 2048 EK certificate
 _PT_NV_BUFFER_MAX = 0x12C
 _DEFAULT_NV_CHUNK = 512
-# TCG EK Credential Profile, template L-1: PolicyA = PolicySecret(TPM_RH_ENDORSEMENT)
-EK_POLICY_A = bytes.fromhex("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa")
-_EK_ATTRIBUTES = (
-    TPMA_OBJECT.FIXEDTPM
-    | TPMA_OBJECT.FIXEDPARENT
-    | TPMA_OBJECT.SENSITIVEDATAORIGIN
-    | TPMA_OBJECT.ADMINWITHPOLICY
-    | TPMA_OBJECT.RESTRICTED
-    | TPMA_OBJECT.DECRYPT
-)  # 0x000300B2
 _AK_ATTRIBUTES = (
     TPMA_OBJECT.FIXEDTPM
     | TPMA_OBJECT.FIXEDPARENT
@@ -123,19 +111,7 @@ def ak_template(alg: str) -> bytes:
 
 def ek_template() -> bytes:
     """TCG EK Credential Profile template L-1 (RSA 2048), marshalled TPMT_PUBLIC."""
-    t = TPMT_PUBLIC(
-        type=TPM2_ALG.RSA,
-        nameAlg=TPM2_ALG.SHA256,
-        objectAttributes=_EK_ATTRIBUTES,
-        authPolicy=TPM2B_DIGEST(EK_POLICY_A),
-    )
-    rsa = t.parameters.rsaDetail
-    rsa.symmetric = TPMT_SYM_DEF.parse("aes128cfb")
-    rsa.scheme.scheme = TPM2_ALG.NULL
-    rsa.keyBits = 2048
-    rsa.exponent = 0
-    t.unique.rsa = bytes(256)
-    return bytes(t.marshal())
+    return ektemplates.RSA2048.template
 
 
 def pcr_digest(values: Sequence[bytes]) -> bytes:

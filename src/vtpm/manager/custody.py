@@ -12,6 +12,8 @@ instance; nothing the instance says changes that. It releases the state key only
 Every refusal is audited and logged. After the grant, every state write is recorded before it
 is acknowledged; the recorded digests decide, at the next start, which blob is current. The
 instance's reports of its TPM's health (`TpmHealth`) go to the supervisor, for `vtpm status`.
+Its requests for EK and platform certificates (`CertRequest`, when it provisions its EKs) go
+to the injected `issue` (the group CA), for the link's own vTPM only.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 # answers a deep quote the guest asked for through its vTPM: the evidence, compact binary
 GuestQuote = Callable[[uuid.UUID, ipc.QuoteRequest], bytes]
+# issues the vTPM's certificate of a kind (`ektemplates.CERT_KINDS`) for an EK public area
+# (TPM2B_PUBLIC): the DER; the group CA's `GroupCa.issue`, wired by `service`
+Issue = Callable[[uuid.UUID, str, bytes], bytes]
 # called when the instance on a link reports that it serves
 Ready = Callable[[], None]
 # called when the instance reports that its TPM cannot serve (the reason) or serves again ("")
@@ -79,12 +84,18 @@ class KeyCustody:
     """Serves key-custody links (the supervisor runs `serve` in a thread per instance)."""
 
     def __init__(
-        self, store: Store, groups: GroupKeys, links: Links, guest_quote: GuestQuote
+        self,
+        store: Store,
+        groups: GroupKeys,
+        links: Links,
+        guest_quote: GuestQuote,
+        issue: Issue,
     ) -> None:
         self._store = store
         self._groups = groups
         self._links = links
         self._guest_quote = guest_quote
+        self._issue = issue
 
     def serve(
         self, vtpm_uuid: uuid.UUID, sock: socket.socket, ready: Ready, health: Health
@@ -160,6 +171,8 @@ class KeyCustody:
         if isinstance(ev, ipc.StateDeleted):
             self._store.forget_state(vtpm_uuid, ev.name)
             return ipc.Ack()
+        if isinstance(ev, ipc.CertRequest):
+            return self._certificate(vtpm_uuid, ev)
         if isinstance(ev, ipc.QuoteRequest):  # answered from its own thread when quoted
             threading.Thread(
                 target=self._quote_for_guest,
@@ -184,6 +197,20 @@ class KeyCustody:
         else:
             raise RemoteProtocolError(f"{type(ev).__name__} on a key-custody link")
         return None
+
+    def _certificate(self, vtpm_uuid: uuid.UUID, req: ipc.CertRequest) -> ipc.ManagerEvent:
+        """The instance provisions its EKs (`instance.ekprov`): the CA's certificate, or why
+        not. Only the link's own vTPM is certified (the link says which vTPM it is)."""
+        try:
+            der = self._issue(vtpm_uuid, req.kind, req.ek_public)
+            reply: ipc.ManagerEvent = ipc.CertReply(der)
+        except VtpmError as e:
+            log.warning("vTPM %s: %s certificate refused: %s", vtpm_uuid, req.kind, e)
+            self._store.audit("instance", "vtpm.cert", str(vtpm_uuid), "refused", {"why": str(e)})
+            return ipc.Refused(str(e).encode()[: ipc.MAX_REASON].decode(errors="ignore"))
+        self._store.audit("instance", "vtpm.cert", str(vtpm_uuid), "ok", {"kind": req.kind})
+        log.info("vTPM %s: %s certificate issued", vtpm_uuid, req.kind)
+        return reply
 
     def _quote_for_guest(
         self, vtpm_uuid: uuid.UUID, link: InstanceLink, req: ipc.QuoteRequest

@@ -29,7 +29,7 @@ from vtpm.manager import floor
 from vtpm.manager.admin import AdminHandler, AdminService, Services
 from vtpm.manager.ca import GroupCa
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
-from vtpm.manager.custody import KeyCustody
+from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
@@ -49,8 +49,11 @@ ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hol
 
 
 class Manager:
-    def __init__(self, config: ManagerConfig, *, accept_rollback: bool = False) -> None:
+    def __init__(
+        self, config: ManagerConfig, *, accept_rollback: bool = False, issue: Issue | None = None
+    ) -> None:
         self.config = config
+        self.issue = issue  # the certificate issuer; None: the group CA (tests inject theirs)
         self.accept_rollback = accept_rollback  # start once on an older data directory
         self.store = Store(config.db_path)
         self.floor: floor.Floor | None = None
@@ -137,7 +140,7 @@ class Manager:
         group_ops = GroupOps(store, groups, ca)
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
-        custody = KeyCustody(store, groups, links, quotes.for_guest)
+        custody = KeyCustody(store, groups, links, quotes.for_guest, self.issue or ca.issue_for)
         self._supervisor = Supervisor(custody.serve)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
         return Services(

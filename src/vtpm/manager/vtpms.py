@@ -12,7 +12,9 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
+from vtpm import files, instanceargs
 from vtpm import labels as lbl
 from vtpm.endpoints import Endpoint, Frontend, FrontendKind
 from vtpm.errors import (
@@ -31,11 +33,26 @@ from vtpm.manager.custody import group_permits
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.store import Store, VtpmRecord, label_taken
 from vtpm.manager.supervisor import Supervisor
+from vtpm.tpm import ektemplates
 
 log = logging.getLogger(__name__)
 
 TPM_VERSIONS = ("2.0", "1.2")
 READY_TIMEOUT = 30.0
+DEFAULT_EKS = ektemplates.DEFAULT_PROVISION
+TPM12_NO_EK = (
+    "EKs and their certificates are provisioned in TPM 2.0 vTPMs only: a TPM 1.2 EK "
+    "certificate (NV 0x1000F000) is not made by this version"
+)
+
+
+def check_eks(names: Sequence[str]) -> tuple[str, ...]:
+    """`--ek` names (EKs and "platform"), each once, in order; RequestError for others."""
+    known = (*ektemplates.EKS, ektemplates.PLATFORM)
+    for n in names:
+        if n not in known:
+            raise RequestError(f"EK {n!r}: use any of {', '.join(known)}")
+    return tuple(dict.fromkeys(names))
 
 
 class VtpmRegistry:
@@ -59,8 +76,11 @@ class VtpmRegistry:
         vtpm_uuid: uuid.UUID | None = None,
         owner: tuple[int, int] | None = None,
         frontends: Sequence[Frontend] = (),
+        eks: Sequence[str] = (),
         actor: str,
     ) -> VtpmRecord:
+        """A new vTPM; `eks` (`--ek` names, "platform" among them) are provisioned at its
+        first start. A TPM 1.2 vTPM takes none (`DEFAULT_EKS` given for one is dropped)."""
         g = lookup.group(self._store, group_ref)
         parsed = lbl.Label.parse(label)
         if parsed.is_wildcard:
@@ -69,6 +89,11 @@ class VtpmRegistry:
             raise LabelError(f"group {g.name} does not permit label {parsed}")
         if tpm not in TPM_VERSIONS:
             raise RequestError(f"TPM version {tpm!r}: use 2.0 or 1.2")
+        if tpm == "1.2":
+            if eks and tuple(eks) != DEFAULT_EKS:
+                raise RequestError(TPM12_NO_EK)
+            eks = ()
+        wanted = check_eks(eks)
         u = vtpm_uuid or uuid.uuid4()
         if not frontends:
             ctrl = Endpoint("unix", path=str(self._config.run_dir / f"{u}.ctrl"))
@@ -98,8 +123,46 @@ class VtpmRegistry:
                 created=time.time(),
             )
             self._store.add_vtpm(rec)
+            if wanted:
+                self._want_eks(u, wanted)
         self._store.audit(actor, "vtpm.new", str(u), "ok", {"group": g.name, "label": rec.label})
         return rec
+
+    # EKs ----------------------------------------------------------------------------------------
+
+    def _pending(self, vtpm_uuid: uuid.UUID) -> Path:
+        """The EKs a vTPM still has to provision, until a start of it has come up with them."""
+        return self._config.data_dir / "vtpms" / f"{vtpm_uuid}.ek-pending"
+
+    def _want_eks(self, vtpm_uuid: uuid.UUID, eks: tuple[str, ...]) -> None:
+        try:
+            files.write_atomic(self._pending(vtpm_uuid), ",".join(eks).encode(), 0o600)
+        except OSError as e:
+            raise ManagerError(f"cannot record the EKs to provision: {e.strerror}") from None
+
+    def _pending_eks(self, vtpm_uuid: uuid.UUID) -> tuple[str, ...]:
+        try:
+            text = self._pending(vtpm_uuid).read_text()
+        except FileNotFoundError:
+            return ()
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("vTPM %s: the EKs to provision cannot be read: %s", vtpm_uuid, e)
+            return ()
+        return check_eks(tuple(n for n in text.split(",") if n))
+
+    def provision_eks(self, vtpm_uuid: uuid.UUID, eks: Sequence[str], *, actor: str) -> None:
+        """`vtpm ek provision`: restart the instance once with `--ek` (it comes back running
+        whether or not it ran before: provisioning needs the instance)."""
+        rec = lookup.vtpm(self._store, vtpm_uuid)
+        if rec.tpm != "2.0":
+            raise RequestError(TPM12_NO_EK)
+        wanted = check_eks(eks)
+        if not wanted:
+            raise RequestError("vtpm ek provision: name at least one EK or platform")
+        self._want_eks(rec.uuid, wanted)
+        self._supervisor.stop(rec.uuid)
+        self.start(rec.uuid, actor=actor)
+        self._store.audit(actor, "vtpm.ek.provision", str(rec.uuid), "ok", {"eks": list(wanted)})
 
     def instance(self, rec: VtpmRecord) -> ManagedInstance:
         """How the vTPM's instance is started."""
@@ -128,6 +191,8 @@ class VtpmRegistry:
                 f"vTPM {rec.uuid} cannot start: group {g.name} is locked: {st.reason}"
             )
         log_file = self._config.log_dir / f"{rec.uuid}.log"
+        eks = self._pending_eks(rec.uuid)
+        once = [*once, *instanceargs.ek(eks)]
         self._supervisor.start(rec.uuid, self.instance(rec).argv(), log_file, once)
         self._store.set_wanted_running(rec.uuid, True)
         self._store.audit(actor, "vtpm.start", str(rec.uuid), "ok", {})
@@ -138,6 +203,8 @@ class VtpmRegistry:
         except InstanceExitedError:
             self._store.set_wanted_running(rec.uuid, False)
             raise
+        if eks:  # provisioned: later starts go without --ek (unwaited ones ask again)
+            self._pending(rec.uuid).unlink(missing_ok=True)
 
     def stop(self, vtpm_uuid: uuid.UUID, *, actor: str) -> bool:
         rec = lookup.vtpm(self._store, vtpm_uuid)
@@ -153,6 +220,7 @@ class VtpmRegistry:
         shutil.rmtree(self._config.vtpm_dir(rec.uuid), ignore_errors=True)
         shutil.rmtree(certs_dir(self._config.vtpm_dir(rec.uuid)), ignore_errors=True)
         launchfiles.forget(self._config, rec.uuid)
+        self._pending(rec.uuid).unlink(missing_ok=True)
         self._store.delete_vtpm(rec.uuid)
         self._store.audit(actor, "vtpm.del", str(rec.uuid), "ok", {"group": str(rec.group_uuid)})
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from vtpm.errors import VerifyError
-from vtpm.tpm import der
+from vtpm.tpm import der, ektemplates
 
 # TCG EK Credential Profile / TCG OID registry
 OID_TPM_MANUFACTURER = "2.23.133.2.1"
@@ -49,7 +49,7 @@ OID_VTPM_IDENTITY = "2.25.292244736769242437814819020044331002690"
 IDENTITY_VERSION = 1
 MAX_LABEL = 256  # bytes of a label in the identity extension
 MAX_KIND = 32
-CERT_KINDS = ("ek-rsa2048", "ek-ecc256", "ek-ecc384", "platform")
+CERT_KINDS = ektemplates.CERT_KINDS  # the kinds of certificate a group CA issues
 
 # The TPM the certificates describe: libtpms, as every vTPM runs it. Manufacturer and version
 # are "id:" + the 8 hex digits of TPM_PT_MANUFACTURER and TPM_PT_FIRMWARE_VERSION_1, the model

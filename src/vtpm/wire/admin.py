@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from vtpm.endpoints import Frontend
 from vtpm.errors import RemoteProtocolError, RequestError
+from vtpm.tpm import ektemplates
 from vtpm.tpm.policy import Epoch, PcrState
 from vtpm.wire.evidence import Bundle, Evidence
 from vtpm.wire.ipc_events import AdminReply, AdminRequest
@@ -33,6 +34,7 @@ Pcr = Annotated[int, Bounds(0, 23)]
 Limit = Annotated[int, Bounds(1, 100_000)]
 Count = Annotated[int, Bounds(0, 2**63 - 1)]
 PCRS_DEFAULT = tuple(range(8))
+DEFAULT_EKS = ektemplates.DEFAULT_PROVISION
 
 
 class Request(Generic[R]):
@@ -240,6 +242,20 @@ class VtpmNew(Request[VtpmView]):
     owner_gid: Id | None = None  # the owner's uid when only a uid is given
     frontends: tuple[Frontend, ...] = ()
     start: bool = False
+    # EKs provisioned at the first start (`--ek`; "platform": a platform certificate); a TPM
+    # 1.2 vTPM gets none
+    eks: tuple[str, ...] = DEFAULT_EKS
+
+
+@dataclass(frozen=True, slots=True)
+class VtpmEkProvision(Request[VtpmView]):
+    """Provision EKs and certificates in an existing vTPM: its instance is restarted once
+    with `--ek` (kept EKs and locked certificates are left as they are)."""
+
+    op: ClassVar[str] = "vtpm.ek.provision"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+    eks: tuple[str, ...] = DEFAULT_EKS
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +354,7 @@ REQUESTS: dict[str, type[Request[Any]]] = {
         VtpmStop,
         VtpmDel,
         VtpmCerts,
+        VtpmEkProvision,
         VtpmLaunch,
         VtpmLaunchCancel,
         QuoteDeep,

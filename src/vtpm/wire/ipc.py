@@ -23,6 +23,8 @@ Messages (type: layout; names are 1..32 of [a-z0-9_], multi-byte integers big-en
   0x08 Ready         peer → manager   empty (the instance's frontends listen)
   0x09 TpmHealth     peer → manager   u8 failed (0 or 1) | UTF-8 reason, 0..1024 bytes, empty
                                       when 0 (the TPM cannot serve / serves again)
+  0x0A CertRequest   peer → manager   u8 kind length | kind | the EK's TPM2B_PUBLIC (3..1024)
+  0x0B CertReply     manager → peer   the certificate, DER, 1..4096 bytes (events check both)
   0x10 AdminRequest  peer → manager   UTF-8 JSON {"args": {...}, "op": "<non-empty>"}
   0x11 AdminReply    manager → peer   UTF-8 JSON {"ok": true, "result": ...} or
                                       {"error": "...", "ok": false}
@@ -40,10 +42,9 @@ object, no NaN or Infinity, integers within -2**63..2**64-1, containers nested a
 deep inside "args" / "result", strings that are valid Unicode (`vtpm.wire.ipc_json`).
 
 Roles: the MANAGER receives Hello, StateWritten, StateDeleted, Goodbye, Ready, TpmHealth,
-AdminRequest, QuoteRequest and PcrReply and sends KeyGrant, Refused, Ack, AdminReply, QuoteReply and
-PcrRequest; the PEER (instance or admin client) the reverse. The events and their field rules
-are in `vtpm.wire.ipc_events` (re-exported here); PCR banks and digest sizes are
-`vtpm.tpm.constants.DIGEST_SIZES`.
+CertRequest, AdminRequest, QuoteRequest, PcrReply and sends the others; the PEER (instance or
+admin client) the reverse. The events and their field rules (cert kinds: `ektemplates`) are in
+`vtpm.wire.ipc_events` (re-exported here); PCR banks and digest sizes: `constants.DIGEST_SIZES`.
 The order of messages is the adapter's business; this codec only checks direction and layout.
 
 Errors: bytes that break these rules (a bad length or type, a type the role does not receive,
@@ -78,6 +79,8 @@ from vtpm.wire.ipc_events import (
     Ack,
     AdminReply,
     AdminRequest,
+    CertReply,
+    CertRequest,
     Event,
     Goodbye,
     Hello,
@@ -111,6 +114,8 @@ __all__ = [
     "Ack",
     "AdminReply",
     "AdminRequest",
+    "CertReply",
+    "CertRequest",
     "DEFAULT_MAX_FRAME",
     "DIGEST_SIZE",
     "Event",
@@ -180,6 +185,8 @@ def _encode_body(event: Event) -> bytes:
             return b""
         case TpmHealth(failed=failed, reason=reason):
             return bytes([failed]) + reason.encode("utf-8")
+        case CertRequest(kind=kind, ek_public=ek_public):
+            return _name_bytes(kind) + ek_public
         case AdminRequest(op=op, args=args):
             check_json("AdminRequest.args", args)
             return dump_json("AdminRequest", {"args": args, "op": op})
@@ -191,8 +198,8 @@ def _encode_body(event: Event) -> bytes:
         case QuoteRequest(nonce=nonce, host_pcrs=host, bank=bank, pcrs=pcrs):
             head = struct.pack(">H", len(nonce)) + nonce + struct.pack(">I", ipc_pcrs.mask(host))
             return head + ipc_pcrs.values_bytes(bank, pcrs)
-        case QuoteReply(evidence=evidence):
-            return evidence
+        case QuoteReply(evidence=raw) | CertReply(certificate=raw):
+            return raw
         case PcrRequest(bank=bank, pcrs=pcrs):
             return struct.pack(">HI", bank, ipc_pcrs.mask(pcrs))
         case PcrReply(bank=bank, pcrs=pcrs):
@@ -291,6 +298,11 @@ def _decode_state_deleted(body: bytes) -> StateDeleted:
     return StateDeleted(name)
 
 
+def _decode_cert_request(body: bytes) -> CertRequest:
+    kind, pos = _take_name(body, 0, "CertRequest")
+    return CertRequest(kind, body[pos:])
+
+
 def _decode_quote_request(body: bytes) -> QuoteRequest:
     if len(body) < 2:
         raise RemoteProtocolError("QuoteRequest body has no nonce length")
@@ -353,6 +365,8 @@ _MESSAGES: dict[MessageType, tuple[type[Event], Role, Callable[[bytes], Event]]]
     MessageType.GOODBYE: (Goodbye, Role.PEER, _empty(Goodbye)),
     MessageType.READY: (Ready, Role.PEER, _empty(Ready)),
     MessageType.TPM_HEALTH: (TpmHealth, Role.PEER, _decode_tpm_health),
+    MessageType.CERT_REQUEST: (CertRequest, Role.PEER, _decode_cert_request),
+    MessageType.CERT_REPLY: (CertReply, Role.MANAGER, CertReply),
     MessageType.ADMIN_REQUEST: (AdminRequest, Role.PEER, _decode_admin_request),
     MessageType.ADMIN_REPLY: (AdminReply, Role.MANAGER, _decode_admin_reply),
     MessageType.QUOTE_REQUEST: (QuoteRequest, Role.PEER, _decode_quote_request),

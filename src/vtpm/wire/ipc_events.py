@@ -16,6 +16,7 @@ from typing import Final, TypeAlias
 
 from vtpm.errors import LocalProtocolError
 from vtpm.tpm.constants import DIGEST_SIZES
+from vtpm.tpm.ektemplates import CERT_KINDS
 from vtpm.wire.ipc_json import JSONValue, check_json, check_text
 
 PROTOCOL_VERSION: Final = 1
@@ -29,6 +30,8 @@ MAX_NAME: Final = 32
 MAX_REASON: Final = 1024
 RESERVED_TYPES: Final = range(0x24, 0x30)
 MAX_NONCE: Final = 64
+MAX_EK_PUBLIC: Final = 1024  # a TPM2B_PUBLIC of an RSA 4096 key is 600 bytes
+MAX_CERT: Final = 4096  # larger than any NV index of libtpms (2048)
 
 _NAME = re.compile(r"[a-z0-9_]{1,32}")
 
@@ -43,6 +46,8 @@ class MessageType(enum.IntEnum):
     GOODBYE = 0x07
     READY = 0x08
     TPM_HEALTH = 0x09
+    CERT_REQUEST = 0x0A
+    CERT_REPLY = 0x0B
     ADMIN_REQUEST = 0x10
     ADMIN_REPLY = 0x11
     QUOTE_REQUEST = 0x20
@@ -256,6 +261,36 @@ class TpmHealth:
 
 
 @dataclass(frozen=True, slots=True)
+class CertRequest:
+    """The instance asks its group CA for a certificate: `kind` (one of
+    `ektemplates.CERT_KINDS`) for the EK whose TPM2B_PUBLIC is `ek_public` (for "platform",
+    the RSA EK's, the platform certificate's subject key)."""
+
+    kind: str
+    ek_public: bytes
+
+    def __post_init__(self) -> None:
+        if self.kind not in CERT_KINDS:
+            raise LocalProtocolError(f"CertRequest.kind {self.kind!r} is not one of {CERT_KINDS}")
+        pub = self.ek_public
+        if not isinstance(pub, bytes) or not 2 < len(pub) <= MAX_EK_PUBLIC:
+            raise LocalProtocolError(f"CertRequest.ek_public must be 3..{MAX_EK_PUBLIC} bytes")
+        if int.from_bytes(pub[:2], "big") != len(pub) - 2:
+            raise LocalProtocolError("CertRequest.ek_public is not one TPM2B_PUBLIC")
+
+
+@dataclass(frozen=True, slots=True)
+class CertReply:
+    """The certificate (DER) the CA issued; a refusal is a `Refused`."""
+
+    certificate: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.certificate, bytes) or not 0 < len(self.certificate) <= MAX_CERT:
+            raise LocalProtocolError(f"CertReply.certificate must be 1..{MAX_CERT} bytes")
+
+
+@dataclass(frozen=True, slots=True)
 class AdminRequest:
     """An administrator's request: an operation name and its arguments."""
 
@@ -299,11 +334,14 @@ PeerEvent: TypeAlias = (
     | Goodbye
     | Ready
     | TpmHealth
+    | CertRequest
     | AdminRequest
     | QuoteRequest
     | PcrReply
 )
 """What a PEER sends and the MANAGER receives."""
-ManagerEvent: TypeAlias = KeyGrant | Refused | Ack | AdminReply | QuoteReply | PcrRequest
+ManagerEvent: TypeAlias = (
+    KeyGrant | Refused | Ack | AdminReply | QuoteReply | PcrRequest | CertReply
+)
 """What the MANAGER sends and a PEER receives."""
 Event: TypeAlias = PeerEvent | ManagerEvent

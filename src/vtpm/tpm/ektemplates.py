@@ -85,9 +85,18 @@ class EkSpec:
     template: bytes
     persistent: int
     cert_index: int
+    profile_name: str  # the template's name in the profile, e.g. "L-1 (RSA 2048)"
+    unique_size: int  # bytes of the template's unique field (its placeholder), at the end
+
+    def public_area(self, unique: bytes) -> bytes:
+        """The TPMT_PUBLIC of the EK this template makes whose unique field (the public key:
+        TPM2B modulus, or TPMS_ECC_POINT) is `unique`."""
+        return self.template[: len(self.template) - self.unique_size] + unique
 
 
-RSA2048: Final = EkSpec("ek-rsa2048", "rsa2048", _rsa_template(), 0x81010001, 0x01C00002)
+RSA2048: Final = EkSpec(
+    "ek-rsa2048", "rsa2048", _rsa_template(), 0x81010001, 0x01C00002, "L-1 (RSA 2048)", 2 + 256
+)
 ECC256: Final = EkSpec(
     "ek-ecc256",
     "ecc256",
@@ -101,6 +110,8 @@ ECC256: Final = EkSpec(
     ),
     0x8101000A,
     0x01C0000A,
+    "L-2 (ECC P-256)",
+    2 * (2 + 32),
 )
 ECC384: Final = EkSpec(
     "ek-ecc384",
@@ -115,6 +126,8 @@ ECC384: Final = EkSpec(
     ),
     0x81010016,
     0x01C00016,
+    "H-3 (ECC P-384)",
+    2 * 2,
 )
 EKS: Final = {e.option: e for e in (RSA2048, ECC256, ECC384)}
 """`--ek` option value -> EK."""

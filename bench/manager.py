@@ -5,12 +5,17 @@ vtpm: a fresh data directory, `vtpm manager run` (its hardware TPM is the swtpm 
 starts itself when there is no /dev/tpmrm0), one group, then per vTPM `vtpm.new` and
 `vtpm.start` over the admin socket (`vtpm new --start` is one request; two here, to time each),
 each vTPM with a raw TCP port. swtpm: per vTPM `swtpm_setup --tpm2 --createek` into a fresh
-state directory, then `swtpm socket` on a raw TCP port. On both sides a vTPM counts as started
-once it has answered TPM2_Startup(CLEAR) and TPM2_GetRandom on its raw port; the clock runs from
-the first create to the last answer. Memory is read from /proc once all N are running: VmRSS
-(what `ps` shows; pages shared between processes are counted in each) and PSS (shared pages
-divided among their users, so the sum is what N of them really take). CPU time is that of every
-process involved (swtpm_setup and the swtpm it runs; the Manager, its simulator and instances).
+state directory, then `swtpm socket` on a raw TCP port. By default both sides provision EKs and
+their certificates, as libvirt asks for: vtpm's default EKs (RSA-2048 and ECC P-256 with
+certificates from the group CA in the hardware TPM, and a platform certificate) at the first
+start, swtpm_setup `--create-ek-cert --create-platform-cert --lock-nvram` (certificates from
+swtpm_localca); `--no-ek-certs`: swtpm_setup `--createek` alone, vtpm `--ek none`. On both sides
+a vTPM counts as started once it has answered TPM2_Startup(CLEAR) and TPM2_GetRandom on its raw
+port; the clock runs from the first create to the last answer. Memory is read from /proc once
+all N are running: VmRSS (what `ps` shows; pages shared between processes are counted in each)
+and PSS (shared pages divided among their users, so the sum is what N of them really take). CPU
+time is that of every process involved (swtpm_setup and the swtpm it runs; the Manager, its
+simulator and instances).
 
 swtpm_setup 0.7 spends most of its time waiting, not working: once its own swtpm has shut down,
 it polls kill(pid, 0) 500 times 1 ms apart before it reaps that (zombie) child, so about 0.55 s
@@ -162,7 +167,7 @@ def _kill_leftovers(pids: list[int], marker: str) -> None:
 # vtpm: the Manager -------------------------------------------------------------------------
 
 
-def run_vtpm(work: Path, n: int, progress: Callable[[str], None]) -> Side:
+def run_vtpm(work: Path, n: int, ek_certs: bool, progress: Callable[[str], None]) -> Side:
     side = Side("vtpm")
     data = work / "vtpm-data"
     ns = argparse.Namespace(data_dir=data)
@@ -217,8 +222,10 @@ def run_vtpm(work: Path, n: int, progress: Callable[[str], None]) -> Side:
                     Frontend.parse(f"server=tcp:127.0.0.1:{port}"),
                     Frontend.parse(f"ctrl=tcp:127.0.0.1:{port + 1}"),
                 )
+                eks = api.DEFAULT_EKS if ek_certs else ()
                 made = client.call(
-                    ns, api.VtpmNew(GROUP, f"bench{i}_u:vm_r:vtpm_t", frontends=frontends)
+                    ns,
+                    api.VtpmNew(GROUP, f"bench{i}_u:vm_r:vtpm_t", frontends=frontends, eks=eks),
                 )
                 create += time.perf_counter() - t1
                 try:
@@ -541,9 +548,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--vtpms", type=int, default=50, metavar="N", help="vTPMs per side (default 50)"
     )
     ap.add_argument(
-        "--swtpm-ek-certs",
-        action="store_true",
-        help="swtpm_setup also creates EK and platform certificates (as libvirt does)",
+        "--ek-certs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="both sides provision EK and platform certificates, as libvirt asks for "
+        "(default; --no-ek-certs: swtpm_setup --createek alone, vtpm --ek none)",
     )
 
 
@@ -573,11 +582,11 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
     work = Path(tempfile.mkdtemp(prefix="vtpm-bench-mgr-"))
     try:
         with _sigterm_interrupts():
-            sw = run_swtpm(work, args.vtpms, args.swtpm_ek_certs, progress)
-            vt = run_vtpm(work, args.vtpms, progress)
+            sw = run_swtpm(work, args.vtpms, args.ek_certs, progress)
+            vt = run_vtpm(work, args.vtpms, args.ek_certs, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    rep = report(args.vtpms, sw, vt, args.swtpm_ek_certs)
+    rep = report(args.vtpms, sw, vt, args.ek_certs)
     rep["bench_runtime_s"] = time.perf_counter() - t0
     return rep
 

@@ -86,16 +86,23 @@ class AkPublic:
     qualified_name: bytes
 
 
+def ecdsa_p256_template(attributes: Any) -> Any:
+    """A TPMT_PUBLIC for an ECC P-256 signing key with ECDSA-SHA256 and `attributes` (the AK's,
+    the group CA's)."""
+    t = TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=attributes)
+    ecc = t.parameters.eccDetail
+    ecc.symmetric.algorithm = TPM2_ALG.NULL
+    ecc.scheme.scheme = TPM2_ALG.ECDSA
+    ecc.scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
+    ecc.curveID = TPM2_ECC.NIST_P256
+    ecc.kdf.scheme = TPM2_ALG.NULL
+    return t
+
+
 def ak_template(alg: str) -> bytes:
     """The AK's public template (marshalled TPMT_PUBLIC) for `alg` ("ecc" or "rsa")."""
     if alg == "ecc":
-        t = TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=_AK_ATTRIBUTES)
-        ecc = t.parameters.eccDetail
-        ecc.symmetric.algorithm = TPM2_ALG.NULL
-        ecc.scheme.scheme = TPM2_ALG.ECDSA
-        ecc.scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
-        ecc.curveID = TPM2_ECC.NIST_P256
-        ecc.kdf.scheme = TPM2_ALG.NULL
+        t = ecdsa_p256_template(_AK_ATTRIBUTES)
     elif alg == "rsa":
         t = TPMT_PUBLIC(type=TPM2_ALG.RSA, nameAlg=TPM2_ALG.SHA256, objectAttributes=_AK_ATTRIBUTES)
         rsa = t.parameters.rsaDetail

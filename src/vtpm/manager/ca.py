@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from tpm2_pytss import (
     TPM2_ALG,
-    TPM2_ECC,
     TPM2_RH,
     TPM2_SE,
     TPM2_ST,
@@ -62,8 +61,10 @@ from tpm2_pytss import (
 from vtpm.errors import HwTpmError, ManagerError, RequestError, SealError, VerifyError
 from vtpm.files import write_atomic
 from vtpm.manager import certs
+from vtpm.manager.attestation import ecdsa_p256_template
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm, SealedObject
+from vtpm.manager.sealing import create_object
 from vtpm.manager.store import GroupCaRecord, GroupRecord, Store, VtpmRecord
 from vtpm.tpm import ekcert
 from vtpm.tpm.constants import TPMA_OBJECT as ATTR
@@ -96,14 +97,7 @@ _EK_MUST = (
 
 def ca_template() -> bytes:
     """The CA key's public template (marshalled TPMT_PUBLIC)."""
-    t = TPMT_PUBLIC(type=TPM2_ALG.ECC, nameAlg=TPM2_ALG.SHA256, objectAttributes=_CA_ATTRIBUTES)
-    ecc = t.parameters.eccDetail
-    ecc.symmetric.algorithm = TPM2_ALG.NULL
-    ecc.scheme.scheme = TPM2_ALG.ECDSA
-    ecc.scheme.details.ecdsa.hashAlg = TPM2_ALG.SHA256
-    ecc.curveID = TPM2_ECC.NIST_P256
-    ecc.kdf.scheme = TPM2_ALG.NULL
-    return bytes(t.marshal())
+    return bytes(ecdsa_p256_template(_CA_ATTRIBUTES).marshal())
 
 
 def certs_dir(vtpm_dir: Path) -> Path:
@@ -122,13 +116,7 @@ class CaTpm:
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=TPM2B_AUTH(auth)))
 
         def op(ectx: Any) -> SealedObject:
-            with self.hw.flushing(ectx) as handles:
-                session = self.hw.salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
-                handles.append(session)
-                private, public, *_ = ectx.create(
-                    self.hw.primary, sensitive, TPM2B_PUBLIC(template), session1=session
-                )
-            return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
+            return create_object(self.hw, ectx, template, sensitive)
 
         return self.hw.run("creating a group CA key", op, _refused)
 

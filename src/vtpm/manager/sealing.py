@@ -59,6 +59,19 @@ MAX_POLICY_REF = 64  # a TPM2B_NONCE
 _SEALED_ATTRIBUTES = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.NODA
 
 
+def create_object(hw: HardwareTpm, ectx: Any, template: Any, sensitive: Any) -> SealedObject:
+    """TPM2_Create of `template` under the storage primary (inside `HardwareTpm.run`), its
+    sensitive part sent parameter-encrypted in a session salted to the primary, so a secret
+    or an authValue never crosses the TCTI in clear; the object as its TPM blobs."""
+    with hw.flushing(ectx) as handles:
+        session = hw.salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
+        handles.append(session)
+        private, public, *_ = ectx.create(
+            hw.primary, sensitive, TPM2B_PUBLIC(template), session1=session
+        )
+    return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
+
+
 class SealingTpm:
     """Seal and unseal on the hardware TPM. Thread-safe through `HardwareTpm.run`."""
 
@@ -81,13 +94,7 @@ class SealingTpm:
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=TPM2B_SENSITIVE_DATA(secret)))
 
         def op(ectx: Any) -> SealedObject:
-            with self.hw.flushing(ectx) as handles:
-                session = self.hw.salted_session(ectx, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT)
-                handles.append(session)
-                private, public, *_ = ectx.create(
-                    self.hw.primary, sensitive, TPM2B_PUBLIC(template), session1=session
-                )
-            return SealedObject(public=bytes(public.marshal()), private=bytes(private.marshal()))
+            return create_object(self.hw, ectx, template, sensitive)
 
         return self.hw.run("sealing", op, lambda: SealError("sealing failed"))
 

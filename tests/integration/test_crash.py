@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import socket
-import struct
 import threading
 import time
 from collections import Counter
@@ -44,59 +43,21 @@ from tests.mgr import (
     owner_key,
     start_manager,
 )
+from tests.nvframes import nv_define_space, nv_read, nv_write, parse_nv_read
 from vtpm.errors import ManagerError
 from vtpm.tpm import frames
-from vtpm.tpm.constants import TPM_ALG, TPM_CC, TPM_RC, TPM_ST
+from vtpm.tpm.constants import TPM_RC
 
 pytestmark = pytest.mark.integration
 
 NV_INDEX = 0x01500030
 NV_SIZE = 8
-TPM_RH_OWNER = 0x40000001
-TPMA_NV_OWNERWRITE = 0x00000002
-TPMA_NV_OWNERREAD = 0x00020000
 MAX_DELAY = 0.150  # of writing before the kill
 IO_TIMEOUT = 30.0  # a vTPM silent this long hangs
 COME_BACK = 60.0  # what was killed serves again within this
 MANAGER = "Manager"
 STARTED = "instance (vtpm start)"
 SUPERVISED = "instance (supervisor restart)"
-
-
-# TPM 2.0 commands the test sends (TCG TPM 2.0 Part 3, 31.3 / 31.5 / 31.13) ---------------------
-
-
-def _owner_password_session() -> bytes:
-    # TPMS_AUTH_COMMAND: TPM_RS_PW, empty nonce, continueSession, empty owner password
-    auth = struct.pack(">IHBH", frames.TPM_RS_PW, 0, 0x01, 0)
-    return struct.pack(">I", len(auth)) + auth
-
-
-def nv_define_space(index: int, size: int) -> bytes:
-    public = struct.pack(
-        ">IHIHH", index, TPM_ALG.SHA256, TPMA_NV_OWNERWRITE | TPMA_NV_OWNERREAD, 0, size
-    )
-    body = struct.pack(">I", TPM_RH_OWNER) + _owner_password_session()
-    body += struct.pack(">H", 0) + struct.pack(">H", len(public)) + public
-    return frames.command(TPM_CC.NV_DefineSpace, body, TPM_ST.SESSIONS)
-
-
-def nv_write(index: int, data: bytes) -> bytes:
-    body = struct.pack(">II", TPM_RH_OWNER, index) + _owner_password_session()
-    body += struct.pack(">H", len(data)) + data + struct.pack(">H", 0)
-    return frames.command(TPM_CC.NV_Write, body, TPM_ST.SESSIONS)
-
-
-def nv_read(index: int, size: int) -> bytes:
-    body = struct.pack(">II", TPM_RH_OWNER, index) + _owner_password_session()
-    body += struct.pack(">HH", size, 0)
-    return frames.command(TPM_CC.NV_Read, body, TPM_ST.SESSIONS)
-
-
-def parse_nv_read(response: bytes) -> bytes:
-    # header, parameterSize (sessions tag), TPM2B_MAX_NV_BUFFER, then the auth area
-    (size,) = struct.unpack_from(">H", response, 14)
-    return response[16 : 16 + size]
 
 
 def counter_bytes(value: int) -> bytes:

@@ -7,7 +7,8 @@ floor: the libtpms engine alone, no transport. Prints a table with the vtpm/swtp
 (rates: higher is better; RSS and start time: lower is better; a rate's ratio is the median
 of back-to-back slice ratios, see `measure`); `--json` prints it as data.
 Then the Manager benchmark (bench/manager.py): create + start N vTPMs through the vTPM Manager
-beside swtpm_setup + swtpm, and the memory N of each take. `--only transport|manager` runs one.
+beside swtpm_setup + swtpm, and the memory N of each take. Then bench/mssim.py: TCTI mssim
+against TCTI swtpm per command on one vTPM. `--only transport|manager|mssim|...` runs one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import deepquote as dq_bench
 from bench import manager as mgr_bench
+from bench import mssim as mssim_bench
 from bench import templates as tmpl
 from bench import verify as verify_bench
 from bench.common import GETRANDOM, Client, free_pair, rss_kib, standalone_main
@@ -92,7 +94,7 @@ def start_swtpm(work: Path) -> Target:
     return Target("swtpm", proc, port, t)
 
 
-def start_vtpm(work: Path) -> Target:
+def start_vtpm(work: Path, extra: Sequence[str] = ()) -> Target:
     port = free_pair()
     key = work / "vtpm.key"
     if not key.exists():
@@ -112,6 +114,7 @@ def start_vtpm(work: Path) -> Target:
         "--startup-clear",
         "--log-level",
         "warning",
+        *extra,
     ]
     proc, t = first_answer(argv, port)
     return Target("vtpm", proc, port, t)
@@ -303,12 +306,13 @@ def print_transport(rep: dict[str, Any]) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--only",
-        choices=["transport", "manager", "deepquote", "verify"],
+        choices=["transport", "manager", "deepquote", "verify", "mssim"],
         default=None,
         help="run one benchmark: transport (one instance each, command rates, start, RSS), "
         "manager (create + start N vTPMs, memory with N running), deepquote (batched vs "
         "unbatched deep quotes on a slowed hardware quote) or verify (deep quotes verified per "
-        "second on one core); default all",
+        "second on one core) or mssim (TCTI mssim against TCTI swtpm per command on one vTPM); "
+        "default all",
     )
     ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
     ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
@@ -324,6 +328,8 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
     out: dict[str, Any] = {}
     if args.only in (None, "transport"):
         out.update(run_transport(args))
+    if args.only in (None, "mssim"):
+        out["mssim"] = mssim_bench.run(args, progress, start_swtpm, start_vtpm, stop)
     if args.only in (None, "manager"):
         out["manager"] = mgr_bench.run(args, progress)
     if args.only in (None, "deepquote"):
@@ -336,6 +342,8 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
 def print_report(out: dict[str, Any]) -> None:
     if "results" in out:
         print_transport(out)
+    if "mssim" in out:
+        mssim_bench.print_report(out["mssim"])
     if "manager" in out:
         mgr_bench.print_report(out["manager"])
     if "deepquote" in out:

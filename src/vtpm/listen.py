@@ -194,9 +194,36 @@ def peer_allowed(creds: PeerCredentials | None, policy: SocketPolicy) -> bool:
 
 
 def tune(sock: socket.socket) -> None:
-    """Low-latency settings for a request/response connection."""
+    """Low-latency settings for a request/response connection: our answers leave at once
+    (no Nagle). The peer's own Nagle is its business; see `quickack_reader` for a peer whose
+    Nagle would wait for our delayed ACK."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def quickack_reader(sock: socket.socket) -> Callable[[int], bytes] | None:
+    """A `serving.events` read for a peer that writes one request in several small writes
+    with Nagle on (tpm2-tss tcti-mssim: code, locality, length, then the command), or None
+    when `sock` is not TCP (nothing to do).
+
+    Why: the peer's kernel holds the command back until its first small write is ACKed, and
+    ours delays that ACK (up to 40 ms on Linux) while the request is incomplete and we have
+    nothing to send, so every command stalls for the delayed-ACK timer. Linux clears
+    TCP_QUICKACK as soon as it sees a request/response pattern, so it is set again after
+    every read: that sends the ACK owed for what was just read at once, and the peer's next
+    write follows without waiting. One setsockopt per read, mssim only."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    recv, setsockopt = sock.recv, sock.setsockopt
+    level, opt = socket.IPPROTO_TCP, socket.TCP_QUICKACK
+
+    def read(n: int) -> bytes:
+        data = recv(n)
+        if data:
+            setsockopt(level, opt, 1)
+        return data
+
+    return read
 
 
 class Server:

@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import Callable
 
-from vtpm import serving
+from vtpm import listen, serving
 from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.instance.device import Device
 from vtpm.wire import mssim as w
@@ -35,7 +35,13 @@ class CommandPortHandler:
         requests: serving.Codec[w.TpmPortRequest] = codec
         dev = self._device
         try:
-            for ev in serving.events(conn, requests, idle_timeout=self._idle_timeout):
+            events = serving.events(
+                conn,
+                requests,
+                idle_timeout=self._idle_timeout,
+                recv=listen.quickack_reader(conn),
+            )
+            for ev in events:
                 if isinstance(ev, w.SessionEnd | w.Stop):
                     return
                 reply: w.CommandResponse | w.Ack | w.HandshakeResponse

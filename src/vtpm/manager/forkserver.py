@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ENV = "VTPM_FORKSERVER"
 PR_SET_CHILD_SUBREAPER = 36
 SPAWN_TIMEOUT = 5.0
+READY_WAIT = 3.0  # how long a spawn waits for a template that is starting
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 60.0
@@ -138,9 +139,12 @@ class ForkServer:
             return True
         if self._sock is None or self._proc is None or self._proc.poll() is not None:
             return False
+        # a template still importing is waited for a while: a start of its own costs as much
+        wait = self._started + READY_WAIT - time.monotonic()
         try:
-            got = self._sock.recv(16, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+            self._sock.settimeout(max(wait, 0.0) or None)
+            got = self._sock.recv(16) if wait > 0 else self._sock.recv(16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, TimeoutError):
             return False  # still importing
         except OSError:
             return False

@@ -55,3 +55,6 @@ fi
 # environment sets PYTHONDONTWRITEBYTECODE each start would otherwise recompile every module
 # (about a third of an instance's start time). Only changed files are compiled again.
 .venv/bin/python -m compileall -q -j 0 src
+# The compat directory (.venv/compat/bin): vtpm's own swtpm, swtpm_setup, swtpm_ioctl for
+# orchestrators that find them by PATH (`vtpm compat dir`). Scripts already there are kept.
+.venv/bin/python -m vtpm.compat.install .venv/compat/bin

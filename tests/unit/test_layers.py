@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "manager": {"wire", "tpm", "platform"} | BASE,
     "instance": {"engine", "wire", "tpm"} | BASE,
     "launch": {"wire", "tpm", "platform"} | BASE,
+    "compat": {"wire", "tpm", "endpoints", "errors", "files", "listen"},
     "engine": {"tpm", "errors"},
     "wire": {"tpm", "errors", "endpoints"},
     "tpm": {"errors"},

@@ -26,6 +26,7 @@ COMMANDS = {
     "instance": "vtpm.cli.instance_cmd",
     "launch": "vtpm.cli.launch_cmd",
     "verify": "vtpm.cli.verify_cmd",
+    "compat": "vtpm.cli.compat_cmd",
 }
 
 EXIT_ERROR = 1

@@ -1,0 +1,434 @@
+"""`swtpm socket`: the front door. Binds what the orchestrator asked for, then hands it over.
+
+Order, and why:
+1. parse the command line (standard library only) and bind the listening sockets (ctrl, server)
+   or take the inherited ones: an orchestrator polls for the socket file or port right after
+   it starts this process, so they exist before anything heavier is imported;
+2. open the state location (a directory, created 0700, or a file, created 0600) and read the
+   passphrases from their fds or files (at most `SECRET_MAX` bytes each);
+3. switch user if `--runas` says so;
+4. connect to the Manager's front-door socket and send `Attach` with the descriptors
+   [state, ctrl, server]; the Manager authenticates this process's user, finds the vTPM recorded
+   for the state location and spawns its instance on those sockets;
+5. on `Attached`: fork if `--daemon` (the parent exits 0), write the pid file (the process that
+   stays), then wait. On `Ended` remove the UNIX socket files this process bound (if they are
+   still its own) and exit with the instance's code (128 + N for a signal N).
+SIGTERM / SIGINT send `Detach` (the Manager stops the instance, its state stored) and the
+process exits on the `Ended` that follows. If this process is killed, its connection closes and
+the Manager stops the instance the same way. No key ever passes through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import stat
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vtpm.compat.options import UsageError
+from vtpm.compat.socket_args import (
+    HELP,
+    PROGRAM,
+    Action,
+    Listen,
+    ListenKind,
+    LogArg,
+    PidArg,
+    SecretSource,
+    SocketArgs,
+    StateArg,
+    parse_socket_args,
+)
+
+if TYPE_CHECKING:
+    from vtpm.compat.link import Link
+
+SECRET_MAX = 4096  # = vtpm.wire.compat.SECRET_MAX (not imported before the sockets exist)
+ATTACH_TIMEOUT = 120.0  # seconds the Manager may take to start the instance
+DETACH_TIMEOUT = 60.0  # seconds after Detach before this process gives up waiting
+
+
+class DoorError(Exception):
+    """Setting up the front door failed; the message is the one line the user sees."""
+
+
+class Log:
+    """The `--log` destination (the orchestrator shows it when a start fails); no log: quiet."""
+
+    def __init__(self, arg: LogArg | None) -> None:
+        self.prefix = arg.prefix if arg else ""
+        self.fd = -1
+        if arg is None:
+            return
+        if arg.fd >= 0:
+            self.fd = arg.fd
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        try:
+            self.fd = os.open(arg.path, flags | (os.O_TRUNC if arg.truncate else 0), 0o640)
+        except OSError as e:
+            raise DoorError(f"cannot open the log file {arg.path}: {e.strerror}") from None
+
+    def line(self, text: str) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.fd, f"{self.prefix}{text}\n".encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    sock: socket.socket
+    path: str = ""  # a UNIX socket file this process created (absolute), else ""
+    ident: tuple[int, int] = (0, 0)  # its st_dev, st_ino: removed at exit only if unchanged
+
+
+def _unix(listen: Listen, what: str) -> Bound:
+    path = listen.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DoorError(f"{what} {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens
+        else:
+            raise DoorError(f"{what} {path} is in use by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~listen.mode)
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise DoorError(f"cannot bind {what} {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    if listen.uid is not None or listen.gid is not None:
+        uid = -1 if listen.uid is None else listen.uid
+        os.chown(path, uid, -1 if listen.gid is None else listen.gid)
+    os.chmod(path, listen.mode)
+    st = os.stat(path)
+    sock.listen(128)
+    return Bound(sock, os.path.abspath(path), (st.st_dev, st.st_ino))
+
+
+def _tcp(listen: Listen, what: str) -> Bound:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as e:
+        sock.close()
+        raise DoorError(f"cannot bind {what} {listen.host}:{listen.port}: {e.strerror}") from None
+    sock.listen(128)
+    return Bound(sock)
+
+
+def _inherited(listen: Listen, what: str) -> Bound:
+    try:
+        sock = socket.socket(fileno=listen.fd)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        raise DoorError(f"{what} fd={listen.fd} is not a socket: {e.strerror}") from None
+    if not listening or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise DoorError(f"{what} fd={listen.fd} is not a listening stream socket")
+    return Bound(sock)
+
+
+def bind(listen: Listen, what: str) -> Bound:
+    if listen.kind is ListenKind.UNIX:
+        return _unix(listen, what)
+    if listen.kind is ListenKind.TCP:
+        return _tcp(listen, what)
+    return _inherited(listen, what)
+
+
+def open_state(state: StateArg) -> int:
+    """A descriptor of the state location: the directory (O_RDONLY|O_DIRECTORY) or the file
+    (O_RDWR), created if missing."""
+    try:
+        if state.kind == "dir":
+            os.makedirs(state.path, 0o700, exist_ok=True)
+            return os.open(state.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return os.open(state.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, state.mode)
+    except OSError as e:
+        raise DoorError(f"cannot open the state location {state.path}: {e.strerror}") from None
+
+
+def read_secret(src: SecretSource, what: str) -> bytes:
+    """The passphrase (or key) bytes: all of the fd up to its end (then closed), or the file."""
+    try:
+        if src.fd >= 0:
+            chunks: list[bytes] = []
+            size = 0
+            while size <= SECRET_MAX:
+                chunk = os.read(src.fd, SECRET_MAX + 1 - size)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            os.close(src.fd)
+            data = b"".join(chunks)
+        else:
+            with open(src.path, "rb") as f:
+                data = f.read(SECRET_MAX + 1)
+            if src.remove:
+                os.unlink(src.path)
+    except OSError as e:
+        raise DoorError(f"cannot read {what}: {e.strerror}") from None
+    if not data:
+        raise DoorError(f"{what} is empty")
+    if len(data) > SECRET_MAX:
+        raise DoorError(f"{what} is longer than {SECRET_MAX} bytes")
+    return data
+
+
+def run_as(user: str) -> None:
+    import pwd  # noqa: PLC0415  (only with --runas)
+
+    try:
+        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise DoorError(f"--runas {user}: no such user") from None
+    if pw.pw_uid == os.getuid():
+        return
+    try:
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+    except OSError as e:
+        raise DoorError(f"--runas {user}: {e.strerror}") from None
+
+
+def write_pid(pid: PidArg) -> None:
+    text = f"{os.getpid()}\n".encode()
+    try:
+        if pid.fd >= 0:
+            os.write(pid.fd, text)
+            os.close(pid.fd)
+            return
+        from pathlib import Path  # noqa: PLC0415
+
+        from vtpm.files import write_atomic  # noqa: PLC0415
+
+        write_atomic(Path(pid.path), text, 0o644)
+    except OSError as e:
+        raise DoorError(f"cannot write the pid file: {e.strerror}") from None
+
+
+def _remove_own(path: str, ident: tuple[int, int]) -> None:
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if (st.st_dev, st.st_ino) == ident:
+            os.unlink(path)
+
+
+def _remove_pidfile(pid: PidArg | None) -> None:
+    if pid is None or not pid.path:
+        return
+    with contextlib.suppress(OSError), open(pid.path, "rb") as f:
+        if f.read(32).strip() == str(os.getpid()).encode():
+            os.unlink(pid.path)
+
+
+def _exit_code(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+class Door:
+    """One front-door process after its sockets are bound."""
+
+    def __init__(self, args: SocketArgs, log: Log, bound: list[tuple[str, Bound]]) -> None:
+        self.args = args
+        self.log = log
+        self.bound = bound
+        self.signals: list[int] = []
+
+    def cleanup(self) -> None:
+        for _, b in self.bound:
+            if b.path:
+                _remove_own(b.path, b.ident)
+        _remove_pidfile(self.args.pid)
+
+    def serve(self, environ: Mapping[str, str]) -> int:
+        from vtpm.compat import link  # noqa: PLC0415  (after the sockets exist)
+        from vtpm.errors import VtpmError  # noqa: PLC0415
+        from vtpm.wire import compat  # noqa: PLC0415
+
+        args = self.args
+        assert args.state is not None
+        state_fd = open_state(args.state)
+        secret = read_secret(args.key, "the --key passphrase") if args.key else None
+        msecret = (
+            read_secret(args.migration_key, "the --migration-key passphrase")
+            if args.migration_key
+            else None
+        )
+        if args.runas is not None:
+            run_as(args.runas)
+        from vtpm.compat.setup_args import uuid_in_path  # noqa: PLC0415
+
+        roles = [compat.FdRole.STATE]
+        fds = [state_fd]
+        for role, b in self.bound:
+            roles.append(compat.FdRole(role))
+            fds.append(b.sock.fileno())
+        request = compat.Attach(
+            compat.StateLocation(compat.StateKind(args.state.kind), args.state.path),
+            tuple(roles),
+            vm_uuid=uuid_in_path(args.state.path),
+            terminate=args.terminate,
+            startup_clear=args.startup_clear,
+            secret=secret,
+            migration_secret=msecret,
+            incoming=args.incoming,
+            release_lock_outgoing=args.release_lock_outgoing,
+        )
+        path = link.socket_path(environ)
+        try:
+            door = link.Link(path, ATTACH_TIMEOUT)
+            door.send(request, fds)
+            os.close(state_fd)
+            attached = link.result(compat.Attached, door.reply(), "Attached")
+        except VtpmError as e:
+            raise DoorError(str(e)) from None
+        self.log.line(
+            f"vTPM {attached.uuid} ({attached.label}) serves, instance pid {attached.pid}"
+        )
+        if args.daemon and os.fork() != 0:
+            os._exit(0)  # the parent: the child carries on (and owns the cleanup)
+        if args.daemon:
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+        if args.pid is not None:
+            write_pid(args.pid)
+        return self.wait(door)
+
+    def fail(self, line: str) -> int:
+        self.log.line(f"error: {line}")
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"{PROGRAM}: error: {line}\n")
+        return 1
+
+    def wait(self, door: Link) -> int:
+        from vtpm.compat.link import result  # noqa: PLC0415
+        from vtpm.errors import VtpmError  # noqa: PLC0415
+        from vtpm.wire.compat import Detach, Ended  # noqa: PLC0415
+
+        rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wr)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record)
+        door.sock.settimeout(None)
+        detached_at: float | None = None
+        while True:
+            timeout = None
+            if detached_at is not None:
+                timeout = max(0.0, detached_at + DETACH_TIMEOUT - time.monotonic())
+            ready, _, _ = select.select([door.sock.fileno(), rd], [], [], timeout)
+            if not ready:
+                return self.fail("the Manager did not end the vTPM after Detach; leaving")
+            if rd in ready:
+                with contextlib.suppress(OSError):
+                    os.read(rd, 64)
+            if self.signals and detached_at is None:
+                self.log.line(f"signal {self.signals[0]}: asking the Manager to stop the vTPM")
+                try:
+                    door.send(Detach())
+                except VtpmError as e:
+                    return self.fail(str(e))
+                detached_at = time.monotonic()
+            if door.sock.fileno() not in ready:
+                continue
+            try:
+                replies = door.replies()
+            except VtpmError as e:
+                return self.fail(str(e))
+            for reply in replies:
+                if reply is None:
+                    return self.fail("the Manager closed the connection; the vTPM is gone")
+                try:
+                    ended = result(Ended, reply, "Ended")
+                except VtpmError as e:
+                    return self.fail(str(e))
+                why = f": {ended.reason}" if ended.reason else ""
+                self.log.line(f"the vTPM ended with exit code {ended.exit_code}{why}")
+                return _exit_code(ended.exit_code)
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+
+def run(argv: list[str], environ: Mapping[str, str], out: Callable[[str], None]) -> int:
+    try:
+        args = parse_socket_args(argv)
+    except UsageError as e:
+        out(f"{PROGRAM}: error: {e}")
+        return 1
+    if args.action is Action.HELP:
+        sys.stdout.write(HELP)
+        return 0
+    if args.action is Action.VERSION:
+        from vtpm import __version__  # noqa: PLC0415
+
+        print(f"vtpm {__version__} (swtpm-compatible front door)")
+        return 0
+    if args.action is Action.CAPABILITIES:
+        from vtpm.compat.capabilities import SWTPM_FEATURES, document  # noqa: PLC0415
+
+        print(document("swtpm", SWTPM_FEATURES))
+        return 0
+    bound: list[tuple[str, Bound]] = []
+    door: Door | None = None
+    log = Log(None)
+    try:
+        if args.ctrl is not None:
+            bound.append(("ctrl", bind(args.ctrl, "the control socket")))
+        if args.server is not None:
+            bound.append(("server", bind(args.server, "the server socket")))
+        log = Log(args.log)
+        for note in args.notes:
+            log.line(note)
+        door = Door(args, log, bound)
+        code = door.serve(environ)
+    except DoorError as e:
+        log.line(f"error: {e}")
+        out(f"{PROGRAM}: error: {e}")
+        code = 1
+    if door is not None:
+        door.cleanup()
+    else:
+        for _, b in bound:
+            if b.path:
+                _remove_own(b.path, b.ident)
+    return code
+
+
+def main() -> int:
+    """The `swtpm` executable of the compat directory."""
+
+    def out(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    try:
+        return run(sys.argv[1:], os.environ, out)
+    except KeyboardInterrupt:
+        return 130

@@ -52,7 +52,7 @@ def test_unknown_options_are_noted_not_fatal() -> None:
 
 def test_refused_and_malformed_options_are_one_line() -> None:
     specs = [Spec(("--no",), Kind.VALUE, Treat.REFUSED, "not here"), Spec(("--v",), Kind.VALUE)]
-    with pytest.raises(UsageError, match="^--no: not here$"):
+    with pytest.raises(UsageError, match=r"^--no: not here$"):
         parse(["--no", "x"], specs)
     with pytest.raises(UsageError, match="needs a value"):
         parse(["--v"], specs)

@@ -188,7 +188,7 @@ def _describe(resp: ctrl.Response) -> str:
         case ctrl.BufferSizeResult(size=size, minimum=lo, maximum=hi):
             return f"buffer size: {size} (minimum {lo}, maximum {hi})"
         case ctrl.InfoResult(data=data):
-            return data.decode("utf-8", "replace")
+            return data.rstrip(b"\0").decode("utf-8", "replace")
     return ""
 
 

@@ -32,7 +32,8 @@ STATE_FILE = "--state-file"  # one file or block device instead of --state-dir
 TERMINATE = "--terminate"  # end when the control channel's client leaves
 STARTUP_CLEAR = "--startup-clear"
 PCR_BANKS = "--pcr-banks"  # allocate these banks at this start (once, like --ek)
-MIGRATION_SECRET_FD = "--migration-secret-fd"  # a secret mixed into the transfer-blob key
+# a secret mixed into the transfer-blob key (a flag name, not a password)
+MIGRATION_SECRET_FD = "--migration-secret-fd"  # noqa: S105
 ACCEPT_STATE = "--accept-state"  # accept on-disk blobs the Manager does not record (once)
 FRONTEND_FLAGS: dict[FrontendKind, str] = {
     FrontendKind.CTRL: "--ctrl",
@@ -46,24 +47,54 @@ def program() -> list[str]:
     return [sys.executable, "-m", "vtpm.cli.main", *COMMAND]
 
 
+def fd_endpoint(fd: int) -> str:
+    """The endpoint text of an inherited listening socket (UNIX or TCP, whichever it is)."""
+    return f"fd:{fd}"
+
+
+def proc_fd(fd: int) -> Path:
+    """The path an instance opens an inherited descriptor by (its state location)."""
+    return Path(f"/proc/self/fd/{fd}")
+
+
 @dataclass(frozen=True, slots=True)
 class ManagedInstance:
-    """What the Manager tells an instance it spawns (the link and log come per process)."""
+    """What the Manager tells an instance it spawns (the link and log come per process).
+
+    A front-door instance (`vtpm.wire.compat`) has no label check on its sockets (`label`
+    None: the orchestrator made those sockets, their permissions are the boundary), its state
+    where the orchestrator put it (`state_file` for one file or block device), and serves
+    listening sockets it inherits (`fd_frontends`: kind and descriptor number)."""
 
     vtpm_uuid: uuid.UUID
     tpm: str
     state_dir: Path
-    label: str
+    label: str | None
     frontends: tuple[Frontend, ...]
     socket_owner: int | None = None
     socket_group: int | None = None  # given: the sockets are 0660 to it
     labels_file: Path | None = None
+    state_file: bool = False  # `state_dir` names one file (or block device): --state-file
+    fd_frontends: tuple[tuple[FrontendKind, int], ...] = ()
+    terminate: bool = False
+    startup_clear: bool = False
+    migration_secret_fd: int | None = None
 
     def argv(self) -> list[str]:
         args = [UUID, str(self.vtpm_uuid), TPM, self.tpm]
-        args += [STATE_DIR, str(self.state_dir), LABEL, self.label]
+        args += [STATE_FILE if self.state_file else STATE_DIR, str(self.state_dir)]
+        if self.label is not None:
+            args += [LABEL, self.label]
         for f in self.frontends:
             args += [FRONTEND_FLAGS[f.kind], str(f.endpoint)]
+        for kind, fd in self.fd_frontends:
+            args += [FRONTEND_FLAGS[kind], fd_endpoint(fd)]
+        if self.terminate:
+            args.append(TERMINATE)
+        if self.startup_clear:
+            args.append(STARTUP_CLEAR)
+        if self.migration_secret_fd is not None:
+            args += [MIGRATION_SECRET_FD, str(self.migration_secret_fd)]
         if self.socket_owner is not None:
             args += [SOCKET_OWNER, str(self.socket_owner)]
         if self.socket_group is not None:
@@ -81,6 +112,11 @@ def per_process(manager_fd: int, log_file: Path) -> list[str]:
 def launch(record: Path) -> list[str]:
     """The arguments that arm a measured launch (for one process, not its restarts)."""
     return [LAUNCH, str(record)]
+
+
+def pcr_banks(banks: tuple[str, ...]) -> list[str]:
+    """The arguments that allocate PCR banks ("sha256", ...) at this start only."""
+    return [PCR_BANKS, ",".join(banks)] if banks else []
 
 
 def ek(names: tuple[str, ...]) -> list[str]:

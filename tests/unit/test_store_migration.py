@@ -16,6 +16,7 @@ import pytest
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.manager import schema
 from vtpm.manager.store import (
+    LocationRecord,
     CertRecord,
     GroupCaRecord,
     GroupRecord,
@@ -84,13 +85,13 @@ def make_v1(path: Path, *, up_to: int = 1, extra_vtpms: tuple[tuple[str, str], .
         db.close()
 
 
-def test_a_v1_database_opens_under_v4_with_its_groups_intact(tmp_path: Path) -> None:
+def test_a_v1_database_opens_under_v5_with_its_groups_intact(tmp_path: Path) -> None:
     path = tmp_path / "manager.db"
     make_v1(path)
     s = Store(path)
     s.open()
     try:
-        assert s.meta("schema_version") == str(schema.SCHEMA_VERSION) == "4"
+        assert s.meta("schema_version") == str(schema.SCHEMA_VERSION) == "5"
         assert s.meta("manager_uuid") == MANAGER  # not replaced by the migration
         g = s.group("legacy")
         assert g == GroupRecord(
@@ -126,16 +127,16 @@ def test_a_v1_database_opens_under_v4_with_its_groups_intact(tmp_path: Path) -> 
     s.open()
     try:
         g3 = s.group("legacy")
-        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "4"
+        assert g3 is not None and g3.ak_alg == "rsa" and s.meta("schema_version") == "5"
     finally:
         s.close()
 
 
-def test_a_new_database_is_created_at_v4_and_keeps_the_ak(tmp_path: Path) -> None:
+def test_a_new_database_is_created_at_v5_and_keeps_the_ak(tmp_path: Path) -> None:
     s = Store(tmp_path / "manager.db")
     s.open()
     try:
-        assert s.meta("schema_version") == "4"
+        assert s.meta("schema_version") == "5"
         assert s.meta("manager_uuid")
         g = GroupRecord(
             uuid=GROUP,
@@ -273,5 +274,40 @@ def test_v4_group_ca_and_vtpm_certificates(tmp_path: Path) -> None:
         ]
         s.delete_vtpm(VTPM)
         assert s.certs(VTPM) == []
+    finally:
+        s.close()
+
+
+def test_v5_state_locations_and_accept_state(tmp_path: Path) -> None:
+    """Schema v5: a front-door vTPM is recorded with its state location in one step (a path
+    names one vTPM), the location goes with the vTPM, and `accept_state` is a flag per vTPM."""
+    path = tmp_path / "manager.db"
+    make_v1(path)
+    s = Store(path)
+    s.open()
+    try:
+        v = s.vtpm(VTPM)
+        assert v is not None and v.accept_state is False
+        s.set_accept_state(VTPM, True)
+        v = s.vtpm(VTPM)
+        assert v is not None and v.accept_state is True
+        assert s.location(VTPM) is None and s.locations() == []
+
+        u = uuid.uuid4()
+        rec = dataclasses.replace(v, uuid=u, label="door_u:vm_r:vtpm_t", accept_state=False)
+        loc = LocationRecord(u, "dir", "/var/lib/x/tpm2", 2**63 + 5, 2**64 - 1)
+        s.add_vtpm(rec, loc)
+        assert s.location(u) == loc and s.location_at(loc.path) == loc
+        s.set_secret_check(u, b"c" * 32)
+        assert s.location(u) == dataclasses.replace(loc, secret_check=b"c" * 32)
+
+        u2 = uuid.uuid4()  # the same path for another vTPM: refused, nothing recorded
+        rec2 = dataclasses.replace(rec, uuid=u2, label="door2_u:vm_r:vtpm_t")
+        with pytest.raises(ConfigError, match="keeps its state at"):
+            s.add_vtpm(rec2, dataclasses.replace(loc, vtpm_uuid=u2))
+        assert s.vtpm(u2) is None
+
+        s.delete_vtpm(u)
+        assert s.location(u) is None and s.locations() == []
     finally:
         s.close()

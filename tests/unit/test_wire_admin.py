@@ -55,6 +55,7 @@ TABLE: list[tuple[str, dict[str, Any], api.Request[Any]]] = [
     ("vtpm.start", {"uuid": str(U)}, api.VtpmStart(U)),
     ("vtpm.stop", {"uuid": str(U)}, api.VtpmStop(U)),
     ("vtpm.del", {"uuid": str(U)}, api.VtpmDel(U)),
+    ("vtpm.accept-state", {"uuid": str(U)}, api.VtpmAcceptState(U)),
     ("vtpm.certs", {"uuid": str(U)}, api.VtpmCerts(U)),
     (
         "vtpm.launch",

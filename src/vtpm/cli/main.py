@@ -22,11 +22,11 @@ COMMANDS = {
     "group": "vtpm.cli.group_cmd",
     "vtpm": "vtpm.cli.vtpm_cmd",
     "ek": "vtpm.cli.ek_cmd",
+    "compat": "vtpm.cli.compat_cmd",
     "quote": "vtpm.cli.quote_cmd",
     "instance": "vtpm.cli.instance_cmd",
     "launch": "vtpm.cli.launch_cmd",
     "verify": "vtpm.cli.verify_cmd",
-    "compat": "vtpm.cli.compat_cmd",
 }
 
 EXIT_ERROR = 1

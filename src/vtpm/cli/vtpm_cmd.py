@@ -1,4 +1,4 @@
-"""`vtpm new|list|show|del|start|stop|status|audit`: vTPMs held by the Manager."""
+"""`vtpm new|list|show|del|start|stop|accept-state|status|audit`: vTPMs held by the Manager."""
 
 from __future__ import annotations
 
@@ -93,6 +93,17 @@ def register(sub: Any) -> None:
         client.add_common(p)
         p.set_defaults(func=func)
 
+    accept = sub.add_parser(
+        "accept-state",
+        help="accept, once, the state on disk that the Manager does not record",
+        description="At the vTPM's next start, accept the state blobs on disk that open under "
+        "its key but are not the ones the Manager recorded (an older copy put back on purpose: "
+        "what the TPM held after it is lost), and record them. Audited.",
+    )
+    accept.add_argument("uuid")
+    client.add_common(accept)
+    accept.set_defaults(func=cmd_accept_state)
+
     status = sub.add_parser(
         "status", help="running state of vTPMs", description="Running state of one vTPM or all."
     )
@@ -175,6 +186,11 @@ def cmd_del(args: argparse.Namespace) -> int:
     u = client.vtpm_uuid(args.uuid)
     client.call(args, api.VtpmDel(u))
     return client.emit(args, {"uuid": str(u)}, f"vTPM {u} deleted: key and state erased")
+
+
+def cmd_accept_state(args: argparse.Namespace) -> int:
+    v = client.call(args, api.VtpmAcceptState(client.vtpm_uuid(args.uuid)))
+    return client.emit(args, v, f"vTPM {v.uuid}: its next start accepts the state in {v.state_dir}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

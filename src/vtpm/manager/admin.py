@@ -55,6 +55,7 @@ class Services:
     quotes: DeepQuotes
     supervisor: Supervisor
     started: float
+    sweep: Callable[[], None] = lambda: None  # delete the vTPMs their orchestrator removed
 
 
 class AdminService:
@@ -102,6 +103,7 @@ class AdminService:
                 child.tpm_failed,
             )
         )
+        loc = s.store.location(v.uuid)
         return api.VtpmView(
             uuid=v.uuid,
             group=g.name if g else str(v.group_uuid),
@@ -110,7 +112,7 @@ class AdminService:
             owner_uid=v.owner_uid,
             owner_gid=v.owner_gid,
             frontends=s.vtpms.instance(v).frontends,
-            state_dir=str(s.config.vtpm_dir(v.uuid)),
+            state_dir=str(s.config.vtpm_dir(v.uuid)) if loc is None else loc.path,
             state_blobs={d.name: d.digest.hex() for d in s.store.state_digests(v.uuid)},
             run=run,
         )
@@ -173,9 +175,14 @@ class AdminService:
             case api.VtpmNew():
                 return self._new(req, actor)
             case api.VtpmList(group=ref):
+                s.sweep()
                 group_uuid = lookup.group(s.store, ref).uuid if ref else None
                 return tuple(self.vtpm_view(v) for v in s.store.vtpms(group_uuid))
             case api.VtpmShow(uuid=u):
+                s.sweep()
+                return self._vtpm(u)
+            case api.VtpmAcceptState(uuid=u):
+                s.vtpms.accept_state(lookup.vtpm(s.store, u).uuid, actor=actor)
                 return self._vtpm(u)
             case api.VtpmStart(uuid=u):
                 s.vtpms.start(lookup.vtpm(s.store, u).uuid, actor=actor)

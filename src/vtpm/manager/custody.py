@@ -7,7 +7,10 @@ instance; nothing the instance says changes that. It releases the state key only
 3. the vTPM's label is of a type the Manager serves (`vtpm_t`) and the group permits it;
 4. the group is unlocked in the current host state (the PCRs are read afresh) and the key
    unwraps under the group key;
-5. the vTPM is not open on another link (a vTPM runs at most once).
+5. the vTPM is not open on another link (a vTPM runs at most once);
+6. a front-door vTPM with a secret (`vtpm.manager.statesecret`) has that secret held by the
+   front-door connection that started it, and it matches; the key granted is then the state
+   key mixed with the secret.
 1-3 need no TPM (`policy_refusal`, unit-tested); 4 is the hardware TPM's; 5 is `Links.open`.
 Every refusal is audited and logged. After the grant, every state write is recorded before it
 is acknowledged; the recorded digests decide, at the next start, which blob is current. The
@@ -30,6 +33,7 @@ from vtpm import labels as lbl
 from vtpm.errors import RemoteProtocolError, VtpmError
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.links import InstanceLink, Links
+from vtpm.manager.statesecret import Secrets, matches, mixed_key
 from vtpm.manager.store import GroupRecord, Store, VtpmRecord
 from vtpm.serving import Codec, ConnectionLostError, events
 from vtpm.wire import ipc
@@ -90,7 +94,9 @@ class KeyCustody:
         links: Links,
         guest_quote: GuestQuote,
         issue: Issue,
+        secrets: Secrets | None = None,
     ) -> None:
+        self._secrets = secrets or Secrets()
         self._store = store
         self._groups = groups
         self._links = links
@@ -154,6 +160,14 @@ class KeyCustody:
             key = self._groups.unwrap_state_key(g.uuid, vtpm_uuid, rec.wrapped_key)
         except VtpmError as e:
             return str(e)
+        loc = self._store.location(vtpm_uuid)
+        if loc is not None and loc.secret_check:
+            secret = self._secrets.get(vtpm_uuid)
+            if secret is None:
+                return "the vTPM's state needs its secret, which only its front door brings"
+            if not matches(key, secret, loc.secret_check):
+                return "the vTPM's secret does not match"
+            key = mixed_key(key, secret)
         if not self._links.open(vtpm_uuid, link):
             return "the vTPM is open already (a vTPM runs at most once)"
         digests = tuple((d.name, d.digest) for d in self._store.state_digests(vtpm_uuid))

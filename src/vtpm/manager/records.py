@@ -65,6 +65,21 @@ class VtpmRecord:
     wrapped_key: bytes = b""
     wanted_running: bool = False
     created: float = 0.0
+    accept_state: bool = False  # the next start accepts unrecorded on-disk state, once
+
+
+@dataclass(frozen=True, slots=True)
+class LocationRecord:
+    """Where a front-door vTPM's state is: the orchestrator's path, as it named it, and the
+    directory's or file's identity when it was set up (a path whose inode changed is another
+    directory: the orchestrator removed the vTPM and made a new one there)."""
+
+    vtpm_uuid: UUID
+    kind: str  # `vtpm.wire.compat.StateKind`: "dir" or "file"
+    path: str
+    st_dev: int
+    st_ino: int
+    secret_check: bytes = b""  # HMAC of the vTPM's secret (`vtpm.manager.statesecret`); b"": none
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,12 @@ vTPM's label is unique within the Manager (the same-user rule and the label in a
 must name one vTPM), and groups gain `approval_nv`, the hardware-TPM NV index behind their
 owner approvals (0: none). v4: groups gain their CA (key blobs, certificate, the AK's
 certification of the key: `vtpm.manager.ca`), and `vtpm_certs` holds the certificates it issued
-to each vTPM. A migration that cannot be applied (v3 on a database where two
-vTPMs share a label) refuses with a ManagerError naming what is in the way, and the
-transaction leaves the database as it was.
+to each vTPM. v5: `vtpm_locations` holds where the front door's vTPMs
+(`vtpm.manager.frontdoor`) keep their state (the orchestrator's path, its device and inode,
+the check value of a secret), and vTPMs gain `accept_state` (the next start accepts on-disk
+state the Manager does not record, once: `vtpm accept-state`). A migration that cannot be
+applied (v3 on a database where two vTPMs share a label) refuses with a ManagerError naming
+what is in the way, and the transaction leaves the database as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from vtpm.errors import ManagerError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA_V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -95,7 +98,20 @@ CREATE TABLE vtpm_certs (
 )
 """
 
-_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4}
+# v5: the front door's state locations; a one-time acceptance of unrecorded state
+_SCHEMA_V5 = """
+ALTER TABLE vtpms ADD COLUMN accept_state INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE vtpm_locations (
+    vtpm_uuid TEXT PRIMARY KEY REFERENCES vtpms(uuid) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,
+    st_dev TEXT NOT NULL,
+    st_ino TEXT NOT NULL,
+    secret_check BLOB NOT NULL DEFAULT x''
+)
+"""
+
+_MIGRATIONS = {1: _SCHEMA_V1, 2: _SCHEMA_V2, 3: _SCHEMA_V3, 4: _SCHEMA_V4, 5: _SCHEMA_V5}
 
 
 def _no_shared_labels(tx: sqlite3.Connection, path: Path) -> None:

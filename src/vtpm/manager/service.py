@@ -3,13 +3,14 @@
 This module only wires the Manager together; what it does is in the services it builds:
 key custody (`custody`), the vTPMs and their processes (`vtpms`, `supervisor`), groups
 (`groupops`, with the keys and seals of `groups` and the group CAs of `ca`), measured
-launches (`launch`), deep quotes (`quotes`, batched by `deepquote`) and the admin protocol
-(`admin`).
+launches (`launch`), deep quotes (`quotes`, batched by `deepquote`), the admin protocol
+(`admin`) and, when `compat.json` configures it, the front door for the swtpm-compatible
+executables (`frontdoor`).
 
 Lifecycle: `open()` (data directory; a lost database refused; hardware TPM — a swtpm simulator
 when none is configured and /dev/tpmrm0 is absent —; store; the floor checked (`floor`); then
 the groups are checked against the host PCRs and the services built), `listen()` (the admin
-socket), `autostart()` (vTPMs that were running),
+socket, and the front door's), `autostart()` (vTPMs that were running),
 `run()` until `request_stop()`, then `close()`: instances are stopped first (their last state
 writes are still recorded), then the sockets, the floor advanced, the hardware TPM and the
 store closed.
@@ -28,9 +29,11 @@ from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.manager import floor
 from vtpm.manager.admin import AdminHandler, AdminService, Services
 from vtpm.manager.ca import GroupCa
+from vtpm.manager.compatconfig import CompatConfig
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
+from vtpm.manager.frontdoor import FrontDoor
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm
@@ -38,6 +41,7 @@ from vtpm.manager.launch import Launches
 from vtpm.manager.links import Links
 from vtpm.manager.quotes import DeepQuotes
 from vtpm.manager.simulator import Simulator
+from vtpm.manager.statesecret import Secrets
 from vtpm.manager.store import Store, database_present
 from vtpm.manager.supervisor import Supervisor
 from vtpm.manager.vtpms import VtpmRegistry
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 ADMIN_CLIENTS = 256  # admin connections served at once (deep quotes wait for their batch)
 ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hold them all)
+SWEEP_EVERY = 2.0  # seconds between checks for front-door vTPMs their orchestrator removed
 
 
 class Manager:
@@ -65,6 +70,7 @@ class Manager:
         self._services: Services | None = None
         self._quoter: DeepQuoter | None = None
         self._supervisor: Supervisor | None = None
+        self._frontdoor: FrontDoor | None = None
 
     @property
     def services(self) -> Services:
@@ -85,6 +91,7 @@ class Manager:
             d.mkdir(mode=0o700, exist_ok=True)
         if cfg.labels_file is not None:
             LabelMap.load(cfg.labels_file)  # a policy file that does not parse stops the start
+        compat = CompatConfig.load(cfg.data_dir)  # so does a front door's configuration
         present = database_present(cfg.db_path)
         floor.refuse_lost_database(cfg, present)
         try:
@@ -102,7 +109,7 @@ class Manager:
             log.info("floor: NV 0x%08x at %d", checked.handle, value)
             groups = GroupKeys(self.store, self.hw)
             groups.refresh()
-            self._services = self._build(groups, self.hw)
+            self._services = self._build(groups, self.hw, compat)
         except BaseException:
             self.close()
             raise
@@ -132,17 +139,23 @@ class Manager:
         )
         return tcti
 
-    def _build(self, groups: GroupKeys, hw: HardwareTpm) -> Services:
+    def _build(self, groups: GroupKeys, hw: HardwareTpm, compat: CompatConfig | None) -> Services:
         """The services, each given what it acts on (no service knows the Manager)."""
         cfg, store = self.config, self.store
         links = Links()
+        secrets = Secrets()
         ca = GroupCa(store, groups, vtpms_dir=cfg.data_dir / "vtpms")
         group_ops = GroupOps(store, groups, ca)
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
-        custody = KeyCustody(store, groups, links, quotes.for_guest, self.issue or ca.issue_for)
+        issue = self.issue or ca.issue_for
+        custody = KeyCustody(store, groups, links, quotes.for_guest, issue, secrets)
         self._supervisor = Supervisor(custody.serve)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
+        if compat is not None:
+            self._frontdoor = FrontDoor(
+                compat, cfg, store, groups, vtpms, self._supervisor, secrets
+            )
         return Services(
             config=cfg,
             store=store,
@@ -156,7 +169,12 @@ class Manager:
             quotes=quotes,
             supervisor=self._supervisor,
             started=self.started,
+            sweep=self._sweep,
         )
+
+    def _sweep(self) -> None:
+        if self._frontdoor is not None:
+            self._frontdoor.sweep()
 
     def _hw_note(self) -> str:
         if self.simulator is None:
@@ -184,20 +202,32 @@ class Manager:
         )
         self.admin_server.start()
         log.info("admin socket %s", cfg.admin_socket)
+        if self._frontdoor is not None:
+            self._frontdoor.listen()
 
     def autostart(self) -> None:
         self.services.vtpms.autostart()
 
     def run(self) -> None:
+        swept = time.monotonic()
         while not self._stop.wait(0.2):
             self.services.supervisor.poll()
             if self.floor is not None:
                 self.floor.tick()
+            if time.monotonic() - swept >= SWEEP_EVERY:
+                swept = time.monotonic()
+                try:
+                    self._sweep()
+                except Exception:
+                    log.exception("the check for removed front-door vTPMs failed")
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def close(self) -> None:
+        if self._frontdoor is not None:
+            self._frontdoor.close()  # no new attach while the instances stop
+            self._frontdoor = None
         if self._supervisor is not None:
             self._supervisor.stop_all()
         if self._quoter is not None:

@@ -38,6 +38,7 @@ from vtpm.manager.records import (
     CertRecord,
     GroupCaRecord,
     GroupRecord,
+    LocationRecord,
     StateDigest,
     VtpmRecord,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "CertRecord",
     "GroupCaRecord",
     "GroupRecord",
+    "LocationRecord",
     "StateDigest",
     "VtpmRecord",
     "Store",
@@ -63,8 +65,9 @@ _GROUP_COLS = (
 )
 _VTPM_COLS = (
     "uuid, group_uuid, label, tpm, owner_uid, owner_gid, frontends, wrapped_key, "
-    "wanted_running, created"
+    "wanted_running, created, accept_state"
 )
+_LOCATION_COLS = "vtpm_uuid, kind, path, st_dev, st_ino, secret_check"
 
 
 def _mutable_group_fields(g: GroupRecord) -> tuple[object, ...]:
@@ -297,7 +300,7 @@ class Store:
 
     @staticmethod
     def _vtpm(row: Any) -> VtpmRecord:
-        (u, g, label, tpm, uid, gid, fronts, wrapped, wanted, created) = row
+        (u, g, label, tpm, uid, gid, fronts, wrapped, wanted, created, accept) = row
         return VtpmRecord(
             uuid=uuid.UUID(str(u)),
             group_uuid=uuid.UUID(str(g)),
@@ -309,9 +312,11 @@ class Store:
             wrapped_key=bytes(wrapped),
             wanted_running=bool(wanted),
             created=float(created),
+            accept_state=bool(accept),
         )
 
-    def add_vtpm(self, v: VtpmRecord) -> None:
+    def add_vtpm(self, v: VtpmRecord, location: LocationRecord | None = None) -> None:
+        """Record a vTPM (a front-door one with its state location, in one step)."""
         with self._tx() as tx:
             if tx.execute("SELECT 1 FROM vtpms WHERE uuid=?", (str(v.uuid),)).fetchone():
                 raise ConfigError(f"a vTPM with uuid {v.uuid} exists already")
@@ -319,7 +324,7 @@ class Store:
             if other is not None:
                 raise ConfigError(label_taken(v.label, other.uuid))
             tx.execute(
-                f"INSERT INTO vtpms({_VTPM_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO vtpms({_VTPM_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     str(v.uuid),
                     str(v.group_uuid),
@@ -331,8 +336,11 @@ class Store:
                     v.wrapped_key,
                     int(v.wanted_running),
                     v.created or time.time(),
+                    int(v.accept_state),
                 ),
             )
+            if location is not None:
+                self._insert_location(tx, location)
 
     def vtpm(self, vtpm_uuid: uuid.UUID) -> VtpmRecord | None:
         with self._lock:
@@ -372,11 +380,78 @@ class Store:
                 "UPDATE vtpms SET wanted_running=? WHERE uuid=?", (int(wanted), str(vtpm_uuid))
             )
 
+    def set_accept_state(self, vtpm_uuid: uuid.UUID, accept: bool) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE vtpms SET accept_state=? WHERE uuid=?", (int(accept), str(vtpm_uuid))
+            )
+
     def delete_vtpm(self, vtpm_uuid: uuid.UUID) -> None:
         with self._tx() as tx:
+            tx.execute("DELETE FROM vtpm_locations WHERE vtpm_uuid=?", (str(vtpm_uuid),))
             tx.execute("DELETE FROM state_digests WHERE vtpm_uuid=?", (str(vtpm_uuid),))
             tx.execute("DELETE FROM vtpm_certs WHERE vtpm_uuid=?", (str(vtpm_uuid),))
             tx.execute("DELETE FROM vtpms WHERE uuid=?", (str(vtpm_uuid),))
+
+    # the front door's state locations ------------------------------------------------------
+
+    @staticmethod
+    def _location(row: Any) -> LocationRecord:
+        u, kind, path, dev, ino, check = row
+        return LocationRecord(
+            uuid.UUID(str(u)), str(kind), str(path), int(dev), int(ino), bytes(check)
+        )
+
+    @staticmethod
+    def _insert_location(tx: sqlite3.Connection, loc: LocationRecord) -> None:
+        if tx.execute("SELECT 1 FROM vtpm_locations WHERE path=?", (loc.path,)).fetchone():
+            raise ConfigError(f"a vTPM keeps its state at {loc.path} already")
+        tx.execute(
+            f"INSERT INTO vtpm_locations({_LOCATION_COLS}) VALUES(?,?,?,?,?,?)",
+            (
+                str(loc.vtpm_uuid),
+                loc.kind,
+                loc.path,
+                str(loc.st_dev),
+                str(loc.st_ino),
+                loc.secret_check,
+            ),
+        )
+
+    def location(self, vtpm_uuid: uuid.UUID) -> LocationRecord | None:
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(
+                    f"SELECT {_LOCATION_COLS} FROM vtpm_locations WHERE vtpm_uuid=?",
+                    (str(vtpm_uuid),),
+                )
+                .fetchone()
+            )
+            return None if row is None else self._location(row)
+
+    def location_at(self, path: str) -> LocationRecord | None:
+        with self._lock:
+            row = (
+                self._conn()
+                .execute(f"SELECT {_LOCATION_COLS} FROM vtpm_locations WHERE path=?", (path,))
+                .fetchone()
+            )
+            return None if row is None else self._location(row)
+
+    def locations(self) -> list[LocationRecord]:
+        with self._lock:
+            rows = self._conn().execute(
+                f"SELECT {_LOCATION_COLS} FROM vtpm_locations ORDER BY path"
+            )
+            return [self._location(r) for r in rows.fetchall()]
+
+    def set_secret_check(self, vtpm_uuid: uuid.UUID, check: bytes) -> None:
+        with self._tx() as tx:
+            tx.execute(
+                "UPDATE vtpm_locations SET secret_check=? WHERE vtpm_uuid=?",
+                (check, str(vtpm_uuid)),
+            )
 
     # state digests (rollback protection) -----------------------------------------------------
 

@@ -12,6 +12,11 @@ Restart policy: a child that exits while wanted is started again after a delay t
 0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
 `MAX_QUICK_FAILURES` times in a row before it ever served (a refused key, a rolled-back state)
 is given up on and marked failed with the last line of its log, rather than looped.
+
+Front-door instances (`vtpm.manager.frontdoor`) are started with `restart=False`: they belong
+to an orchestrator's process, which decides whether to run them again. They inherit the
+descriptors the front door received (`pass_fds`), and `on_exit(exit code, reason)` is called
+(from `poll`, outside the supervisor's lock) once their process has exited, whyever it did.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ STOP_TIMEOUT = 20.0
 # serve(vtpm_uuid, the Manager's end of the link, ready, health): runs for the life of the
 # link; health(reason) with "" once the TPM serves again
 Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None], Callable[[str], None]], None]
+# on_exit(exit code, the last line of the instance's log): a process without restarts exited
+OnExit = Callable[[int, str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +85,9 @@ class Child:
     tpm_failed: str = ""  # the current process's last TpmHealth report
     last_exit: int | None = None
     link_thread: threading.Thread | None = field(default=None, repr=False)
+    restart: bool = True  # False: a front-door instance, never started again by the supervisor
+    pass_fds: tuple[int, ...] = ()  # inherited by the first process (the caller's to close)
+    on_exit: OnExit | None = field(default=None, repr=False)
 
     @property
     def state(self) -> str:
@@ -124,16 +134,36 @@ class Supervisor:
     # control --------------------------------------------------------------------------------
 
     def start(
-        self, vtpm_uuid: uuid.UUID, args: list[str], log_file: Path, once: Sequence[str] = ()
+        self,
+        vtpm_uuid: uuid.UUID,
+        args: list[str],
+        log_file: Path,
+        once: Sequence[str] = (),
+        *,
+        restart: bool = True,
+        pass_fds: Sequence[int] = (),
+        on_exit: OnExit | None = None,
     ) -> Child:
         """Start (or restart) the instance of `vtpm_uuid` with `args` after `instance run`;
         `once` goes to this first process only, not to restarts (a measured launch's
-        `--launch FILE` must not outlive the instance it was given to)."""
+        `--launch FILE` must not outlive the instance it was given to). `restart=False`: the
+        process is not started again when it exits; `pass_fds` are inherited by it (they stay
+        the caller's: close them once this returns); `on_exit` is told when it has exited."""
+        if pass_fds and restart:
+            raise ManagerError("inherited descriptors are for instances without restarts")
         with self._lock:
             child = self._children.get(vtpm_uuid)
             if child is not None and child.state in ("running", "starting"):
                 raise ManagerError(f"vTPM {vtpm_uuid} is {child.state} already")
-            child = Child(vtpm_uuid, args, log_file, once=list(once))
+            child = Child(
+                vtpm_uuid,
+                args,
+                log_file,
+                once=list(once),
+                restart=restart,
+                pass_fds=tuple(pass_fds),
+                on_exit=on_exit,
+            )
             self._children[vtpm_uuid] = child
             self._spawn(child)
             return child
@@ -148,7 +178,7 @@ class Supervisor:
             with child.log_file.open("ab") as errlog:
                 child.proc = subprocess.Popen(
                     argv,
-                    pass_fds=(theirs.fileno(),),
+                    pass_fds=(theirs.fileno(), *child.pass_fds),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=errlog,
@@ -161,6 +191,7 @@ class Supervisor:
             ) from None
         finally:
             theirs.close()
+            child.pass_fds = ()  # the first process only: the caller closes its copies
         child.started = time.monotonic()
         child.restart_at = None
         child.ready = False
@@ -281,13 +312,23 @@ class Supervisor:
     # the watch loop -------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Reap exited children and restart the wanted ones when their delay has passed."""
+        """Reap exited children and restart the wanted ones when their delay has passed;
+        tell the `on_exit` of those that are not restarted."""
         now = time.monotonic()
+        told: list[tuple[OnExit, int, str]] = []
         with self._lock:
             for child in self._children.values():
                 proc = child.proc
                 if proc is not None and not child.exit_handled and proc.poll() is not None:
                     child.exit_handled = True
+                    if not child.restart:
+                        child.wanted = False
+                        child.restart_at = None
+                        child.last_exit = proc.returncode
+                        if child.on_exit is not None:
+                            reason = last_log_line(child.log_file) if proc.returncode else ""
+                            told.append((child.on_exit, proc.returncode, reason))
+                        continue
                     self._exited(child, now)
                 if child.wanted and child.restart_at is not None and now >= child.restart_at:
                     child.restarts += 1
@@ -296,6 +337,11 @@ class Supervisor:
                     except ManagerError as e:
                         child.failed = str(e)
                         child.restart_at = None
+        for on_exit, code, reason in told:
+            try:
+                on_exit(code, reason)
+            except Exception:
+                log.exception("an instance's exit callback failed")
 
     def _exited(self, child: Child, now: float) -> None:
         assert child.proc is not None

@@ -31,7 +31,7 @@ from vtpm.manager.ca import certs_dir
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.custody import group_permits
 from vtpm.manager.groups import GroupKeys
-from vtpm.manager.store import Store, VtpmRecord, label_taken
+from vtpm.manager.store import LocationRecord, Store, VtpmRecord, label_taken
 from vtpm.manager.supervisor import Supervisor
 from vtpm.tpm import ektemplates
 
@@ -77,10 +77,13 @@ class VtpmRegistry:
         owner: tuple[int, int] | None = None,
         frontends: Sequence[Frontend] = (),
         eks: Sequence[str] = (),
+        location: LocationRecord | None = None,
         actor: str,
     ) -> VtpmRecord:
         """A new vTPM; `eks` (`--ek` names, "platform" among them) are provisioned at its
-        first start. A TPM 1.2 vTPM takes none (`DEFAULT_EKS` given for one is dropped)."""
+        first start. A TPM 1.2 vTPM takes none (`DEFAULT_EKS` given for one is dropped).
+        `location`: a front-door vTPM's state location (its uuid is `vtpm_uuid`); such a vTPM
+        has no frontends of its own (its orchestrator passes sockets at each start)."""
         g = lookup.group(self._store, group_ref)
         parsed = lbl.Label.parse(label)
         if parsed.is_wildcard:
@@ -95,7 +98,9 @@ class VtpmRegistry:
             eks = ()
         wanted = check_eks(eks)
         u = vtpm_uuid or uuid.uuid4()
-        if not frontends:
+        if location is not None and location.vtpm_uuid != u:
+            raise ManagerError("a state location names its own vTPM")
+        if not frontends and location is None:
             ctrl = Endpoint("unix", path=str(self._config.run_dir / f"{u}.ctrl"))
             frontends = (Frontend(FrontendKind.CTRL, ctrl),)
         with self._creating:
@@ -122,7 +127,7 @@ class VtpmRegistry:
                 wrapped_key=wrapped,
                 created=time.time(),
             )
-            self._store.add_vtpm(rec)
+            self._store.add_vtpm(rec, location)
             if wanted:
                 self._want_eks(u, wanted)
         self._store.audit(actor, "vtpm.new", str(u), "ok", {"group": g.name, "label": rec.label})
@@ -182,21 +187,22 @@ class VtpmRegistry:
     ) -> None:
         """Start the vTPM's instance; `once`: extra arguments for this process, not restarts."""
         rec = lookup.vtpm(self._store, vtpm_uuid)
-        g = lookup.group(self._store, str(rec.group_uuid))
-        self._groups.refresh()
-        st = self._groups.status(g.uuid)
-        if not st.unlocked:
-            self._store.audit(actor, "vtpm.start", str(rec.uuid), "refused", {"why": st.reason})
+        loc = self._store.location(rec.uuid)
+        if loc is not None:
             raise ManagerError(
-                f"vTPM {rec.uuid} cannot start: group {g.name} is locked: {st.reason}"
+                f"vTPM {rec.uuid} is run by its orchestrator (state at {loc.path}): it starts "
+                "with its VM, through the front door"
             )
+        self.check_unlocked(rec, "vtpm.start", actor)
         log_file = self._config.log_dir / f"{rec.uuid}.log"
         eks = self._pending_eks(rec.uuid)
-        once = [*once, *instanceargs.ek(eks)]
+        once = [*once, *instanceargs.ek(eks), *self.accept_once(rec)]
         self._supervisor.start(rec.uuid, self.instance(rec).argv(), log_file, once)
         self._store.set_wanted_running(rec.uuid, True)
         self._store.audit(actor, "vtpm.start", str(rec.uuid), "ok", {})
         if not wait:
+            if rec.accept_state:
+                self._store.set_accept_state(rec.uuid, False)
             return
         try:
             self._supervisor.wait_ready(rec.uuid, READY_TIMEOUT)
@@ -205,6 +211,33 @@ class VtpmRegistry:
             raise
         if eks:  # provisioned: later starts go without --ek (unwaited ones ask again)
             self._pending(rec.uuid).unlink(missing_ok=True)
+        if rec.accept_state:  # accepted and recorded: later starts check as before
+            self._store.set_accept_state(rec.uuid, False)
+
+    def check_unlocked(self, rec: VtpmRecord, action: str, actor: str) -> None:
+        """ManagerError (audited) when the vTPM's group is locked in the host's state now."""
+        g = lookup.group(self._store, str(rec.group_uuid))
+        self._groups.refresh()
+        st = self._groups.status(g.uuid)
+        if not st.unlocked:
+            self._store.audit(actor, action, str(rec.uuid), "refused", {"why": st.reason})
+            raise ManagerError(
+                f"vTPM {rec.uuid} cannot start: group {g.name} is locked: {st.reason}"
+            )
+
+    @staticmethod
+    def accept_once(rec: VtpmRecord) -> list[str]:
+        """`--accept-state` when an administrator asked for it (`accept_state`)."""
+        return [instanceargs.ACCEPT_STATE] if rec.accept_state else []
+
+    def accept_state(self, vtpm_uuid: uuid.UUID, *, actor: str) -> VtpmRecord:
+        """`vtpm accept-state`: the vTPM's next start accepts the state blobs on disk that
+        open under its key but are not the ones recorded (and records them), once."""
+        rec = lookup.vtpm(self._store, vtpm_uuid)
+        self._store.set_accept_state(rec.uuid, True)
+        self._store.audit(actor, "vtpm.accept-state", str(rec.uuid), "ok", {})
+        log.warning("vTPM %s: its next start accepts the state on disk (%s)", rec.uuid, actor)
+        return lookup.vtpm(self._store, rec.uuid)
 
     def stop(self, vtpm_uuid: uuid.UUID, *, actor: str) -> bool:
         rec = lookup.vtpm(self._store, vtpm_uuid)

@@ -294,6 +294,16 @@ class VtpmDel(Request[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class VtpmAcceptState(Request[VtpmView]):
+    """The vTPM's next start accepts the state on disk that opens under its key but is not
+    the state recorded (an older copy put back on purpose), and records it; once."""
+
+    op: ClassVar[str] = "vtpm.accept-state"
+    result: ClassVar[Any] = VtpmView
+    uuid: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
 class VtpmCerts(Request[CertsView]):
     """The vTPM's EK and platform certificates and its group CA's certificate."""
 
@@ -353,6 +363,7 @@ REQUESTS: dict[str, type[Request[Any]]] = {
         VtpmStart,
         VtpmStop,
         VtpmDel,
+        VtpmAcceptState,
         VtpmCerts,
         VtpmEkProvision,
         VtpmLaunch,

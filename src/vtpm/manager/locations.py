@@ -1,0 +1,95 @@
+"""Where a front-door vTPM keeps its state, and noticing when its orchestrator removed it.
+
+An orchestrator names a state location by path (`vtpm.wire.compat.StateLocation`) and hands
+an open descriptor of it. The Manager records the path with the device and inode it had at
+setup (`LocationRecord`): a descriptor is the recorded vTPM's only if the path still names that
+very directory or file and the descriptor is of it too (`identify`), so a peer cannot name one
+vTPM's path and pass another directory.
+
+Orchestrators delete a vTPM by removing its state (`virsh undefine --tpm` removes the
+directory; `--keep-tpm` keeps it, and with it the vTPM). `lost` tells such a removal from an
+unmounted disk: the path gone while its parent directory exists is a removal; a missing parent
+is a disk not there now, and the vTPM is kept. A path that names another directory than the
+recorded one is not the vTPM's (an attach there is refused); a setup there replaces it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import uuid
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from vtpm.errors import RequestError
+from vtpm.manager.records import LocationRecord
+from vtpm.wire.compat import StateKind, StateLocation
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    st_dev: int
+    st_ino: int
+
+
+def _kind_ok(kind: StateKind, mode: int) -> bool:
+    if kind is StateKind.DIR:
+        return stat.S_ISDIR(mode)
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+
+
+def identify(loc: StateLocation, fd: int) -> Identity:
+    """The identity of the state location `fd` opens; RequestError unless `loc.path` names
+    that same directory (or file) now."""
+    path = loc.path
+    if not PurePosixPath(path).is_absolute() or "\x00" in path or len(path) > 4096:
+        raise RequestError(f"state location {path[:200]!r}: an absolute path is needed")
+    try:
+        held = os.fstat(fd)
+    except OSError as e:
+        raise RequestError(f"the state descriptor cannot be used: {e.strerror}") from None
+    if not _kind_ok(loc.kind, held.st_mode):
+        what = "a directory" if loc.kind is StateKind.DIR else "a file or block device"
+        raise RequestError(f"the state descriptor of {path} is not {what}")
+    try:
+        named = os.stat(path)
+    except OSError as e:
+        raise RequestError(f"state location {path}: {e.strerror}") from None
+    if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+        raise RequestError(f"the state descriptor is not of {path}")
+    return Identity(held.st_dev, held.st_ino)
+
+
+def same(rec: LocationRecord, loc: StateLocation, ident: Identity) -> bool:
+    """Whether a recorded location is the one named and held now."""
+    return (
+        rec.path == loc.path
+        and rec.kind == loc.kind
+        and (rec.st_dev, rec.st_ino) == (ident.st_dev, ident.st_ino)
+    )
+
+
+def uuid_in_path(path: str) -> uuid.UUID | None:
+    """The last uuid among the path's components (libvirt: `.../swtpm/<vm uuid>/tpm2`)."""
+    for part in reversed(PurePosixPath(path).parts):
+        m = _UUID.fullmatch(part)
+        if m:
+            return uuid.UUID(m.group(0))
+    return None
+
+
+def removed(rec: LocationRecord) -> bool:
+    """Whether the orchestrator removed the recorded location: the path is gone and its parent
+    directory is there. A path that names another directory now is not taken for a removal
+    here (a copy put back from a backup has a new inode); the next setup there decides."""
+    path = PurePosixPath(rec.path)
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return os.path.isdir(path.parent)
+    except OSError:
+        return False  # cannot tell (a permission, an I/O error): keep it
+    return False

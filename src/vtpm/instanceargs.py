@@ -32,7 +32,7 @@ STATE_FILE = "--state-file"  # one file or block device instead of --state-dir
 TERMINATE = "--terminate"  # end when the control channel's client leaves
 STARTUP_CLEAR = "--startup-clear"
 PCR_BANKS = "--pcr-banks"  # allocate these banks at this start (once, like --ek)
-MIGRATION_SECRET_FD = "--migration-secret-fd"  # a secret mixed into the transfer-blob key
+MIGRATION_SECRET_FD = "--migration-secret-fd"  # noqa: S105 (a flag name) a secret mixed into the transfer-blob key
 ACCEPT_STATE = "--accept-state"  # accept on-disk blobs the Manager does not record (once)
 FRONTEND_FLAGS: dict[FrontendKind, str] = {
     FrontendKind.CTRL: "--ctrl",

@@ -18,7 +18,7 @@ from vtpm.errors import ConfigError, RequestError, StateKeyError, TpmResponseErr
 from vtpm.instance import pcrbanks
 from vtpm.instance.statekey import StateKey, load_secret_fd
 from vtpm.instance.transfer import MAX_SECRET, REFUSED, TransferBlob, TransferKey
-from vtpm.listen import SocketPolicy, Server, bind
+from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.tpm import provcmds
 from vtpm.tpm.constants import TPM_ALG, TPM_CC
 
@@ -165,7 +165,7 @@ def test_pcr_allocate_frame_and_answer() -> None:
     auth_size = struct.unpack_from(">I", frame, 14)[0]
     assert frame[18 : 18 + auth_size] == struct.pack(">IHBH", 0x40000009, 0, 1, 0)
     assert frame[18 + auth_size :] == struct.pack(">I", 2) + bytes.fromhex(
-        "0004" "03" "000000" "000b" "03" "ffffff"
+        "000403000000000b03ffffff"
     )
     params = struct.pack(">BIII", 1, 24, 1000, 2000)
     answer = struct.pack(">HII", 0x8002, 10 + 4 + len(params) + 5, 0) + struct.pack(

@@ -44,6 +44,12 @@ class InstanceConfig:
     export_plaintext_state: bool = False
     # EKs (and a platform certificate) to provision at this start (`instance.ekprov`)
     ek: Request = field(default_factory=Request)
+    # stop (state stored) when a control or data channel's client disconnects
+    terminate: bool = False
+    # PCR banks (TPM_ALG hash ids) to allocate at this start (`instance.pcrbanks`)
+    pcr_banks: tuple[int, ...] = ()
+    # inherited descriptor holding a secret mixed into the transfer-blob key (`transfer`)
+    migration_secret_fd: int | None = None
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -74,6 +80,11 @@ class InstanceConfig:
                 "--ek: EKs and their certificates are provisioned in TPM 2.0 vTPMs only; a TPM "
                 "1.2 EK certificate (NV 0x1000F000) is not made by this version"
             )
+        if self.pcr_banks and self.tpm_version is not TpmVersion.TPM20:
+            raise ConfigError("--pcr-banks: PCR banks are allocated in TPM 2.0 vTPMs only")
+        fd = self.migration_secret_fd
+        if fd is not None and fd < 0:
+            raise ConfigError(f"--migration-secret-fd {fd}: no such descriptor")
         if self.launch is not None:
             if self.tpm_version is not TpmVersion.TPM20:
                 raise ConfigError("--launch: a measured launch needs a TPM 2.0 vTPM")

@@ -1,7 +1,8 @@
 """`vtpm compat enable|show|dir`: the front door for the swtpm-compatible executables.
 
-`dir` prints the compat directory holding them (`vtpm.compat.install`). `enable` writes `<data-dir>/compat.json` (`vtpm.manager.compatconfig`); the Manager reads it
-when it starts, so it takes effect at the next `vtpm manager run`.
+`enable` writes `<data-dir>/compat.json` (`vtpm.manager.compatconfig`); the Manager reads it
+when it starts, so it takes effect at the next `vtpm manager run`. `dir` prints the compat
+directory that holds the executables (`vtpm.compat.install`).
 """
 
 from __future__ import annotations

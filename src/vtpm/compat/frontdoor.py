@@ -9,7 +9,9 @@ Order, and why:
 3. switch user if `--runas` says so;
 4. connect to the Manager's front-door socket and send `Attach` with the descriptors
    [state, ctrl, server]; the Manager authenticates this process's user, finds the vTPM recorded
-   for the state location and spawns its instance on those sockets;
+   for the state location and spawns its instance on those sockets. An empty location (a new
+   directory, an empty file: where swtpm would make a fresh TPM, as Incus and the tpm2-tools
+   harness expect) is first given a vTPM by a `Setup` without EKs, under the Manager's rules;
 5. on `Attached`: fork if `--daemon` (the parent exits 0), write the pid file (the process that
    stays), then wait. On `Ended` remove the UNIX socket files this process bound (if they are
    still its own) and exit with the instance's code (128 + N for a signal N).
@@ -49,9 +51,11 @@ from vtpm.compat.socket_args import (
 
 if TYPE_CHECKING:
     from vtpm.compat.link import Link
+    from vtpm.wire.compat import Setup
 
 SECRET_MAX = 4096  # = vtpm.wire.compat.SECRET_MAX (not imported before the sockets exist)
 ATTACH_TIMEOUT = 120.0  # seconds the Manager may take to start the instance
+SETUP_TIMEOUT = 120.0  # seconds the Manager may take to make a vTPM for an empty location
 DETACH_TIMEOUT = 60.0  # seconds after Detach before this process gives up waiting
 
 
@@ -170,6 +174,14 @@ def open_state(state: StateArg) -> int:
         raise DoorError(f"cannot open the state location {state.path}: {e.strerror}") from None
 
 
+def fresh(state_fd: int) -> bool:
+    """Whether the state location holds nothing yet: an empty directory, an empty file."""
+    st = os.fstat(state_fd)
+    if stat.S_ISDIR(st.st_mode):
+        return not os.listdir(state_fd)
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def read_secret(src: SecretSource, what: str) -> bytes:
     """The passphrase (or key) bytes: all of the fd up to its end (then closed), or the file."""
     try:
@@ -281,17 +293,15 @@ class Door:
         )
         if args.runas is not None:
             run_as(args.runas)
-        from vtpm.compat.setup_args import uuid_in_path  # noqa: PLC0415
-
+        location = compat.StateLocation(compat.StateKind(args.state.kind), args.state.path)
         roles = [compat.FdRole.STATE]
         fds = [state_fd]
         for role, b in self.bound:
             roles.append(compat.FdRole(role))
             fds.append(b.sock.fileno())
         request = compat.Attach(
-            compat.StateLocation(compat.StateKind(args.state.kind), args.state.path),
+            location,
             tuple(roles),
-            vm_uuid=uuid_in_path(args.state.path),
             terminate=args.terminate,
             startup_clear=args.startup_clear,
             secret=secret,
@@ -301,6 +311,21 @@ class Door:
         )
         path = link.socket_path(environ)
         try:
+            if fresh(state_fd):
+                self.log.line(f"{args.state.path} is empty: asking the Manager for a new vTPM")
+                self.make_vtpm(
+                    path,
+                    compat.Setup(
+                        location,
+                        (compat.FdRole.STATE,),
+                        eks=(),
+                        ek_certs=False,
+                        lock_nvram=False,
+                        overwrite=compat.Overwrite.KEEP,
+                        secret=secret,
+                    ),
+                    state_fd,
+                )
             door = link.Link(path, ATTACH_TIMEOUT)
             door.send(request, fds)
             os.close(state_fd)
@@ -321,6 +346,20 @@ class Door:
         if args.pid is not None:
             write_pid(args.pid)
         return self.wait(door)
+
+    @staticmethod
+    def make_vtpm(path: str, request: Setup, state_fd: int) -> None:
+        """What swtpm does with an empty state location (a fresh TPM), asked of the Manager:
+        a vTPM without EKs, made as `swtpm_setup` would (the Manager's rules and group)."""
+        from vtpm.compat import link  # noqa: PLC0415
+        from vtpm.wire.compat import SetupResult  # noqa: PLC0415
+
+        door = link.Link(path, SETUP_TIMEOUT)
+        try:
+            door.send(request, [state_fd])
+            link.result(SetupResult, door.reply(), "SetupResult")
+        finally:
+            door.close()
 
     def fail(self, line: str) -> int:
         self.log.line(f"error: {line}")

@@ -36,7 +36,7 @@ class LogFile:
                 os.write(self.fd, (text + "\n").encode())
 
 
-def setup(args: SetupArgs, environ: Mapping[str, str], log: LogFile) -> list[str]:
+def setup(args: SetupArgs, environ: Mapping[str, str]) -> list[str]:
     """Ask the Manager; the lines that say what it did."""
     from vtpm.compat import link  # noqa: PLC0415
     from vtpm.wire import compat  # noqa: PLC0415
@@ -103,7 +103,7 @@ def run(argv: list[str], environ: Mapping[str, str], out: Callable[[str], None])
         log = LogFile(args.logfile)
         for note in args.notes:
             log.line(note)
-        lines = setup(args, environ, log)
+        lines = setup(args, environ)
     except (DoorError, VtpmError) as e:
         log.line(f"error: {e}")
         out(f"{PROGRAM}: error: {e}")

@@ -10,7 +10,6 @@ to change banks; `--create-config-files skip-if-exist`; `--print-capabilities`),
 from __future__ import annotations
 
 import enum
-import os
 import uuid
 from dataclasses import dataclass
 
@@ -124,17 +123,6 @@ def vmid(text: str) -> tuple[str | None, uuid.UUID | None]:
     return text or None, None
 
 
-def uuid_in_path(path: str) -> uuid.UUID | None:
-    """The last component of `path` that is a UUID (libvirt: /var/lib/libvirt/swtpm/UUID/tpm2)."""
-    for part in reversed(path.split(os.sep)):
-        if len(part) == 36:
-            try:
-                return uuid.UUID(part)
-            except ValueError:
-                continue
-    return None
-
-
 def _secret(p_fd: str | None, p_file: str | None, what: str) -> SecretSource | None:
     if p_fd is not None:
         return SecretSource(fd=parse_int(p_fd, what + "-fd", 0, 1 << 20))
@@ -165,9 +153,7 @@ def parse_setup_args(argv: list[str]) -> SetupArgs:
     if text is None:
         raise UsageError("--tpm-state DIR (or --tpmstate file://FILE) is required")
     state = state_uri(text, "--tpm-state")
-    name, vm_uuid = vmid(p.last("--vmid") or "")
-    if vm_uuid is None:
-        vm_uuid = uuid_in_path(state.path)
+    name, vm_uuid = vmid(p.last("--vmid") or "")  # without: the Manager looks in the path
     keysize = p.last("--rsa-keysize")
     if keysize is not None and keysize != "2048":
         raise UsageError(f"--rsa-keysize {keysize}: only 2048 is supported")

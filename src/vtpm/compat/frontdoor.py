@@ -270,6 +270,7 @@ class Door:
         self.log = log
         self.bound = bound
         self.signals: list[int] = []
+        self.wakeup = -1
 
     def cleanup(self) -> None:
         for _, b in self.bound:
@@ -310,6 +311,7 @@ class Door:
             release_lock_outgoing=args.release_lock_outgoing,
         )
         path = link.socket_path(environ)
+        self.arm_signals()
         try:
             if fresh(state_fd):
                 self.log.line(f"{args.state.path} is empty: asking the Manager for a new vTPM")
@@ -372,13 +374,17 @@ class Door:
         from vtpm.errors import VtpmError  # noqa: PLC0415
         from vtpm.wire.compat import Detach, Ended  # noqa: PLC0415
 
-        rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wr)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._record)
+        rd = self.wakeup
         door.sock.settimeout(None)
         detached_at: float | None = None
         while True:
+            if self.signals and detached_at is None:
+                self.log.line(f"signal {self.signals[0]}: asking the Manager to stop the vTPM")
+                try:
+                    door.send(Detach())
+                except VtpmError as e:
+                    return self.fail(str(e))
+                detached_at = time.monotonic()
             timeout = None
             if detached_at is not None:
                 timeout = max(0.0, detached_at + DETACH_TIMEOUT - time.monotonic())
@@ -388,13 +394,6 @@ class Door:
             if rd in ready:
                 with contextlib.suppress(OSError):
                     os.read(rd, 64)
-            if self.signals and detached_at is None:
-                self.log.line(f"signal {self.signals[0]}: asking the Manager to stop the vTPM")
-                try:
-                    door.send(Detach())
-                except VtpmError as e:
-                    return self.fail(str(e))
-                detached_at = time.monotonic()
             if door.sock.fileno() not in ready:
                 continue
             try:
@@ -411,6 +410,15 @@ class Door:
                 why = f": {ended.reason}" if ended.reason else ""
                 self.log.line(f"the vTPM ended with exit code {ended.exit_code}{why}")
                 return _exit_code(ended.exit_code)
+
+    def arm_signals(self) -> None:
+        """From the first request on, SIGTERM / SIGINT / SIGHUP are recorded, not fatal: the
+        vTPM is then stopped through the Manager (Detach) once it serves."""
+        rd, wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.wakeup = rd
+        signal.set_wakeup_fd(wr)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record)
 
     def _record(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)

@@ -47,7 +47,10 @@ class Link:
         frame = self._codec.send(compat.request_frame(request))
         try:
             sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
-            self.sock.sendall(frame[sent:])
+            if sent < len(frame):
+                self.sock.sendall(frame[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the Manager refused at once: its reason, if it gave one, is there to read
         except OSError as e:
             raise ManagerError(f"the Manager closed the front door: {e.strerror or e}") from None
 

@@ -56,7 +56,9 @@ if TYPE_CHECKING:
 SECRET_MAX = 4096  # = vtpm.wire.compat.SECRET_MAX (not imported before the sockets exist)
 ATTACH_TIMEOUT = 120.0  # seconds the Manager may take to start the instance
 SETUP_TIMEOUT = 120.0  # seconds the Manager may take to make a vTPM for an empty location
-DETACH_TIMEOUT = 60.0  # seconds after Detach before this process gives up waiting
+DETACH_TIMEOUT = 60.0
+BACKLOG = 128
+UNIX_PATH_MAX = 107  # seconds after Detach before this process gives up waiting
 
 
 class DoorError(Exception):
@@ -111,21 +113,37 @@ def _unix(listen: Listen, what: str) -> Bound:
             raise DoorError(f"{what} {path} is in use by another process")
         finally:
             probe.close()
+    # bound and listening under a temporary name, then renamed: a client that sees the path
+    # can connect at once (an orchestrator polls for the file, then QEMU connects)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+    if len(os.fsencode(tmp)) > UNIX_PATH_MAX:
+        tmp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o777 & ~listen.mode)
     try:
-        sock.bind(path)
+        if tmp != path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # left by an earlier process of this pid
+        sock.bind(tmp)
     except OSError as e:
         sock.close()
         raise DoorError(f"cannot bind {what} {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    if listen.uid is not None or listen.gid is not None:
-        uid = -1 if listen.uid is None else listen.uid
-        os.chown(path, uid, -1 if listen.gid is None else listen.gid)
-    os.chmod(path, listen.mode)
-    st = os.stat(path)
-    sock.listen(128)
+    try:
+        if listen.uid is not None or listen.gid is not None:
+            uid = -1 if listen.uid is None else listen.uid
+            os.chown(tmp, uid, -1 if listen.gid is None else listen.gid)
+        os.chmod(tmp, listen.mode)
+        sock.listen(BACKLOG)
+        if tmp != path:
+            os.rename(tmp, path)
+        st = os.stat(path)
+    except OSError as e:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise DoorError(f"cannot set up {what} {path}: {e.strerror}") from None
     return Bound(sock, os.path.abspath(path), (st.st_dev, st.st_ino))
 
 
@@ -138,7 +156,7 @@ def _tcp(listen: Listen, what: str) -> Bound:
     except OSError as e:
         sock.close()
         raise DoorError(f"cannot bind {what} {listen.host}:{listen.port}: {e.strerror}") from None
-    sock.listen(128)
+    sock.listen(BACKLOG)
     return Bound(sock)
 
 

@@ -5,7 +5,10 @@ a blocking read per connection gives the shortest path from a client's bytes to 
 long command (key generation) keeps the control channel's thread free to cancel it.
 
 UNIX sockets are created with the requested mode (0600 default, 0660 with a group), never
-world-accessible, and a stale socket file is replaced only if nothing listens on it. Each
+world-accessible, and a stale socket file is replaced only if nothing listens on it. An `fd:N`
+endpoint is a socket someone else bound and passed down already listening (the front door):
+it is taken as it is (its path, mode and owner are that process's business, and closing the
+server unlinks nothing), but only if it is a listening UNIX or TCP stream socket. Each
 accepted UNIX peer's credentials (SO_PEERCRED) are logged; a peer whose uid is neither root nor
 the socket's owner (nor in its group when 0660) is refused.
 
@@ -82,8 +85,36 @@ def _replace_stale(path: str) -> None:
     raise ConfigError(f"{path} is in use by another process")
 
 
+def adopt(endpoint: Endpoint) -> socket.socket:
+    """The inherited listening socket of an `fd:N` endpoint (this process then owns the fd)."""
+    fd = endpoint.fd
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise ConfigError(f"{endpoint}: descriptor {fd} is not a socket ({e.strerror})") from None
+    try:
+        family = sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        stype = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as e:
+        sock.detach()
+        raise ConfigError(f"{endpoint}: descriptor {fd} is not a socket ({e.strerror})") from None
+    if family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        sock.detach()
+        raise ConfigError(f"{endpoint}: descriptor {fd} is not a UNIX or TCP socket")
+    if stype != socket.SOCK_STREAM or not listening:
+        sock.detach()
+        raise ConfigError(f"{endpoint}: descriptor {fd} is not a listening stream socket")
+    os.set_inheritable(fd, False)
+    sock.setblocking(True)  # the accept loop blocks, whatever the passing process set
+    return sock
+
+
 def bind(endpoint: Endpoint, policy: SocketPolicy) -> socket.socket:
-    """A listening socket for `endpoint` with the policy's ownership and mode."""
+    """A listening socket for `endpoint` with the policy's ownership and mode (an `fd:N`
+    endpoint's inherited socket as it is)."""
+    if endpoint.kind == "fd":
+        return adopt(endpoint)
     if endpoint.kind == "unix":
         _replace_stale(endpoint.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -355,9 +386,10 @@ class Server:
         self._closing = True
         if self._sock is not None:
             path = None
+            owned = self.endpoint is None or self.endpoint.kind != "fd"
             with contextlib.suppress(OSError):
                 name = self._sock.getsockname()
-                path = name if isinstance(name, str) and name else None
+                path = name if owned and isinstance(name, str) and name else None
             with contextlib.suppress(OSError):
                 self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()

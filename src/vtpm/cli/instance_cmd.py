@@ -16,11 +16,13 @@ from vtpm.cli import logs
 from vtpm.endpoints import Endpoint, FrontendKind
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
+from vtpm.instance import pcrbanks
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.ekprov import Request
 from vtpm.instance.runner import Instance
-from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file
+from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file, load_secret_fd
+from vtpm.instance.transfer import MAX_SECRET
 from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import TCP_IDLE_TIMEOUT, SocketPolicy
 
@@ -41,7 +43,10 @@ def register(sub: Any) -> None:
             "Run a vTPM in the foreground until SIGTERM/SIGINT (or a control-channel SHUTDOWN), "
             "then store its state and exit. State blobs are kept AES-256-GCM encrypted under the "
             "state key. Socket forms: unix:PATH, tcp:PORT, tcp:HOST:PORT (HOST defaults to "
-            "127.0.0.1). Each frontend option may be repeated."
+            "127.0.0.1), fd:N (an inherited listening UNIX or TCP socket, bound by the process "
+            "that passed it). Each frontend option may be repeated. TPM commands are served "
+            "from the start, before any control-channel INIT (the client sends TPM2_Startup, "
+            "or --startup-clear does)."
         ),
     )
     run.add_argument(
@@ -140,7 +145,7 @@ def register(sub: Any) -> None:
         help="TPM I/O buffer size in bytes (2808..4096; default libtpms')",
     )
     run.add_argument(
-        "--startup-clear",
+        instanceargs.STARTUP_CLEAR,
         action="store_true",
         help="send TPM Startup(CLEAR) at start (for clients that do not)",
     )
@@ -162,6 +167,28 @@ def register(sub: Any) -> None:
         "certificates from the Manager's group CA in the TCG NV indices, write-locked; "
         "give it once (it makes the TPM go through Startup/Shutdown(CLEAR)). Without a "
         "Manager: keys only, no certificates",
+    )
+    run.add_argument(
+        instanceargs.PCR_BANKS,
+        default="",
+        metavar="BANKS",
+        help="allocate exactly these PCR banks at this start (comma-separated: "
+        f"{', '.join(pcrbanks.BY_NAME)}), after any --ek; the TPM keeps them on later starts",
+    )
+    run.add_argument(
+        instanceargs.TERMINATE,
+        action="store_true",
+        help="stop (state stored, exit 0) when a client of the control channel or of a data "
+        "channel disconnects",
+    )
+    run.add_argument(
+        instanceargs.MIGRATION_SECRET_FD,
+        type=int,
+        default=None,
+        metavar="FD",
+        help="inherited descriptor to read a migration secret from (1..4096 bytes, to end of "
+        "file; then closed): state blobs leave and enter sealed under a key that mixes it in, "
+        "so a blob taken out with one secret goes back in only with the same",
     )
     run.add_argument(
         instanceargs.PLATFORM_CERT,
@@ -225,12 +252,18 @@ def config_from_args(args: argparse.Namespace) -> InstanceConfig:
         launch=None if args.launch is None else LaunchRecord.load(args.launch),
         export_plaintext_state=args.export_plaintext_state,
         ek=Request.parse(args.ek, args.platform_cert),
+        terminate=args.terminate,
+        pcr_banks=pcrbanks.parse(args.pcr_banks),
+        migration_secret_fd=args.migration_secret_fd,
     )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(args)
     cfg = config_from_args(args)
+    secret = None
+    if cfg.migration_secret_fd is not None:
+        secret = load_secret_fd(cfg.migration_secret_fd, MAX_SECRET, "migration secret")
     link: ManagerLink | None = None
     if cfg.manager_fd is not None:
         assert cfg.vtpm_uuid is not None
@@ -248,7 +281,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         key = load_key_file(cfg.key_file)
     else:
         key = load_key_fd(cfg.key_fd if cfg.key_fd is not None else -1)
-    inst = Instance(cfg, key, link=link)
+    inst = Instance(cfg, key, link=link, migration_secret=secret)
+    del secret
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         inst.stop()  # only record it; the main loop acts

@@ -44,6 +44,12 @@ class InstanceConfig:
     export_plaintext_state: bool = False
     # EKs (and a platform certificate) to provision at this start (`instance.ekprov`)
     ek: Request = field(default_factory=Request)
+    # stop (state stored) when a control or data channel's client disconnects
+    terminate: bool = False
+    # PCR banks (TPM_ALG hash ids) to allocate at this start (`instance.pcrbanks`)
+    pcr_banks: tuple[int, ...] = ()
+    # inherited descriptor holding a secret mixed into the transfer-blob key (`transfer`)
+    migration_secret_fd: int | None = None
 
     def __post_init__(self) -> None:
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
@@ -66,6 +72,12 @@ class InstanceConfig:
             raise ConfigError("--max-clients must be between 1 and 1024")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
             raise ConfigError(f"idle timeout {self.idle_timeout} is not a positive number")
+        fds = [ep.fd for ep in (*self.ctrl, *self.server) if ep.kind == "fd"]
+        others = (self.key_fd, self.manager_fd, self.migration_secret_fd)
+        fds += [x for x in others if x is not None]
+        if len(set(fds)) != len(fds):
+            dup = next(x for x in fds if fds.count(x) > 1)
+            raise ConfigError(f"descriptor {dup} is named twice (each fd:N and --*-fd its own)")
         for ep in self.mssim:
             if ep.kind != "tcp":
                 raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")
@@ -74,6 +86,11 @@ class InstanceConfig:
                 "--ek: EKs and their certificates are provisioned in TPM 2.0 vTPMs only; a TPM "
                 "1.2 EK certificate (NV 0x1000F000) is not made by this version"
             )
+        if self.pcr_banks and self.tpm_version is not TpmVersion.TPM20:
+            raise ConfigError("--pcr-banks: PCR banks are allocated in TPM 2.0 vTPMs only")
+        fd = self.migration_secret_fd
+        if fd is not None and fd < 0:
+            raise ConfigError(f"--migration-secret-fd {fd}: no such descriptor")
         if self.launch is not None:
             if self.tpm_version is not TpmVersion.TPM20:
                 raise ConfigError("--launch: a measured launch needs a TPM 2.0 vTPM")

@@ -7,19 +7,20 @@ the instance before any client could talk to it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vtpm import labels as lbl
 from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import LabelError, TpmError
-from vtpm.instance import ekprov, identity, vendor
+from vtpm.instance import ekprov, identity, pcrbanks, vendor
 from vtpm.instance.config import InstanceConfig
 from vtpm.instance.custody import ManagerLink
 from vtpm.instance.device import Device
@@ -38,6 +39,21 @@ from vtpm.tpm.constants import TPM_RC, TPM_STARTUP12, TPM_SU
 log = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def _started(device: Device) -> Iterator[None]:
+    """A TPM started with Startup(CLEAR) for provisioning, then shut down with Shutdown(CLEAR)
+    and powered on again (off, as a guest expects to find it)."""
+    rc = frames.response_code(device.process(frames.startup()))
+    if rc != TPM_RC.SUCCESS:
+        raise TpmError(f"TPM2_Startup(CLEAR) for provisioning failed with TPM_RC {rc:#x}")
+    yield
+    rc = frames.response_code(device.process(frames.shutdown(TPM_SU.CLEAR)))
+    if rc != TPM_RC.SUCCESS:
+        raise TpmError(f"TPM2_Shutdown(CLEAR) after provisioning failed with TPM_RC {rc:#x}")
+    device.power_off(orderly=False)  # a Shutdown(STATE) would undo the CLEAR
+    device.power_on()
+
+
 @dataclass
 class Instance:
     """A running vTPM. `start()`, then `wait()` until stopped, then `close()`."""
@@ -49,6 +65,8 @@ class Instance:
     servers: list[Server] = field(default_factory=list)
     store: StateStore | None = None
     device: Device | None = None
+    # mixed into the transfer-blob key (--migration-secret-fd); dropped once the key is made
+    migration_secret: bytes | None = field(default=None, repr=False)
     _check: PeerCheck | None = None
 
     def start(self) -> identity.Identity:
@@ -62,15 +80,20 @@ class Instance:
         self.store.open()
         try:
             quote = None if self.link is None else self.link.deep_quote
+            secret, self.migration_secret = self.migration_secret, None
             transfer = Transfer(
-                TransferKey(self.key), ident.vtpm_uuid, self.store, cfg.export_plaintext_state
+                TransferKey(self.key, secret),
+                ident.vtpm_uuid,
+                self.store,
+                cfg.export_plaintext_state,
             )
+            del secret
             self.device = Device(
                 cfg.tpm_version, self.store, cfg.buffer_size, deep_quote=quote, transfer=transfer
             )
             self.device.power_on()
-            if cfg.ek:  # before a launch: that makes the TPM fresh after its rehearsal
-                self._provision(self.device)
+            if cfg.ek or cfg.pcr_banks:  # before a launch: that makes the TPM fresh after
+                self._provision(self.device)  # its rehearsal
             if cfg.launch is not None:  # measured launch: fresh TPM, extends after Startup
                 Launch(self.device, cfg.launch).arm()
             if cfg.startup_clear:
@@ -105,24 +128,29 @@ class Instance:
         link.serve_pcrs(pcrs)
 
     def _provision(self, device: Device) -> None:
-        """EKs and certificates (`ekprov`): in a TPM started for it, shut down with
-        Shutdown(CLEAR) and powered on again, so the guest's first Startup finds it off."""
-        request = self.config.ek
-        certify = None if self.link is None else self.link.certificate
-        if certify is None:
-            log.warning("--ek without a Manager: EKs are persisted, no certificate is written")
+        """EKs and certificates (`ekprov`), then PCR banks (`pcrbanks`): in a TPM started for
+        it, shut down with Shutdown(CLEAR) and powered on again, so the guest's first Startup
+        finds it off. A bank allocation takes effect at that reset; a second such session
+        checks the banks then active."""
+        cfg = self.config
         started = time.monotonic()
-        rc = frames.response_code(device.process(frames.startup()))
-        if rc != TPM_RC.SUCCESS:
-            raise TpmError(f"TPM2_Startup(CLEAR) for provisioning failed with TPM_RC {rc:#x}")
-        done = ekprov.Provisioner(device.process, certify).run(request)
-        rc = frames.response_code(device.process(frames.shutdown(TPM_SU.CLEAR)))
-        if rc != TPM_RC.SUCCESS:
-            raise TpmError(f"TPM2_Shutdown(CLEAR) after provisioning failed with TPM_RC {rc:#x}")
-        device.power_off(orderly=False)  # a Shutdown(STATE) would undo the CLEAR
-        device.power_on()
+        with _started(device):
+            if cfg.ek:
+                certify = None if self.link is None else self.link.certificate
+                if certify is None:
+                    log.warning(
+                        "--ek without a Manager: EKs are persisted, no certificate is written"
+                    )
+                done = ekprov.Provisioner(device.process, certify).run(cfg.ek)
+                log.info("provisioned EKs: %s", ekprov.summary(done))
+            if cfg.pcr_banks:
+                pcrbanks.allocate(device.process, cfg.pcr_banks)
+        if cfg.pcr_banks:
+            with _started(device):
+                active = pcrbanks.check(device.process, cfg.pcr_banks)
+            log.info("PCR banks allocated, active: %s", pcrbanks.names(active))
         ms = (time.monotonic() - started) * 1000
-        log.info("provisioned in %.0f ms: %s", ms, ekprov.summary(done))
+        log.info("provisioned in %.0f ms", ms)
 
     def _startup_clear(self) -> None:
         assert self.device is not None
@@ -175,8 +203,14 @@ class Instance:
         max_frame = max(cfg.buffer_size or 4096, 4096)
         idle = cfg.idle_timeout
 
+        on_end = self._client_left if cfg.terminate else None
+
         def raw(conn: socket.socket, peer: str) -> None:
-            serve_frames(dev, conn, peer, max_frame, idle_timeout=idle)
+            try:
+                serve_frames(dev, conn, peer, max_frame, idle_timeout=idle)
+            finally:
+                if on_end is not None:
+                    on_end(peer)
 
         data_server: Server | None = None
         for ep in cfg.server:
@@ -186,7 +220,9 @@ class Instance:
             self.servers.append(data_server)
         for ep in cfg.ctrl:
             assert data_server is not None
-            ctrl = ControlHandler(dev, data_server.spawn, self.stopped.set, idle_timeout=idle)
+            ctrl = ControlHandler(
+                dev, data_server.spawn, self.stopped.set, idle_timeout=idle, on_end=on_end
+            )
             self._server("ctrl", ep, ctrl)
         for ep in cfg.mssim:
             self._server("mssim", ep, CommandPortHandler(dev, max_frame, idle_timeout=idle))
@@ -194,6 +230,12 @@ class Instance:
             self._server("mssim-platform", ep.with_port_offset(1), platform)
         for s in self.servers:
             s.start()
+
+    def _client_left(self, peer: str) -> None:
+        """--terminate: a control or data channel's client is gone, so the vTPM stops."""
+        if not self.stopped.is_set():
+            log.info("%s disconnected: stopping (--terminate)", peer)
+        self.stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.stopped.wait(timeout)

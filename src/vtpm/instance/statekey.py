@@ -89,6 +89,27 @@ def load_key_fd(fd: int) -> StateKey:
     return _parse(b"".join(chunks), f"key descriptor {fd}")
 
 
+def load_secret_fd(fd: int, max_size: int, what: str) -> bytes:
+    """1..`max_size` secret bytes read from an inherited descriptor up to end of file, which is
+    then closed (a migration secret). Errors name the descriptor, never the bytes."""
+    data = b""
+    try:
+        while len(data) <= max_size:
+            chunk = os.read(fd, max_size + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise StateKeyError(f"{what} descriptor {fd} cannot be read: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if not 1 <= len(data) <= max_size:
+        size = "nothing" if not data else f"more than {max_size} bytes"
+        raise StateKeyError(f"{what} descriptor {fd} holds {size} (1..{max_size} bytes wanted)")
+    return data
+
+
 def generate_key_file(path: Path) -> None:
     """Write a new random key (hex), mode 0600, refusing to overwrite anything."""
     try:

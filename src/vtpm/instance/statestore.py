@@ -1,12 +1,8 @@
-"""A vTPM's state blobs on disk, each sealed with AES-256-GCM under the state key.
+"""A vTPM's state blobs on disk, one file per blob, each sealed under the state key.
 
-File `<dir>/<name>.blob`, for name in permall / volatilestate / savestate:
-
-    magic "VTPMBLB1" | u32 format version (1) | u64 write counter | 12-byte nonce | ciphertext+tag
-
-The GCM key is HKDF-SHA256(state key, info = "vtpm state blob v1"), so the raw state key is
-used for one purpose only. The authenticated data is magic | version | name | vTPM uuid |
-counter: a blob renamed, copied to another vTPM, or with its counter edited fails to open.
+File `<dir>/<name>.blob`, for name in permall / volatilestate / savestate, holds the sealed blob
+of `vtpm.instance.stateblob` (AES-256-GCM, authenticated data binding name, vTPM uuid and write
+counter: a blob renamed, copied to another vTPM, or with its counter edited fails to open).
 Writes are atomic (O_EXCL temp file, fsync, rename, fsync of the directory) and leave a blob's
 old version intact until the new one is complete. A failed load never changes the file.
 
@@ -21,10 +17,20 @@ What load does with the rest, by the rules of `_load_journaled`:
 - a `.blob` file the journal does not hold is never deleted and never used: if the journal holds
   no such blob (the Manager's database is older than the state, or lost) or another digest (an
   older copy of the blob put back, or a newer one the database does not know), the instance
-  refuses to start, naming the file and what to do, and leaves every file as it is;
+  refuses to start, naming the file and what to do (`vtpm accept-state UUID` among it), and
+  leaves every file as it is; started with `accept_state` (`--accept-state`, which that command
+  makes the Manager pass once), such a file that opens under the key is used instead and
+  reported to the journal as written, at WARNING;
 - a recorded `volatilestate` that is missing is "no saved volatile state" (the TPM then needs
   Startup(CLEAR)), logged at WARNING and recorded as deleted; a recorded `permall` or
-  `savestate` that is missing is refused (acknowledged state lost).
+  `savestate` that is missing is refused (acknowledged state lost), except that with
+  `accept_state` a missing `savestate` is recorded as deleted too.
+
+The directory may belong to another user (the orchestrator's, whose vTPM this is) while the
+instance runs as root, so nothing in it is trusted to be what its name says: blob files, their
+leftovers and the lock file are opened with O_NOFOLLOW and must be regular files (a symlink or
+FIFO planted as `permall.blob` is refused, never followed or blocked on), writes create their
+temporary file with O_EXCL under a random name, and renames replace names, never follow them.
 
 Clear text never reaches the disk. It lives in Python `bytes`, which cannot be wiped reliably;
 the process boundary is what isolates it.
@@ -33,67 +39,78 @@ the process boundary is what isolates it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
-import struct
+import stat
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError
 from vtpm.files import fsync_dir as _fsync_dir
 from vtpm.files import write_new
+from vtpm.instance.stateblob import (
+    BLOB_NAMES,
+    HEADER,
+    PERMANENT,
+    VOLATILE,
+    BlobInfo,
+    BlobOpenError,
+    BlobSeal,
+    StateJournal,
+    accept_hint,
+    blob_counter,
+)
+from vtpm.instance.stateblob import digest as _digest
 from vtpm.instance.statekey import StateKey
+
+__all__ = ["BLOB_NAMES", "HEADER", "VOLATILE", "BlobInfo", "StateJournal", "StateStore"]
 
 log = logging.getLogger(__name__)
 
-VOLATILE = "volatilestate"
-MAGIC = b"VTPMBLB1"
-FORMAT_VERSION = 1
-HEADER = struct.Struct(">8sIQ12s")
-BLOB_NAMES = ("permall", "volatilestate", "savestate")
 SUFFIX = ".blob"
 NEXT_SUFFIX = ".next"
 GONE_SUFFIX = ".gone"
 TMP_SUFFIX = ".tmp"
+MAX_BLOB = 16 * 1024 * 1024  # far above libtpms' largest state; a bound on a planted file
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-class StateJournal(Protocol):
-    """The record of which blob is current (the Manager, through the instance's link)."""
-
-    def expected(self, name: str) -> bytes | None:
-        """Digest of the current file of blob `name`, or None if the blob does not exist."""
-        ...
-
-    def written(self, name: str, counter: int, digest: bytes) -> None:
-        """Record a new current file; returns once recorded, raises StateError if not."""
-        ...
-
-    def deleted(self, name: str) -> None:
-        """Record that blob `name` no longer exists."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class BlobInfo:
-    name: str
-    counter: int
-    digest: bytes  # SHA-256 of the file as written
-
-
-def _digest(raw: bytes) -> bytes:
-    return hashlib.sha256(raw).digest()
+def read_blob_file(path: Path, limit: int = MAX_BLOB) -> bytes | None:
+    """The bytes of `path`, None if there is no such file; StateError if it is a symlink or not
+    a regular file (never followed, never blocked on), unreadable, or larger than `limit`."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StateError(
+                f"state file {path} is a symbolic link; refusing to follow it "
+                "(the file was left untouched)"
+            ) from None
+        raise StateError(f"state blob {path} cannot be read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StateError(
+                f"state file {path} is not a regular file; refusing to use it "
+                "(the file was left untouched)"
+            )
+        if st.st_size > limit:
+            raise StateError(f"state blob {path} is larger than {limit} bytes; refusing it")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise StateError(f"state blob {path} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 class StateStore:
@@ -106,27 +123,42 @@ class StateStore:
         key: StateKey,
         journal: StateJournal | None = None,
         health: Callable[[bool, str], None] | None = None,
+        accept_state: bool = False,
     ) -> None:
         """`health`: told when the TPM these blobs belong to cannot serve, and when it can
-        again (the engine calls `tpm_health`; the Manager's link passes it on)."""
+        again (the engine calls `tpm_health`; the Manager's link passes it on).
+        `accept_state`: blobs that open under the key but that the journal does not record
+        are accepted and recorded (`--accept-state`; the module docstring's rules)."""
         self.directory = directory
         self.journal = journal
         self._health = health
-        self.vtpm_uuid = vtpm_uuid
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"vtpm state blob v1")
-        self._aead = AESGCM(hkdf.derive(key.secret))
+        self._accept = accept_state
+        self._uuid = vtpm_uuid
+        self._seal = BlobSeal(key, vtpm_uuid)
         self._lock = threading.Lock()
         self._lock_fd: int | None = None
         self._counters: dict[str, int] = {}
         # writes whose recording failed: (SHA-256 of the data, counter, file bytes), by name
         self._unsettled: dict[str, tuple[bytes, int, bytes]] = {}
 
+    @property
+    def vtpm_uuid(self) -> uuid.UUID:
+        return self._uuid
+
     # lifecycle -------------------------------------------------------------------------------
 
     def open(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock = self.directory / "lock"
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
+            fd = os.open(lock, flags, 0o600)
+        except OSError as e:
+            why = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be opened: {e}"
+            raise StateError(f"lock file {lock} {why}; refusing to start") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StateError(f"lock file {lock} is not a regular file; refusing to start")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -134,6 +166,9 @@ class StateStore:
                 f"vTPM {self.vtpm_uuid} is already running "
                 f"(state directory {self.directory} is locked)"
             ) from None
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
         for leftover in self.directory.glob(f"*{TMP_SUFFIX}"):
             log.info("removing %s left by an interrupted write", leftover.name)
@@ -169,16 +204,6 @@ class StateStore:
     def _gone_path(self, name: str) -> Path:
         return self.directory / f"{name}{GONE_SUFFIX}"
 
-    def _aad(self, name: str, counter: int) -> bytes:
-        return (
-            MAGIC
-            + struct.pack(">I", FORMAT_VERSION)
-            + name.encode()
-            + b"\0"
-            + self.vtpm_uuid.bytes
-            + struct.pack(">Q", counter)
-        )
-
     def _refuse(self, path: Path, why: str) -> StateIntegrityError:
         log.debug("state blob %s refused: %s", path, why)
         return StateIntegrityError(
@@ -192,7 +217,7 @@ class StateStore:
         if self.journal is not None:
             self.path(name)  # validates the name
             return self.journal.expected(name) is not None
-        return self.path(name).exists()
+        return os.path.lexists(self.path(name))
 
     def load(self, name: str, expected_digest: bytes | None = None) -> bytes | None:
         path = self.path(name)
@@ -202,18 +227,13 @@ class StateStore:
             raw = self._read(path)
             if raw is None:
                 return None
-            if expected_digest is not None and hashlib.sha256(raw).digest() != expected_digest:
+            if expected_digest is not None and _digest(raw) != expected_digest:
                 raise self._rolled_back(path)
             return self._open(name, path, raw)
 
     @staticmethod
     def _read(path: Path) -> bytes | None:
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StateError(f"state blob {path} cannot be read: {e.strerror}") from None
+        return read_blob_file(path)
 
     @staticmethod
     def _rolled_back(path: Path) -> StateIntegrityError:
@@ -230,6 +250,8 @@ class StateStore:
         cur_raw = self._read(path)
         if expected is None:
             if cur_raw is not None:
+                if self._accept:
+                    return self._accepted(name, path, cur_raw)
                 raise self._unrecorded(name, path, cur_raw, none_recorded=True)
             self._discard(nxt, "a write the Manager never recorded")
             self._discard(gone, "a deletion the Manager recorded")
@@ -253,8 +275,10 @@ class StateStore:
                 self._discard(gone, "superseded")
                 return plain
         if cur_raw is not None:
+            if self._accept:
+                return self._accepted(name, path, cur_raw)
             raise self._unrecorded(name, path, cur_raw, none_recorded=False)
-        if name != VOLATILE:
+        if name != VOLATILE and not (self._accept and name != PERMANENT):
             raise StateIntegrityError(
                 f"state blob {path} is missing but the Manager records it (acknowledged state "
                 "lost); refusing to start, files left as they are: restore the file from a "
@@ -262,13 +286,31 @@ class StateStore:
             )
         self._discard(nxt, "a write the Manager never recorded")
         self._discard(gone, "a deletion the Manager never recorded")
-        log.warning(
-            "%s: the Manager records a saved volatile state but the file is missing; "
-            "starting without it (the TPM needs Startup(CLEAR))",
-            path,
-        )
+        if name == VOLATILE:
+            log.warning(
+                "%s: the Manager records a saved volatile state but the file is missing; "
+                "starting without it (the TPM needs Startup(CLEAR))",
+                path,
+            )
+        else:
+            log.warning("%s: missing, accepted as deleted (--accept-state)", path)
         self.journal.deleted(name)
         return None
+
+    def _accepted(self, name: str, path: Path, raw: bytes) -> bytes:
+        """A `.blob` file the journal does not hold, used and recorded (`--accept-state`) if
+        it opens under the key; refused as any damaged blob if not."""
+        assert self.journal is not None
+        counter, plain = self._open_counted(name, path, raw)
+        self.journal.written(name, counter, _digest(raw))
+        log.warning(
+            "%s: not the state the Manager recorded; accepted on purpose (--accept-state) "
+            "and recorded as current",
+            path,
+        )
+        self._discard(self._next_path(name), "a write the Manager never recorded")
+        self._discard(self._gone_path(name), "superseded by the accepted state")
+        return plain
 
     def _unrecorded(
         self, name: str, path: Path, raw: bytes, none_recorded: bool
@@ -282,15 +324,15 @@ class StateStore:
             return StateIntegrityError(
                 f"state blob {path} is this vTPM's but the Manager records no {name} state "
                 "(its database is older than the state, or was replaced); refusing to start, "
-                "the file is kept: restore the Manager's database that recorded it, or move "
+                "the file is kept: restore the Manager's database that recorded it, move "
                 "the file out of the state directory to start without it (its state is then "
-                "lost)"
+                f"lost), or {accept_hint(self.vtpm_uuid)}"
             )
         return StateIntegrityError(
             f"state blob {path} does not match the recorded state (an older copy put back, "
             "or a state newer than the Manager's database); refusing to start, the file is "
             "kept: put back the blob the Manager recorded, or the Manager's database that "
-            "recorded this one"
+            f"recorded this one, or {accept_hint(self.vtpm_uuid)}"
         )
 
     def _discard(self, path: Path, why: str) -> None:
@@ -301,19 +343,15 @@ class StateStore:
             _fsync_dir(self.directory)
 
     def _open(self, name: str, path: Path, raw: bytes) -> bytes:
-        if len(raw) < HEADER.size + 16:
-            raise self._refuse(path, f"only {len(raw)} bytes")
-        magic, version, counter, nonce = HEADER.unpack_from(raw)
-        if magic != MAGIC:
-            raise self._refuse(path, "bad magic")
-        if version != FORMAT_VERSION:
-            raise self._refuse(path, f"format version {version}")
+        return self._open_counted(name, path, raw)[1]
+
+    def _open_counted(self, name: str, path: Path, raw: bytes) -> tuple[int, bytes]:
         try:
-            plain = self._aead.decrypt(nonce, raw[HEADER.size :], self._aad(name, counter))
-        except InvalidTag:
-            raise self._refuse(path, "authentication failed") from None
+            counter, plain = self._seal.open(name, raw)
+        except BlobOpenError as e:
+            raise self._refuse(path, str(e)) from None
         self._counters[name] = max(self._counters.get(name, 0), counter)
-        return plain
+        return counter, plain
 
     def store(self, name: str, data: bytes) -> BlobInfo:
         path = self.path(name)
@@ -323,11 +361,10 @@ class StateStore:
                 counter, raw = self._retry_unsettled(name, data, unsettled)
             else:
                 counter = self._next_counter(name, path)
-                nonce = secrets.token_bytes(12)
-                body = self._aead.encrypt(nonce, data, self._aad(name, counter))
-                raw = HEADER.pack(MAGIC, FORMAT_VERSION, counter, nonce) + body
-            tmp = path.with_name(path.name + TMP_SUFFIX)
-            digest = hashlib.sha256(raw).digest()
+                raw = self._seal.seal(name, counter, data)
+            # a random name: a file planted under a fixed one cannot block the write
+            tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}{TMP_SUFFIX}")
+            digest = _digest(raw)
             try:  # a full disk, a quota: the old file stays current, the write can be retried
                 write_new(tmp, raw, 0o600)
                 nxt = path if self.journal is None else self._next_path(name)
@@ -343,7 +380,7 @@ class StateStore:
                 try:
                     self.journal.written(name, counter, digest)
                 except BaseException:
-                    self._unsettled[name] = (hashlib.sha256(data).digest(), counter, raw)
+                    self._unsettled[name] = (_digest(data), counter, raw)
                     raise
                 self._unsettled.pop(name, None)
                 os.replace(nxt, path)
@@ -358,7 +395,7 @@ class StateStore:
         recorded it (a lost answer): the `.next` file then must keep exactly these bytes, so
         only the same state is written again, as the same file."""
         data_digest, counter, raw = unsettled
-        if hashlib.sha256(data).digest() != data_digest:
+        if _digest(data) != data_digest:
             raise StateError(
                 f"state blob {name} cannot be written: an earlier write of it may or may not "
                 "have been recorded by the Manager; restart the vTPM to settle it"
@@ -370,12 +407,11 @@ class StateStore:
             # continue from what is on disk even if it was never loaded
             for candidate in (path, self._next_path(name)):
                 try:
-                    with candidate.open("rb") as f:
-                        head = f.read(HEADER.size)
-                except FileNotFoundError:
-                    continue
-                if len(head) == HEADER.size and head[:8] == MAGIC:
-                    found = HEADER.unpack(head)[2]
+                    raw = read_blob_file(candidate)
+                except StateError:
+                    continue  # refused when loaded
+                found = None if raw is None else blob_counter(raw)
+                if found is not None:
                     self._counters[name] = max(self._counters.get(name, 0), found)
         return self._counters.get(name, 0) + 1
 

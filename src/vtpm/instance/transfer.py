@@ -19,6 +19,13 @@ disk (`statestore`), known only to a process that holds the vTPM's state key. Un
 that is the vTPM's own instance (the Manager releases the state key to it alone, wrapped
 under the group key), so no other vTPM and no other Manager can open or forge them.
 
+A migration secret (`--migration-secret-fd`: 1..4096 bytes an orchestrator hands the source
+and the destination of one migration) is mixed in: the key is then HKDF-SHA256(state key,
+salt = the secret, info = "vtpm transfer blob v1 with migration secret"). A blob sealed with
+secret X opens only in a process given X: not with another secret, and not without one (the
+info strings differ, so no secret, not even HKDF's default all-zero salt, stands for "none").
+The secret is never logged and not kept once the key is derived.
+
 The generation is the permanent state's counter for every blob type: a volatile state taken
 from a running TPM has no write counter of its own, and it only makes sense together with the
 permanent state it was taken with. Whoever opens a blob decides what an acceptable generation
@@ -48,6 +55,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"VTPMXFR1"
 FORMAT_VERSION = 1
 HKDF_INFO = b"vtpm transfer blob v1"
+HKDF_INFO_SECRET = b"vtpm transfer blob v1 with migration secret"
+MAX_SECRET = 4096  # bytes of a migration secret
 HEADER = struct.Struct(">8sI16sIQ12s")
 TAG_SIZE = 16
 MAX_GENERATION = (1 << 64) - 1
@@ -71,10 +80,17 @@ class TransferBlob:
 
 
 class TransferKey:
-    """Seals and opens transfer blobs for holders of one state key."""
+    """Seals and opens transfer blobs for holders of one state key (and migration secret)."""
 
-    def __init__(self, state_key: StateKey) -> None:
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO)
+    def __init__(self, state_key: StateKey, migration_secret: bytes | None = None) -> None:
+        if migration_secret is None:
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=HKDF_INFO)
+        else:
+            if not 1 <= len(migration_secret) <= MAX_SECRET:
+                raise RequestError(f"a migration secret has 1..{MAX_SECRET} bytes")
+            hkdf = HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=migration_secret, info=HKDF_INFO_SECRET
+            )
         self._aead = AESGCM(hkdf.derive(state_key.secret))
 
     def seal(self, blob: TransferBlob) -> bytes:

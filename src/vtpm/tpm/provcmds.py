@@ -2,8 +2,9 @@
 
 TCG TPM 2.0 Library, Part 3: 24.1 CreatePrimary, 28.5 EvictControl, 31.3 NV_DefineSpace,
 31.4 NV_UndefineSpace, 31.6 NV_ReadPublic, 31.7 NV_Write, 31.9 NV_WriteLock, 30.7 ReadPublic,
-28.4 FlushContext. Every authorisation is the empty password of a hierarchy (a vTPM just taken
-through TPM2_Startup(CLEAR) has empty platform and owner auth and all hierarchies enabled).
+28.4 FlushContext, 22.5 PCR_Allocate (Part 2, 10.9.7 TPML_PCR_SELECTION). Every authorisation
+is the empty password of a hierarchy (a vTPM just taken through TPM2_Startup(CLEAR) has empty
+platform and owner auth and all hierarchies enabled).
 
 Builders return a command frame; parsers take the response and raise `TpmResponseError` for an
 error code or a response that does not parse (the code is kept in `.rc`).
@@ -186,3 +187,39 @@ def parse_nv_read_public(response: bytes) -> NvPublic | None:
 def expect_success(response: bytes, what: str) -> None:
     """Raise ProvisionError unless `response` reports success."""
     _check(response, what)
+
+
+# PCR_Allocate --------------------------------------------------------------------------------
+
+PCR_SELECT_SIZE = 3  # sizeofSelect of PCRs 0..23
+
+
+def pcr_allocate(banks: dict[int, bool]) -> bytes:
+    """TPM2_PCR_Allocate (platform auth): each bank in `banks` with all 24 PCRs (True) or none
+    (False). A bank the TPM has and `banks` leaves out keeps its allocation, so name them all."""
+    selection = struct.pack(">I", len(banks))
+    full = b"\xff" * PCR_SELECT_SIZE
+    for alg, on in banks.items():
+        bits = full if on else bytes(PCR_SELECT_SIZE)
+        selection += struct.pack(">HB", alg, PCR_SELECT_SIZE) + bits
+    return _sessions(struct.pack(">I", TPM_RH_PLATFORM), selection, TPM_CC.PCR_Allocate)
+
+
+@dataclass(frozen=True, slots=True)
+class PcrAllocation:
+    """TPM2_PCR_Allocate's answer: whether the allocation was taken (it applies from the next
+    TPM reset), the number of PCRs, and the PCR memory it needs and has."""
+
+    success: bool
+    max_pcr: int
+    size_needed: int
+    size_available: int
+
+
+def parse_pcr_allocate(response: bytes) -> PcrAllocation:
+    _check(response, "TPM2_PCR_Allocate")
+    off = HEADER_SIZE + 4  # parameterSize
+    if len(response) < off + 13:
+        raise TpmResponseError("TPM2_PCR_Allocate response is truncated")
+    success, max_pcr, needed, available = struct.unpack_from(">BIII", response, off)
+    return PcrAllocation(bool(success), max_pcr, needed, available)

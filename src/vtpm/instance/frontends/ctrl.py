@@ -12,6 +12,9 @@ on every migration and sends the blob back as it got it, as with swtpm's migrati
 SET_STATEBLOB takes only this vTPM's sealed blobs (its flags are not trusted); the next INIT
 test-loads them. INIT's DELETE_VOLATILE needs no action: every start deletes the volatile
 blob after loading it (swtpm's order), so a migrated or restored guest keeps its PCRs.
+
+`on_end` (the instance's --terminate) is called when a connection ends other than by SHUTDOWN
+(which stops the instance anyway): the peer closed it, it broke, or it was dropped.
 """
 
 from __future__ import annotations
@@ -120,11 +123,13 @@ class ControlHandler:
         on_shutdown: Callable[[], None],
         *,
         idle_timeout: float | None = None,
+        on_end: Callable[[str], None] | None = None,
     ) -> None:
         self._device = device
         self._spawn_data = spawn_data
         self._on_shutdown = on_shutdown
         self._idle_timeout = idle_timeout
+        self._on_end = on_end
 
     def __call__(self, conn: socket.socket, peer: str) -> None:
         codec = w.ControlServerConnection()
@@ -139,6 +144,7 @@ class ControlHandler:
                 if isinstance(event, w.Shutdown):
                     self._on_shutdown()
                     return
+            log.debug("ctrl %s: closed by the peer", peer)
         except RemoteProtocolError as e:
             log.warning("ctrl %s: dropped: %s", peer, e)
             with contextlib.suppress(OSError):
@@ -149,6 +155,8 @@ class ControlHandler:
             log.info("ctrl %s: connection lost: %s", peer, e.strerror)
         finally:
             fds.close()
+        if self._on_end is not None:
+            self._on_end(peer)
 
     def _answer(self, ev: w.Request, state: _Connection, peer: str) -> w.Response:
         try:

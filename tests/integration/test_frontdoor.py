@@ -142,6 +142,21 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
         client.close()
     wait_gone(att2.pid)
 
+    # --overwrite: the old vTPM is deleted (key erased), its blobs removed, a new one made
+    before = m.json("show", str(vm))["state_blobs"]
+    new = cc.setup(
+        sock, d, vm_uuid=vm, vm_name="web one", eks=(), overwrite=compat.Overwrite.REPLACE
+    )
+    assert isinstance(new, compat.SetupResult) and new.created and new.uuid == vm, new
+    assert m.json("show", str(vm))["state_blobs"] != before
+    assert any(e["action"] == "compat.removed" and e["target"] == str(vm) for e in audit(m))
+    listener = cc.unix_listener(str(tmp_path / "ctrl4.sock"))
+    client, att3 = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    listener.close()
+    client.close()
+    assert isinstance(att3, compat.Attached), att3
+    wait_gone(att3.pid)
+
 
 def test_state_persists_and_an_older_copy_needs_accept_state(
     door: tuple[ManagerProc, str, Path], tmp_path: Path
@@ -175,6 +190,7 @@ def test_state_persists_and_an_older_copy_needs_accept_state(
     client, att, tcti = run(tmp_path)  # the NV index is still there
     try:
         assert isinstance(att, compat.Attached), att
+        tpm2("startup", "-c", tcti=tcti)
         out = tpm2("nvreadpublic", tcti=tcti).stdout.decode()
         assert NV_INDEX in out
     finally:
@@ -195,6 +211,7 @@ def test_state_persists_and_an_older_copy_needs_accept_state(
     client, att, tcti = run(tmp_path)
     try:
         assert isinstance(att, compat.Attached), att
+        tpm2("startup", "-c", tcti=tcti)
         out = tpm2("nvreadpublic", tcti=tcti, check=False).stdout.decode()
         assert NV_INDEX not in out  # the older state, accepted
     finally:

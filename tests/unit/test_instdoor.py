@@ -9,6 +9,7 @@ import socket
 import struct
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from vtpm.endpoints import Endpoint, Frontend, FrontendKind
 from vtpm.engine.engine import StateType
 from vtpm.errors import ConfigError, RequestError, StateKeyError, TpmResponseError
 from vtpm.instance import pcrbanks
+from vtpm.instance.config import InstanceConfig
 from vtpm.instance.statekey import StateKey, load_secret_fd
 from vtpm.instance.transfer import MAX_SECRET, REFUSED, TransferBlob, TransferKey
 from vtpm.listen import Server, SocketPolicy, bind
@@ -177,3 +179,28 @@ def test_pcr_allocate_frame_and_answer() -> None:
         provcmds.parse_pcr_allocate(struct.pack(">HII", 0x8001, 10, 0x9A2))
     with pytest.raises(TpmResponseError, match="truncated"):
         provcmds.parse_pcr_allocate(answer[:20])
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"key_fd": 5, "ctrl": (Endpoint("fd", fd=5),)},
+        {"key_fd": 4, "ctrl": (Endpoint("fd", fd=5),), "server": (Endpoint("fd", fd=5),)},
+        {"key_fd": 4, "server": (Endpoint("fd", fd=6),), "migration_secret_fd": 6},
+    ],
+)
+def test_a_descriptor_named_twice_is_refused(kw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="is named twice"):
+        InstanceConfig(state_dir=Path("/nonexistent"), **kw)
+
+
+def test_distinct_descriptors_are_accepted() -> None:
+    cfg = InstanceConfig(
+        state_dir=Path("/nonexistent"),
+        key_fd=3,
+        ctrl=(Endpoint("fd", fd=4),),
+        server=(Endpoint("fd", fd=5),),
+        migration_secret_fd=6,
+        terminate=True,
+    )
+    assert cfg.terminate and [e.fd for e in cfg.ctrl + cfg.server] == [4, 5]

@@ -16,10 +16,10 @@ import pytest
 from vtpm.errors import ConfigError, ManagerError
 from vtpm.manager import schema
 from vtpm.manager.store import (
-    LocationRecord,
     CertRecord,
     GroupCaRecord,
     GroupRecord,
+    LocationRecord,
     Store,
     VtpmRecord,
     database_present,

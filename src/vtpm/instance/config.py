@@ -72,6 +72,12 @@ class InstanceConfig:
             raise ConfigError("--max-clients must be between 1 and 1024")
         if self.idle_timeout is not None and not self.idle_timeout > 0:
             raise ConfigError(f"idle timeout {self.idle_timeout} is not a positive number")
+        fds = [ep.fd for ep in (*self.ctrl, *self.server) if ep.kind == "fd"]
+        others = (self.key_fd, self.manager_fd, self.migration_secret_fd)
+        fds += [x for x in others if x is not None]
+        if len(set(fds)) != len(fds):
+            dup = next(x for x in fds if fds.count(x) > 1)
+            raise ConfigError(f"descriptor {dup} is named twice (each fd:N and --*-fd its own)")
         for ep in self.mssim:
             if ep.kind != "tcp":
                 raise ConfigError(f"--mssim {ep}: the simulator protocol runs on TCP only")

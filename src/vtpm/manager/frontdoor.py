@@ -36,6 +36,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vtpm import instanceargs
@@ -166,6 +167,7 @@ class FrontDoor:
         self._sessions: dict[uuid.UUID, _Session] = {}
         self._lock = threading.Lock()
         self._server: Server | None = None
+        self._sweeping = threading.Lock()  # the loop's and the admin requests' sweeps, in turn
         self.check_group()
 
     def check_group(self) -> None:
@@ -321,6 +323,12 @@ class FrontDoor:
                     "keep it (--overwrite, --not-overwrite)"
                 )
             self._delete(rec.uuid, peer.actor, "the orchestrator set up a new one there")
+            try:
+                locations.clear(req.state, state_fd)
+            except OSError as e:
+                raise ManagerError(
+                    f"the old vTPM's state at {req.state.path} cannot be removed: {e.strerror}"
+                ) from None
         elif req.reconfigure:
             raise ManagerError(f"no vTPM is set up at {req.state.path}: nothing to reconfigure")
         return self._create(req, state_fd, ident, peer)
@@ -375,8 +383,10 @@ class FrontDoor:
         secret: bytes | None,
     ) -> None:
         """Run the vTPM's instance on its state with `once` (EKs, PCR banks), then stop it."""
-        self._vtpms.check_unlocked(rec, "compat.setup", "compat")
-        ctrl = Endpoint("unix", path=str(self._config.run_dir / f"{rec.uuid}.setup"))
+        self._vtpms.check_unlocked(rec, "compat.setup", "front door")
+        # the instance needs a frontend: a control socket (0600, root's) beside the front door's,
+        # whose directory has a short path (the data directory's may be too long for one)
+        ctrl = Endpoint("unix", path=str(self.compat.socket.parent / f".setup-{rec.uuid.hex}"))
         inst = self._instance(rec, loc, state_fd, frontends=(Frontend(FrontendKind.CTRL, ctrl),))
         with self._claim(rec.uuid, None):
             if secret is not None:
@@ -548,7 +558,7 @@ class FrontDoor:
             **kw,
         )
 
-    def _log_file(self, rec: VtpmRecord) -> Any:
+    def _log_file(self, rec: VtpmRecord) -> Path:
         return self._config.log_dir / f"{rec.uuid}.log"
 
     def _group_name(self, rec: VtpmRecord) -> str:
@@ -619,6 +629,10 @@ class FrontDoor:
     def sweep(self) -> None:
         """Delete the front-door vTPMs whose state location was removed (and that are not
         running); keep those whose location's parent is missing (a disk not mounted now)."""
+        with self._sweeping:
+            self._sweep()
+
+    def _sweep(self) -> None:
         for loc in self._store.locations():
             with self._lock:
                 if loc.vtpm_uuid in self._sessions or self._supervisor.active(loc.vtpm_uuid):

@@ -93,3 +93,24 @@ def removed(rec: LocationRecord) -> bool:
     except OSError:
         return False  # cannot tell (a permission, an I/O error): keep it
     return False
+
+
+STATE_SUFFIXES = (".blob", ".next", ".gone", ".tmp")  # what an instance keeps in a directory
+
+
+def clear(loc: StateLocation, fd: int) -> None:
+    """Remove a replaced vTPM's state at the location `fd` opens (`--overwrite`): in a
+    directory its blob files (nothing else there is touched), a regular file is emptied; a
+    block device is left as it is (the new vTPM's first write replaces its header)."""
+    if loc.kind is StateKind.DIR:
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            for name in os.listdir(dfd):
+                if name.endswith(STATE_SUFFIXES):
+                    os.unlink(name, dir_fd=dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    elif stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, 0)
+        os.fsync(fd)

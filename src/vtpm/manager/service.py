@@ -23,7 +23,7 @@ import threading
 import time
 
 from vtpm.endpoints import Endpoint
-from vtpm.errors import ManagerError
+from vtpm.errors import ManagerError, VtpmError
 from vtpm.labelpolicy import LabelMap
 from vtpm.listen import Server, SocketPolicy, bind
 from vtpm.manager import floor
@@ -153,9 +153,12 @@ class Manager:
         self._supervisor = Supervisor(custody.serve)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
         if compat is not None:
-            self._frontdoor = FrontDoor(
-                compat, cfg, store, groups, vtpms, self._supervisor, secrets
-            )
+            try:
+                self._frontdoor = FrontDoor(
+                    compat, cfg, store, groups, vtpms, self._supervisor, secrets
+                )
+            except VtpmError as e:  # the rest of the Manager serves; the front door waits
+                log.error("front door not opened: %s (fix it: vtpm compat enable)", e)
         return Services(
             config=cfg,
             store=store,

@@ -1,0 +1,374 @@
+"""The Manager's front door end to end: a real `vtpm manager run` with compat.json, real
+instance processes, and the test's own front-door client (`tests.compatclient`) in place of
+the compat executables: the listening sockets are the test's, passed as descriptors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import compatclient as cc
+from tests.helpers import ctrl_call, free_port_pair, tpm2
+from tests.mgr import ManagerProc, manager, new_group, owner_key, vtpm_cli
+from vtpm.wire import compat, ctrl
+
+pytestmark = pytest.mark.integration
+
+NOBODY = 65534
+OTHER = 65533  # a uid the front door does not allow
+NV_INDEX = "0x1500016"
+
+
+@pytest.fixture
+def door(tmp_path: Path) -> Iterator[tuple[ManagerProc, str, Path]]:
+    """A Manager with a front door (group `guests`, socket 0660 to nogroup, uid 65534 allowed)
+    and a directory for the orchestrator's state (reachable by uid 65534)."""
+    data = tmp_path / "d"
+    public = Path(tempfile.mkdtemp(prefix="vfd", dir="/tmp"))  # uid 65534 reaches the socket
+    public.chmod(0o755)
+    sock = str(public / "c.sock")
+    with manager(data) as m:
+        new_group(m, "guests", owner_key(tmp_path))
+        vtpm_cli(
+            data,
+            "compat",
+            "enable",
+            "--group",
+            "guests",
+            "--socket",
+            sock,
+            "--socket-group",
+            str(NOBODY),
+            "--allow-user",
+            str(NOBODY),
+        )
+    states = tmp_path / "vms"
+    states.mkdir(mode=0o755)
+    try:
+        with manager(data) as m:
+            yield m, sock, states
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def state_dir(states: Path, name: str) -> str:
+    d = states / name
+    d.mkdir(mode=0o700)
+    return str(d)
+
+
+def audit(m: ManagerProc) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = m.json("audit", "--limit", "200")
+    return out
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def wait_gone(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        assert time.monotonic() < deadline, f"pid {pid} still runs"
+        time.sleep(0.05)
+
+
+def test_setup_attach_ctrl_and_close_stops_the_instance(
+    door: tuple[ManagerProc, str, Path], tmp_path: Path
+) -> None:
+    m, sock, states = door
+    vm = uuid.uuid4()
+    d = state_dir(states, str(vm))
+    res = cc.setup(sock, d, vm_uuid=vm, vm_name="web one", eks=("ecc256",))
+    assert isinstance(res, compat.SetupResult), res
+    assert res.uuid == vm and res.created and res.group == "guests"
+    assert res.label == "web_one_u:vm_r:vtpm_t" and res.eks == ("ecc256",)
+    assert any(n.endswith(".blob") for n in os.listdir(d))  # the state is where it was put
+    shown = m.json("show", str(vm))
+    assert shown["state_dir"] == d and shown["run"]["state"] == "stopped"
+    assert shown["owner_uid"] == 0
+
+    again = cc.setup(sock, d, vm_uuid=vm, vm_name="web one")
+    assert isinstance(again, str) and "exists at" in again
+    kept = cc.setup(sock, d, vm_uuid=vm, overwrite=compat.Overwrite.KEEP)
+    assert isinstance(kept, compat.SetupResult) and not kept.created and kept.uuid == vm
+
+    ctrl_path = str(tmp_path / "ctrl.sock")
+    listener = cc.unix_listener(ctrl_path)
+    client, att = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    listener.close()  # the instance holds it now
+    try:
+        assert isinstance(att, compat.Attached), att
+        assert att.uuid == vm and att.label == res.label
+        assert ppid(att.pid) == m.proc.pid  # the Manager spawned it
+        caps = ctrl_call(ctrl_path, ctrl.GetCapability())
+        assert isinstance(caps, ctrl.CapabilityResult) and caps.result == 0
+        assert m.json("show", str(vm))["run"]["state"] == "running"
+
+        # a second front door for the same vTPM, while the first lives: refused
+        other = cc.unix_listener(str(tmp_path / "ctrl2.sock"))
+        c2, second = cc.attach(sock, d, [(compat.FdRole.CTRL, other)])
+        c2.close()
+        other.close()
+        assert isinstance(second, str) and "running already" in second
+    finally:
+        client.close()  # the front door killed: the instance is stopped
+    wait_gone(att.pid)
+
+    # a second attach: the same vTPM, its state kept; Detach ends it with Ended
+    listener = cc.unix_listener(str(tmp_path / "ctrl3.sock"))
+    client, att2 = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    listener.close()
+    try:
+        assert isinstance(att2, compat.Attached), att2
+        assert att2.pid != att.pid
+        client.send(compat.Detach())
+        ended = client.result(compat.Ended)
+        assert ended.exit_code == 0
+    finally:
+        client.close()
+    wait_gone(att2.pid)
+
+    # --overwrite: the old vTPM is deleted (key erased), its blobs removed, a new one made
+    before = m.json("show", str(vm))["state_blobs"]
+    new = cc.setup(
+        sock, d, vm_uuid=vm, vm_name="web one", eks=(), overwrite=compat.Overwrite.REPLACE
+    )
+    assert isinstance(new, compat.SetupResult) and new.created and new.uuid == vm, new
+    assert m.json("show", str(vm))["state_blobs"] != before
+    assert any(e["action"] == "compat.removed" and e["target"] == str(vm) for e in audit(m))
+    listener = cc.unix_listener(str(tmp_path / "ctrl4.sock"))
+    client, att3 = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    listener.close()
+    client.close()
+    assert isinstance(att3, compat.Attached), att3
+    wait_gone(att3.pid)
+
+
+def test_state_persists_and_an_older_copy_needs_accept_state(
+    door: tuple[ManagerProc, str, Path], tmp_path: Path
+) -> None:
+    m, sock, states = door
+    d = state_dir(states, "vm-rollback")
+    res = cc.setup(sock, d, vm_name="rb", eks=())
+    assert isinstance(res, compat.SetupResult), res
+    old = tmp_path / "old"
+    shutil.copytree(d, old)
+
+    def run(work: Path) -> tuple[cc.CompatClient, compat.Attached | str, str]:
+        port = free_port_pair()
+        server, ctl = cc.tcp_listener(port), cc.tcp_listener(port + 1)
+        client, att = cc.attach(
+            sock, d, [(compat.FdRole.SERVER, server), (compat.FdRole.CTRL, ctl)]
+        )
+        server.close()
+        ctl.close()
+        return client, att, f"swtpm:host=127.0.0.1,port={port}"
+
+    client, att, tcti = run(tmp_path)
+    try:
+        assert isinstance(att, compat.Attached), att
+        tpm2("startup", "-c", tcti=tcti)
+        tpm2("nvdefine", NV_INDEX, "-C", "o", "-s", "8", tcti=tcti)
+    finally:
+        client.close()
+    wait_gone(att.pid)
+
+    client, att, tcti = run(tmp_path)  # the NV index is still there
+    try:
+        assert isinstance(att, compat.Attached), att
+        tpm2("startup", "-c", tcti=tcti)
+        out = tpm2("nvreadpublic", tcti=tcti).stdout.decode()
+        assert NV_INDEX in out
+    finally:
+        client.close()
+    wait_gone(att.pid)
+
+    for name in os.listdir(d):  # the older copy put back, in the same directory
+        os.unlink(os.path.join(d, name))
+    for name in os.listdir(old):
+        shutil.copy2(old / name, os.path.join(d, name))
+    client, refused, _ = run(tmp_path)
+    client.close()
+    assert isinstance(refused, str), refused
+    assert f"vtpm accept-state {res.uuid}" in refused
+
+    m.json("accept-state", str(res.uuid))
+    assert any(e["action"] == "vtpm.accept-state" for e in audit(m))
+    client, att, tcti = run(tmp_path)
+    try:
+        assert isinstance(att, compat.Attached), att
+        tpm2("startup", "-c", tcti=tcti)
+        out = tpm2("nvreadpublic", tcti=tcti, check=False).stdout.decode()
+        assert NV_INDEX not in out  # the older state, accepted
+    finally:
+        client.close()
+    wait_gone(att.pid)
+    client, att, _ = run(tmp_path)  # accepted once: it is the recorded state now
+    client.close()
+    assert isinstance(att, compat.Attached), att
+    wait_gone(att.pid)
+
+
+def _as_user(uid: int, gid: int, fn: Any) -> str:
+    """Run `fn()` in a forked child that took uid/gid first; what it returned (a string)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest machinery, only the socket work
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            out = str(fn())
+        except BaseException as e:
+            out = f"child failed: {e!r}"
+        os.write(w, out.encode()[:60000])
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        text = f.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_other_users_are_refused(door: tuple[ManagerProc, str, Path], tmp_path: Path) -> None:
+    m, sock, states = door
+    d = state_dir(states, "vm-root")
+    res = cc.setup(sock, d, vm_name="rootvm", eks=())
+    assert isinstance(res, compat.SetupResult), res
+    fd = cc.open_state(d)
+    ctrl_sock = cc.unix_listener(str(tmp_path / "u.ctrl"))
+
+    def try_attach() -> str:
+        c = cc.CompatClient(sock)
+        loc = compat.StateLocation(compat.StateKind.DIR, d)
+        roles = (compat.FdRole.STATE, compat.FdRole.CTRL)
+        c.send(compat.Attach(loc, roles), [fd, ctrl_sock.fileno()])
+        r = c.reply()
+        return "closed" if r is None else (r.error if not r.ok else "attached")
+
+    try:
+        # allowed on the front door, but not the vTPM's owner (root set it up)
+        out = _as_user(NOBODY, NOBODY, try_attach)
+        assert "belongs to another user" in out, out
+        # not allowed on the front door at all: refused at the connection
+        out = _as_user(OTHER, NOBODY, try_attach)
+        assert "refused this user" in out, out
+    finally:
+        os.close(fd)
+        ctrl_sock.close()
+    entries = audit(m)
+    assert any(e["action"] == "compat.connect" and e["outcome"] == "refused" for e in entries)
+    assert any(
+        e["action"] == "compat.attach"
+        and e["outcome"] == "refused"
+        and "owner" in json.loads(e["detail"])["why"]
+        for e in entries
+    )
+    assert m.json("show", str(res.uuid))["run"]["state"] == "stopped"
+
+
+def test_wrong_secret_refused_opaquely_and_audited(
+    door: tuple[ManagerProc, str, Path], tmp_path: Path
+) -> None:
+    m, sock, states = door
+    d = state_dir(states, "vm-secret")
+    res = cc.setup(sock, d, vm_name="sec", eks=(), secret=b"right horse battery")
+    assert isinstance(res, compat.SetupResult), res
+    for secret in (b"wrong", None):
+        listener = cc.unix_listener(str(tmp_path / f"s{secret!r:.3}.ctrl"))
+        client, out = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)], secret=secret)
+        client.close()
+        listener.close()
+        assert out == "refused"
+    whys = [
+        json.loads(e["detail"]).get("why")
+        for e in audit(m)
+        if e["action"] == "compat.attach" and e["outcome"] == "refused"
+    ]
+    assert "wrong secret" in whys and "the vTPM's secret is missing" in whys
+    assert "right horse" not in (m.data_dir / "manager.log").read_text()
+
+    path = str(tmp_path / "ok.ctrl")
+    listener = cc.unix_listener(path)
+    client, att = cc.attach(
+        sock, d, [(compat.FdRole.CTRL, listener)], secret=b"right horse battery"
+    )
+    listener.close()
+    try:  # the state written at setup, under the key mixed with the secret, opens
+        assert isinstance(att, compat.Attached), att
+        assert isinstance(ctrl_call(path, ctrl.GetCapability()), ctrl.CapabilityResult)
+    finally:
+        client.close()
+    wait_gone(att.pid)
+
+
+def test_the_orchestrator_removing_the_state_deletes_the_vtpm(
+    door: tuple[ManagerProc, str, Path], tmp_path: Path
+) -> None:
+    m, sock, states = door
+    gone = state_dir(states, "vm-gone")
+    kept = state_dir(states, "vm-kept")
+    r1 = cc.setup(sock, gone, vm_name="gone", eks=())
+    r2 = cc.setup(sock, kept, vm_name="kept", eks=())
+    assert isinstance(r1, compat.SetupResult) and isinstance(r2, compat.SetupResult)
+    listed = {v["uuid"] for v in m.json("list")}
+    assert {str(r1.uuid), str(r2.uuid)} <= listed
+
+    shutil.rmtree(gone)  # `virsh undefine --tpm`
+    listed = {v["uuid"] for v in m.json("list")}
+    assert str(r1.uuid) not in listed and str(r2.uuid) in listed
+    assert any(e["action"] == "compat.removed" and e["target"] == str(r1.uuid) for e in audit(m))
+
+    # the periodic check notices it without being asked, too; a missing parent (an
+    # unmounted disk) keeps the vTPM
+    unmounted = states / "disk"
+    unmounted.mkdir()
+    inner = state_dir(unmounted, "vm")
+    r3 = cc.setup(sock, inner, vm_name="disk", eks=())
+    assert isinstance(r3, compat.SetupResult), r3
+    shutil.rmtree(unmounted)
+    shutil.rmtree(kept)
+    deadline = time.monotonic() + 10
+    while not any(
+        e["action"] == "compat.removed" and e["target"] == str(r2.uuid) for e in audit(m)
+    ):
+        assert time.monotonic() < deadline, "the periodic check did not delete it"
+        time.sleep(0.2)
+    listed = {v["uuid"] for v in m.json("list")}
+    assert str(r2.uuid) not in listed and str(r3.uuid) in listed
+
+
+def test_an_instance_that_exits_ends_its_front_door(
+    door: tuple[ManagerProc, str, Path], tmp_path: Path
+) -> None:
+    m, sock, states = door
+    d = state_dir(states, "vm-stop")
+    res = cc.setup(sock, d, vm_name="stopme", eks=())
+    assert isinstance(res, compat.SetupResult), res
+    listener = cc.unix_listener(str(tmp_path / "st.ctrl"))
+    client, att = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    listener.close()
+    try:
+        assert isinstance(att, compat.Attached), att
+        os.kill(att.pid, signal.SIGTERM)  # the instance ends (state stored): Ended comes
+        ended = client.result(compat.Ended)
+        assert ended.exit_code == 0
+        assert client.reply() is None
+    finally:
+        client.close()
+    assert m.json("show", str(res.uuid))["run"]["state"] == "stopped"  # not restarted

@@ -244,9 +244,15 @@ def test_terminate_when_the_data_client_leaves(short_dir: Path) -> None:
         serving(short_dir / "s", proc)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
             assert frames.response_code(raw_call(s, frames.startup())) == TPM_RC.SUCCESS
+            # a TCP control client (tcti-swtpm: one connection per control command) leaving
+            # ends nothing
+            assert isinstance(ctrl_tcp(port, w.GetCapability()), w.CapabilityResult)
+            assert ctrl_tcp(port, w.SetLocality(0)) == w.Result(0)
             time.sleep(0.5)
-            assert proc.poll() is None  # the client is still there
+            assert proc.poll() is None  # the data client is still there
+            assert len(get_random(s)) == 16
         assert proc.wait(20) == 0
+        assert "stopping (--terminate)" in Path(f"{short_dir / 's'}.log").read_text()
 
 
 # the migration secret -------------------------------------------------------------------------

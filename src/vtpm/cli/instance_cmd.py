@@ -178,8 +178,8 @@ def register(sub: Any) -> None:
     run.add_argument(
         instanceargs.TERMINATE,
         action="store_true",
-        help="stop (state stored, exit 0) when a client of the control channel or of a data "
-        "channel disconnects",
+        help="stop (state stored, exit 0) when a client of a UNIX control channel or of a "
+        "data channel (the raw server, QEMU's data fd) disconnects",
     )
     run.add_argument(
         instanceargs.MIGRATION_SECRET_FD,

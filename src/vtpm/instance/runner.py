@@ -232,7 +232,8 @@ class Instance:
             s.start()
 
     def _client_left(self, peer: str) -> None:
-        """--terminate: a control or data channel's client is gone, so the vTPM stops."""
+        """--terminate: a UNIX control channel's or a data channel's client is gone, so the
+        vTPM stops."""
         if not self.stopped.is_set():
             log.info("%s disconnected: stopping (--terminate)", peer)
         self.stopped.set()

@@ -13,8 +13,10 @@ SET_STATEBLOB takes only this vTPM's sealed blobs (its flags are not trusted); t
 test-loads them. INIT's DELETE_VOLATILE needs no action: every start deletes the volatile
 blob after loading it (swtpm's order), so a migrated or restored guest keeps its PCRs.
 
-`on_end` (the instance's --terminate) is called when a connection ends other than by SHUTDOWN
-(which stops the instance anyway): the peer closed it, it broke, or it was dropped.
+`on_end` (the instance's --terminate) is called when a UNIX connection ends other than by
+SHUTDOWN (which stops the instance anyway): the peer closed it, it broke, or it was dropped.
+A TCP control connection's end is not reported: tcti-swtpm opens one per control command, and
+`swtpm socket --terminate` too ends only with a UNIX control client (or the data client).
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class ControlHandler:
             log.info("ctrl %s: connection lost: %s", peer, e.strerror)
         finally:
             fds.close()
-        if self._on_end is not None:
+        if self._on_end is not None and conn.family == socket.AF_UNIX:
             self._on_end(peer)
 
     def _answer(self, ev: w.Request, state: _Connection, peer: str) -> w.Response:

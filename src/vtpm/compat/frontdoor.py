@@ -261,6 +261,27 @@ def write_pid(pid: PidArg) -> None:
         raise DoorError(f"cannot write the pid file: {e.strerror}") from None
 
 
+def daemonize(ready: Callable[[], None]) -> None:
+    """Fork: the parent exits 0 once the child has run `ready` (written the pid file, which the
+    orchestrator reads as soon as the parent is gone), 1 if the child failed at it."""
+    rd, wr = os.pipe2(os.O_CLOEXEC)
+    if os.fork() != 0:
+        os.close(wr)
+        ok = os.read(rd, 1) == b"1"
+        os._exit(0 if ok else 1)  # the child carries on (and owns the cleanup)
+    os.close(rd)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    try:
+        ready()
+        os.write(wr, b"1")
+    finally:
+        os.close(wr)
+
+
 def _remove_own(path: str, ident: tuple[int, int]) -> None:
     with contextlib.suppress(OSError):
         st = os.lstat(path)
@@ -355,15 +376,9 @@ class Door:
         self.log.line(
             f"vTPM {attached.uuid} ({attached.label}) serves, instance pid {attached.pid}"
         )
-        if args.daemon and os.fork() != 0:
-            os._exit(0)  # the parent: the child carries on (and owns the cleanup)
         if args.daemon:
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
-        if args.pid is not None:
+            daemonize(lambda: write_pid(args.pid) if args.pid is not None else None)
+        elif args.pid is not None:
             write_pid(args.pid)
         return self.wait(door)
 

@@ -8,7 +8,9 @@ floor: the libtpms engine alone, no transport. Prints a table with the vtpm/swtp
 of back-to-back slice ratios, see `measure`); `--json` prints it as data.
 Then the Manager benchmark (bench/manager.py): create + start N vTPMs through the vTPM Manager
 beside swtpm_setup + swtpm, and the memory N of each take. Then bench/mssim.py: TCTI mssim
-against TCTI swtpm per command on one vTPM. `--only transport|manager|mssim|...` runs one.
+against TCTI swtpm per command on one vTPM. Then bench/compat.py: the compat `swtpm socket` (the
+front door) against /usr/bin/swtpm from exec to a serving control socket.
+`--only transport|manager|mssim|compat|...` runs one.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from vtpm.tpm.constants import TPM_ALG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import compat as compat_bench
 from bench import deepquote as dq_bench
 from bench import manager as mgr_bench
 from bench import mssim as mssim_bench
@@ -306,13 +309,13 @@ def print_transport(rep: dict[str, Any]) -> None:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--only",
-        choices=["transport", "manager", "deepquote", "verify", "mssim"],
+        choices=["transport", "manager", "deepquote", "verify", "mssim", "compat"],
         default=None,
         help="run one benchmark: transport (one instance each, command rates, start, RSS), "
         "manager (create + start N vTPMs, memory with N running), deepquote (batched vs "
         "unbatched deep quotes on a slowed hardware quote) or verify (deep quotes verified per "
-        "second on one core) or mssim (TCTI mssim against TCTI swtpm per command on one vTPM); "
-        "default all",
+        "second on one core) or mssim (TCTI mssim against TCTI swtpm per command on one vTPM) "
+        "or compat (the compat swtpm socket against /usr/bin/swtpm, exec to serving); default all",
     )
     ap.add_argument("--seconds", type=float, default=1.0, help="per sample (default 1)")
     ap.add_argument("--creates", type=int, default=4, help="RSA 2048 creates per round")
@@ -320,6 +323,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     mgr_bench.add_arguments(ap)
     dq_bench.add_arguments(ap)
     verify_bench.add_arguments(ap)
+    compat_bench.add_arguments(ap)
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -330,6 +334,8 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
         out.update(run_transport(args))
     if args.only in (None, "mssim"):
         out["mssim"] = mssim_bench.run(args, progress, start_swtpm, start_vtpm, stop)
+    if args.only in (None, "compat"):
+        out["compat"] = compat_bench.run(args, progress)
     if args.only in (None, "manager"):
         out["manager"] = mgr_bench.run(args, progress)
     if args.only in (None, "deepquote"):
@@ -344,6 +350,8 @@ def print_report(out: dict[str, Any]) -> None:
         print_transport(out)
     if "mssim" in out:
         mssim_bench.print_report(out["mssim"])
+    if "compat" in out:
+        compat_bench.print_report(out["compat"])
     if "manager" in out:
         mgr_bench.print_report(out["manager"])
     if "deepquote" in out:

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
-from vtpm.compat.frontdoor import DoorError, open_state, read_secret
+from vtpm.compat.handles import DoorError, open_state, read_secret
 from vtpm.compat.options import UsageError
 from vtpm.compat.setup_args import HELP, PROGRAM, SetupAction, SetupArgs, parse_setup_args
 from vtpm.errors import VtpmError
@@ -104,9 +104,10 @@ def run(argv: list[str], environ: Mapping[str, str], out: Callable[[str], None])
         for note in args.notes:
             log.line(note)
         lines = setup(args, environ)
-    except (DoorError, VtpmError) as e:
-        log.line(f"error: {e}")
-        out(f"{PROGRAM}: error: {e}")
+    except (DoorError, VtpmError, OSError) as e:
+        text = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        log.line(f"error: {text}")
+        out(f"{PROGRAM}: error: {text}")
         return 1
     for line in lines:
         log.line(line)

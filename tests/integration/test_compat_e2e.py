@@ -346,3 +346,53 @@ def test_manager_refusal_is_one_line(door: Door) -> None:
     assert got.returncode == 1
     assert got.stderr.count("\n") == 1 and "swtpm_setup" in got.stderr, got.stderr
     assert not os.path.exists(sock)
+
+
+def _pipe_with(data: bytes) -> int:
+    rd, wr = os.pipe()
+    os.write(wr, data)
+    os.close(wr)
+    return rd
+
+
+def test_libvirt_passphrase_fds(door: Door) -> None:
+    vm = uuid.uuid4()
+    state = door.work / "enc" / str(vm)
+    state.mkdir(parents=True)
+    pwd = _pipe_with(b"s3cret passphrase")
+    try:
+        setup = door.run(
+            *("swtpm_setup", "--tpm2", "--tpm-state", str(state), "--vmid", f"enc:{vm}"),
+            *("--createek", "--pwdfile-fd", str(pwd), "--cipher", "aes-256-cbc"),
+            pass_fds=[pwd],
+        )
+    finally:
+        os.close(pwd)
+    assert setup.returncode == 0, setup.stderr
+    sock = str(door.work / f"e{vm.hex[:8]}.sock")
+
+    def attach(secret: bytes) -> subprocess.Popen[bytes]:
+        fd = _pipe_with(secret)
+        try:
+            return door.start(
+                *("socket", "--tpm2", "--tpmstate", f"dir={state}"),
+                *("--ctrl", f"type=unixio,path={sock}", "--key", f"pwdfd={fd},mode=aes-256-cbc"),
+                pass_fds=[fd],
+            )
+        finally:
+            os.close(fd)
+
+    wrong = attach(b"another passphrase")
+    try:
+        assert wrong.wait(60) == 1
+        assert wrong.stderr is not None
+        err = wrong.stderr.read().decode()
+        assert err.count("\n") == 1 and "refused" in err  # opaque: no reason given
+        assert "s3cret" not in door.manager.log() and "another" not in door.manager.log()
+    finally:
+        stop_process(wrong, signal.SIGKILL, 5)
+    right = attach(b"s3cret passphrase")
+    try:
+        wait_for(lambda: answers(sock), right)
+    finally:
+        assert stop_process(right, signal.SIGTERM, 30) == 0

@@ -331,3 +331,26 @@ def test_capabilities_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert want <= set(doc["features"]) and "tpm-1.2" not in doc["features"]
     assert "tpm12-not-need-root" not in doc["features"]
     assert len(set(capabilities.SWTPM_FEATURES)) == len(capabilities.SWTPM_FEATURES)
+
+
+def test_state_uri_forms() -> None:
+    a = sock("socket --tpm2 --tpmstate backend-uri=dir:///var/x --ctrl type=unixio,path=/s")
+    assert a.state == StateArg("dir", "/var/x")
+    b = parse_setup_args(["--tpm2", "--tpmstate", "dir:///var/y"])
+    assert b.state == StateArg("dir", "/var/y")
+
+
+@pytest.mark.parametrize(
+    "runner",
+    [
+        lambda argv: frontdoor.run(argv, {}, print),
+        lambda argv: setup.run(argv, {}, print),
+        lambda argv: ioctl.run(argv, print),
+    ],
+)
+def test_help_and_version(runner: object, capsys: pytest.CaptureFixture[str]) -> None:
+    assert callable(runner)
+    assert runner(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: ")
+    assert runner(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("vtpm ")

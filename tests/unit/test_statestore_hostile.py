@@ -77,7 +77,7 @@ def test_a_symlinked_lock_file_is_refused(tmp_path: Path) -> None:
     d.mkdir()
     victim = tmp_path / "victim"
     (d / "lock").symlink_to(victim)
-    with pytest.raises(StateError, match="lock file .* is a symbolic link"):
+    with pytest.raises(StateError, match=r"lock file .* is a symbolic link"):
         dstore(d)
     assert not victim.exists()  # not created through the link
 

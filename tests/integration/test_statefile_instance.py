@@ -108,7 +108,11 @@ def test_kill_9_during_nv_writes_never_leaves_an_unopenable_file(tmp_path: Path)
             stop = threading.Event()
             written = [acked]
 
-            def writer(sock: socket.socket = sock, written: list[int] = written) -> None:
+            def writer(
+                sock: socket.socket = sock,
+                written: list[int] = written,
+                stop: threading.Event = stop,
+            ) -> None:
                 value = written[0]
                 with contextlib.suppress(OSError, ConnectionError):
                     while not stop.is_set():

@@ -405,10 +405,22 @@ def test_an_instance_that_exits_ends_its_front_door(
     res = cc.setup(sock, d, vm_name="stopme", eks=())
     assert isinstance(res, compat.SetupResult), res
     listener = cc.unix_listener(str(work / "st.ctrl"))
-    client, att = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
+    client, att = cc.attach(
+        sock,
+        d,
+        [(compat.FdRole.CTRL, listener)],
+        terminate=True,
+        startup_clear=True,
+        migration_secret=b"migration passphrase",
+    )
     listener.close()
     try:
         assert isinstance(att, compat.Attached), att
+        argv = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
+        for flag in (b"--terminate", b"--startup-clear", b"--migration-secret-fd"):
+            assert flag in argv
+        assert b"--label" not in argv  # the orchestrator's sockets: no label check
+        assert b"migration passphrase" not in b" ".join(argv)
         os.kill(att.pid, signal.SIGTERM)  # the instance ends (state stored): Ended comes
         ended = client.result(compat.Ended)
         assert ended.exit_code == 0
@@ -416,3 +428,13 @@ def test_an_instance_that_exits_ends_its_front_door(
     finally:
         client.close()
     assert m.json("show", str(res.uuid))["run"]["state"] == "stopped"  # not restarted
+
+    # the configuration as the CLI shows it; a group the running Manager does not have is
+    # refused before anything is written; a written change waits for the next start
+    shown = m.json("compat", "show")
+    assert shown["socket"] == sock and shown["allow_uids"] == [NOBODY]
+    bad = m.cli("compat", "enable", "--group", "nosuch", "--socket", sock, check=False)
+    assert bad.returncode == 1 and "nosuch" in bad.stderr
+    assert m.json("compat", "show")["group"] == "guests"
+    out = m.cli("compat", "enable", "--group", "guests", "--socket", sock).stdout
+    assert "restart the Manager" in out

@@ -22,16 +22,25 @@ class CompatClient:
         self._codec = ipc.IpcConnection(ipc.Role.PEER)
 
     def send(self, req: compat.Request[Any], fds: Sequence[int] = ()) -> None:
+        """Send `req`; a Manager that refused this peer has written why and closed already,
+        so a broken pipe here leaves that reply to read."""
         frame = self._codec.send(compat.request_frame(req))
-        sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
-        self.sock.sendall(frame[sent:])
+        try:
+            sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
+            self.sock.sendall(frame[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def reply(self) -> ipc.AdminReply | None:
         """The next reply; None when the Manager closed the connection."""
         while True:
             ev = self._codec.next_event()
             if ev is NEED_DATA:
-                self._codec.receive_data(self.sock.recv(65536))
+                try:
+                    data = self.sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                self._codec.receive_data(data)
                 continue
             if ev is CLOSED:
                 return None

@@ -122,6 +122,18 @@ class _Session:
     reason: str = ""
     ended: threading.Event = field(default_factory=threading.Event)
 
+    def front_door_alive(self) -> bool:
+        """Whether the front door still holds its connection (a killed one may not have been
+        noticed by its reader yet: its closed end reads as end-of-file at once)."""
+        if self.conn is None:
+            return True
+        try:
+            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def exited(self, code: int, reason: str) -> None:
         """The supervisor's `on_exit`: record it and wake the connection's reader."""
         self.exit_code, self.reason = code, reason
@@ -523,7 +535,7 @@ class FrontDoor:
         while True:
             with self._lock:
                 other = self._sessions.get(vtpm_uuid)
-                if other is not None and not other.closing:
+                if other is not None and not other.closing and other.front_door_alive():
                     if incoming:
                         raise ManagerError(
                             f"vTPM {vtpm_uuid} is running: an incoming migration into a vTPM "

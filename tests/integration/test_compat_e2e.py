@@ -227,9 +227,6 @@ def test_daemon_pidfile_sigterm_dir(door: Door) -> None:
     _daemon_pidfile_sigterm(door, f"dir={state},mode=0600", "101")
 
 
-@pytest.mark.xfail(
-    reason="the instance's --state-file (branch statefile) is not wired yet", strict=True
-)
 def test_proxmox_file(door: Door) -> None:
     vol = door.work / "vm-100-disk-1.raw"
     vol.touch()

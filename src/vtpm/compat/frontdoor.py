@@ -66,7 +66,7 @@ class Log:
     def __init__(self, arg: LogArg | None) -> None:
         self.prefix = arg.prefix if arg else ""
         self.fd = -1
-        if arg is None:
+        if arg is None or arg.level < 1:  # level 0: nothing is logged
             return
         if arg.fd >= 0:
             self.fd = arg.fd

@@ -49,17 +49,26 @@ def register(sub: Any) -> None:
             "or --startup-clear does)."
         ),
     )
-    run.add_argument(
+    where = run.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         instanceargs.STATE_DIR,
-        required=True,
         type=Path,
         help="directory of this vTPM's encrypted state (created 0700 if missing)",
+    )
+    where.add_argument(
+        instanceargs.STATE_FILE,
+        type=Path,
+        metavar="PATH",
+        help="one regular file or block device holding this vTPM's encrypted state (two "
+        "slots, written in place; a missing or empty file is made 4 MiB; /proc/self/fd/N "
+        "for an inherited descriptor)",
     )
     run.add_argument(
         instanceargs.UUID,
         type=uuid.UUID,
         default=None,
-        help="the vTPM's uuid (default: the one recorded in the state directory, or a new one)",
+        help="the vTPM's uuid (default: the one recorded in the state directory or file, or a "
+        "new one)",
     )
     run.add_argument(
         instanceargs.TPM,
@@ -217,6 +226,13 @@ def register(sub: Any) -> None:
         "included (not for QEMU: it keeps its control channel silent for the guest's life); "
         f"default: TCP peers after {TCP_IDLE_TIMEOUT:g} s, UNIX peers never",
     )
+    run.add_argument(
+        instanceargs.ACCEPT_STATE,
+        action="store_true",
+        help="accept, once, state on disk that opens under the key but that the Manager does "
+        "not record (an older copy put back on purpose): it is recorded as current "
+        "(`vtpm accept-state UUID` makes the Manager pass it; needs --manager-fd)",
+    )
     logs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
@@ -234,6 +250,8 @@ def register(sub: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> InstanceConfig:
     return InstanceConfig(
         state_dir=args.state_dir,
+        state_file=args.state_file,
+        accept_state=args.accept_state,
         tpm_version=TpmVersion(args.tpm),
         vtpm_uuid=args.uuid,
         key_file=args.key_file,
@@ -292,7 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         inst.start()
     except OSError as e:  # the state directory (or a file in it) is unusable
-        where = f"{e.filename}: " if e.filename else f"{cfg.state_dir}: "
+        where = f"{e.filename}: " if e.filename else f"{cfg.state_dir or cfg.state_file}: "
         raise ConfigError(f"cannot start the vTPM: {where}{e.strerror}") from None
     if link is not None:
         link.ready()

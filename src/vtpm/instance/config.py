@@ -19,7 +19,7 @@ MAX_BUFFER = 4096
 
 @dataclass(frozen=True, slots=True)
 class InstanceConfig:
-    state_dir: Path
+    state_dir: Path | None = None  # exactly one of state_dir and state_file
     tpm_version: TpmVersion = TpmVersion.TPM20
     vtpm_uuid: uuid.UUID | None = None
     key_file: Path | None = None
@@ -50,8 +50,19 @@ class InstanceConfig:
     pcr_banks: tuple[int, ...] = ()
     # inherited descriptor holding a secret mixed into the transfer-blob key (`transfer`)
     migration_secret_fd: int | None = None
+    # one file or block device instead of a directory (`vtpm.instance.statefile`)
+    state_file: Path | None = None
+    # accept on-disk state the Manager does not record, once (`vtpm accept-state UUID`)
+    accept_state: bool = False
 
     def __post_init__(self) -> None:
+        if (self.state_dir is None) == (self.state_file is None):
+            raise ConfigError("give exactly one of --state-dir and --state-file")
+        if self.accept_state and self.manager_fd is None:
+            raise ConfigError(
+                "--accept-state needs a Manager (--manager-fd): without one no record of the "
+                "state exists to be refused"
+            )
         sources = [x for x in (self.key_file, self.key_fd, self.manager_fd) if x is not None]
         if len(sources) != 1:
             raise ConfigError("give exactly one of --key-file, --key-fd and --manager-fd")

@@ -7,6 +7,8 @@ Kept in `instance.json` beside the encrypted blobs so that a restart with a forg
 from __future__ import annotations
 
 import json
+import os
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from vtpm.errors import ConfigError, StateError
 from vtpm.files import write_atomic
 
 FILENAME = "instance.json"
+MAX_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +30,20 @@ class Identity:
 def read(state_dir: Path) -> Identity | None:
     """The recorded identity, None if there is none yet, StateError if it is unreadable."""
     path = state_dir / FILENAME
-    try:
-        text = path.read_bytes()
+    try:  # the directory may be another user's: a symlink planted here is not followed
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
         raise StateError(f"{path} cannot be read ({e.strerror}); refusing to start") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise StateError(f"{path} is not a regular file; refusing to start")
+        text = os.read(fd, MAX_SIZE + 1)
+    except OSError as e:
+        raise StateError(f"{path} cannot be read ({e.strerror}); refusing to start") from None
+    finally:
+        os.close(fd)
     try:
         raw = json.loads(text)
         return Identity(uuid.UUID(raw["uuid"]), TpmVersion(raw["tpm"]))

@@ -28,6 +28,8 @@ from vtpm.instance.frontends.ctrl import ControlHandler
 from vtpm.instance.frontends.mssim import CommandPortHandler, PlatformPortHandler
 from vtpm.instance.frontends.raw import serve_frames
 from vtpm.instance.launch import Launch
+from vtpm.instance.stateblob import BlobStore
+from vtpm.instance.statefile import StateFile
 from vtpm.instance.statekey import StateKey
 from vtpm.instance.statestore import StateStore
 from vtpm.instance.transfer import Transfer, TransferKey
@@ -63,7 +65,7 @@ class Instance:
     link: ManagerLink | None = None  # the Manager's key custody, when it spawned us
     stopped: threading.Event = field(default_factory=threading.Event)
     servers: list[Server] = field(default_factory=list)
-    store: StateStore | None = None
+    store: BlobStore | None = None
     device: Device | None = None
     # mixed into the transfer-blob key (--migration-secret-fd); dropped once the key is made
     migration_secret: bytes | None = field(default=None, repr=False)
@@ -71,13 +73,7 @@ class Instance:
 
     def start(self) -> identity.Identity:
         cfg = self.config
-        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        ident = identity.resolve(cfg.state_dir, cfg.vtpm_uuid, cfg.tpm_version)
-        health = None if self.link is None else self.link.tpm_health
-        self.store = StateStore(
-            cfg.state_dir, ident.vtpm_uuid, self.key, journal=self.link, health=health
-        )
-        self.store.open()
+        self.store, ident = self._open_store()
         try:
             quote = None if self.link is None else self.link.deep_quote
             secret, self.migration_secret = self.migration_secret, None
@@ -113,6 +109,38 @@ class Instance:
             ", ".join(f"{s.name} {s.endpoint}" for s in self.servers),
         )
         return ident
+
+    def _open_store(self) -> tuple[BlobStore, identity.Identity]:
+        """The state store, open and locked: a directory (its identity file says which vTPM)
+        or one file (its header does)."""
+        cfg = self.config
+        health = None if self.link is None else self.link.tpm_health
+        store: BlobStore
+        if cfg.state_file is not None:
+            store = StateFile(
+                cfg.state_file,
+                cfg.vtpm_uuid,
+                cfg.tpm_version,
+                self.key,
+                journal=self.link,
+                health=health,
+                accept_state=cfg.accept_state,
+            )
+            store.open()
+            return store, identity.Identity(store.vtpm_uuid, cfg.tpm_version)
+        assert cfg.state_dir is not None
+        cfg.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ident = identity.resolve(cfg.state_dir, cfg.vtpm_uuid, cfg.tpm_version)
+        store = StateStore(
+            cfg.state_dir,
+            ident.vtpm_uuid,
+            self.key,
+            journal=self.link,
+            health=health,
+            accept_state=cfg.accept_state,
+        )
+        store.open()
+        return store, ident
 
     @staticmethod
     def _serve_manager(link: ManagerLink, device: Device) -> None:

@@ -240,10 +240,6 @@ def test_state_persists_and_an_older_copy_is_refused_naming_accept_state(
     assert res.returncode == 1 and "front door" in res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs `vtpm instance run --accept-state` (the instance side, branch statefile)",
-)
 def test_accept_state_lets_the_older_copy_start_once(
     door: tuple[ManagerProc, str, Path], work: Path
 ) -> None:
@@ -438,3 +434,31 @@ def test_an_instance_that_exits_ends_its_front_door(
     assert m.json("compat", "show")["group"] == "guests"
     out = m.cli("compat", "enable", "--group", "guests", "--socket", sock).stdout
     assert "restart the Manager" in out
+
+
+def test_a_state_file_location(door: tuple[ManagerProc, str, Path], work: Path) -> None:
+    """`backend-uri=file://`: one file holds the state; the instance gets --state-file."""
+    m, sock, states = door
+    f = states / "vm.tpmstate"
+    f.write_bytes(b"")
+    f.chmod(0o600)
+    res = cc.setup(sock, str(f), vm_name="filevm", eks=("ecc256",), kind=compat.StateKind.FILE)
+    assert isinstance(res, compat.SetupResult), res
+    assert f.stat().st_size > 0
+    assert m.json("show", str(res.uuid))["state_dir"] == str(f)
+    path = str(work / "f.ctrl")
+    listener = cc.unix_listener(path)
+    client, att = cc.attach(
+        sock, str(f), [(compat.FdRole.CTRL, listener)], kind=compat.StateKind.FILE
+    )
+    listener.close()
+    try:
+        assert isinstance(att, compat.Attached), att
+        argv = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--state-file" in argv and b"--state-dir" not in argv
+        assert isinstance(ctrl_call(path, ctrl.GetCapability()), ctrl.CapabilityResult)
+    finally:
+        client.close()
+    wait_gone(att.pid)
+    f.unlink()  # the orchestrator removed the file: the vTPM goes with it
+    assert str(res.uuid) not in {v["uuid"] for v in m.json("list")}

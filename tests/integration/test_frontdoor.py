@@ -85,9 +85,13 @@ def ppid(pid: int) -> int:
 
 
 def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except FileNotFoundError:
+            return
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return
         assert time.monotonic() < deadline, f"pid {pid} still runs"
@@ -109,6 +113,8 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
     assert shown["state_dir"] == d and shown["run"]["state"] == "stopped"
     assert shown["owner_uid"] == 0
 
+    bad = cc.setup(sock, state_dir(states, "vm-bad"), eks=("rsa1024",))
+    assert isinstance(bad, str) and "rsa1024" in bad  # refused before anything is made
     again = cc.setup(sock, d, vm_uuid=vm, vm_name="web one")
     assert isinstance(again, str) and "exists at" in again
     kept = cc.setup(sock, d, vm_uuid=vm, overwrite=compat.Overwrite.KEEP)

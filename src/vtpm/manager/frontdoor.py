@@ -59,7 +59,7 @@ from vtpm.manager.records import LocationRecord, VtpmRecord
 from vtpm.manager.statesecret import Secrets, check_value, matches
 from vtpm.manager.store import Store
 from vtpm.manager.supervisor import Supervisor
-from vtpm.manager.vtpms import VtpmRegistry
+from vtpm.manager.vtpms import VtpmRegistry, check_eks
 from vtpm.serving import ConnectionLostError, IdleTimeoutError, events
 from vtpm.tpm import ektemplates
 from vtpm.wire import compat, ipc
@@ -276,8 +276,10 @@ class FrontDoor:
                 + (f" with its state at {where.path}" if where else " (made by vtpm new)")
                 + ": delete it first (vtpm del) or give the VM another uuid"
             )
+        eks = check_eks((*req.eks, *((ektemplates.PLATFORM,) if req.platform_cert else ())))
         label = self.compat.label(req.vm_name or str(u))
         loc = LocationRecord(u, req.state.kind, req.state.path, ident.st_dev, ident.st_ino)
+        fresh = not locations.has_state(req.state, state_fd)
         rec = self._vtpms.new(
             self.compat.group,
             label,
@@ -293,12 +295,14 @@ class FrontDoor:
                     u, loc.kind, loc.path, loc.st_dev, loc.st_ino, check_value(key, req.secret)
                 )
                 self._store.set_secret_check(u, loc.secret_check)
-            eks = tuple(req.eks) + ((ektemplates.PLATFORM,) if req.platform_cert else ())
             once = [*instanceargs.ek(eks), *instanceargs.pcr_banks(req.pcr_banks)]
             self._run_once(rec, loc, state_fd, once, req.secret)
         except BaseException:
             with contextlib.suppress(VtpmError):
                 self._vtpms.delete(u, actor=peer.actor)
+            if fresh:  # what the failed vTPM wrote would stop the next setup: it goes too
+                with contextlib.suppress(OSError):
+                    locations.clear(req.state, state_fd)
             raise
         self._store.audit(
             peer.actor, "compat.setup", str(u), "ok", {"path": loc.path, "label": label}

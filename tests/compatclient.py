@@ -63,19 +63,26 @@ class CompatClient:
         self.sock.close()
 
 
-def open_state(path: str) -> int:
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def open_state(path: str, kind: compat.StateKind = compat.StateKind.DIR) -> int:
+    if kind is compat.StateKind.DIR:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    return os.open(path, os.O_RDWR)
 
 
 def setup(
-    sock_path: str, state_dir: str, *, fd: int | None = None, **kw: Any
+    sock_path: str,
+    state_dir: str,
+    *,
+    fd: int | None = None,
+    kind: compat.StateKind = compat.StateKind.DIR,
+    **kw: Any,
 ) -> compat.SetupResult | str:
     """One Setup: its result, or the Manager's error text."""
     own = fd is None
-    fd = open_state(state_dir) if fd is None else fd
+    fd = open_state(state_dir, kind) if fd is None else fd
     c = CompatClient(sock_path)
     try:
-        loc = compat.StateLocation(compat.StateKind.DIR, state_dir)
+        loc = compat.StateLocation(kind, state_dir)
         c.send(compat.Setup(loc, (compat.FdRole.STATE,), **kw), [fd])
         r = c.reply()
         assert r is not None, "the Manager closed the front door"
@@ -92,15 +99,17 @@ def attach(
     sock_path: str,
     state_dir: str,
     sockets: Sequence[tuple[compat.FdRole, socket.socket]],
+    *,
+    kind: compat.StateKind = compat.StateKind.DIR,
     **kw: Any,
 ) -> tuple[CompatClient, compat.Attached | str]:
     """An Attach with the listening `sockets`; the connection (kept open: closing it stops the
     instance) and Attached, or the Manager's error text."""
-    fd = open_state(state_dir)
+    fd = open_state(state_dir, kind)
     try:
         c = CompatClient(sock_path)
         roles = (compat.FdRole.STATE, *(r for r, _ in sockets))
-        loc = compat.StateLocation(compat.StateKind.DIR, state_dir)
+        loc = compat.StateLocation(kind, state_dir)
         c.send(compat.Attach(loc, roles, **kw), [fd, *(s.fileno() for _, s in sockets)])
     finally:
         os.close(fd)

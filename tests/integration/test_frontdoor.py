@@ -85,9 +85,13 @@ def ppid(pid: int) -> int:
 
 
 def wait_gone(pid: int, timeout: float = 30) -> None:
+    """Wait until `pid` has exited (gone, or a zombie its parent has not reaped yet)."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
-        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    while True:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+        except FileNotFoundError:
+            return
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return
         assert time.monotonic() < deadline, f"pid {pid} still runs"
@@ -109,6 +113,8 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
     assert shown["state_dir"] == d and shown["run"]["state"] == "stopped"
     assert shown["owner_uid"] == 0
 
+    bad = cc.setup(sock, state_dir(states, "vm-bad"), eks=("rsa1024",))
+    assert isinstance(bad, str) and "rsa1024" in bad  # refused before anything is made
     again = cc.setup(sock, d, vm_uuid=vm, vm_name="web one")
     assert isinstance(again, str) and "exists at" in again
     kept = cc.setup(sock, d, vm_uuid=vm, overwrite=compat.Overwrite.KEEP)
@@ -240,10 +246,6 @@ def test_state_persists_and_an_older_copy_is_refused_naming_accept_state(
     assert res.returncode == 1 and "front door" in res.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs `vtpm instance run --accept-state` (the instance side, branch statefile)",
-)
 def test_accept_state_lets_the_older_copy_start_once(
     door: tuple[ManagerProc, str, Path], work: Path
 ) -> None:
@@ -438,3 +440,31 @@ def test_an_instance_that_exits_ends_its_front_door(
     assert m.json("compat", "show")["group"] == "guests"
     out = m.cli("compat", "enable", "--group", "guests", "--socket", sock).stdout
     assert "restart the Manager" in out
+
+
+def test_a_state_file_location(door: tuple[ManagerProc, str, Path], work: Path) -> None:
+    """`backend-uri=file://`: one file holds the state; the instance gets --state-file."""
+    m, sock, states = door
+    f = states / "vm.tpmstate"
+    f.write_bytes(b"")
+    f.chmod(0o600)
+    res = cc.setup(sock, str(f), vm_name="filevm", eks=("ecc256",), kind=compat.StateKind.FILE)
+    assert isinstance(res, compat.SetupResult), res
+    assert f.stat().st_size > 0
+    assert m.json("show", str(res.uuid))["state_dir"] == str(f)
+    path = str(work / "f.ctrl")
+    listener = cc.unix_listener(path)
+    client, att = cc.attach(
+        sock, str(f), [(compat.FdRole.CTRL, listener)], kind=compat.StateKind.FILE
+    )
+    listener.close()
+    try:
+        assert isinstance(att, compat.Attached), att
+        argv = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--state-file" in argv and b"--state-dir" not in argv
+        assert isinstance(ctrl_call(path, ctrl.GetCapability()), ctrl.CapabilityResult)
+    finally:
+        client.close()
+    wait_gone(att.pid)
+    f.unlink()  # the orchestrator removed the file: the vTPM goes with it
+    assert str(res.uuid) not in {v["uuid"] for v in m.json("list")}

@@ -71,8 +71,10 @@ def test_a_location_is_identified_by_its_path_and_descriptor(tmp_path: Path) -> 
             locations.identify(StateLocation(StateKind.DIR, "rel/a"), fa)
         rec = LocationRecord(uuid.uuid4(), "dir", str(a), st.st_dev, st.st_ino)
         assert locations.same(rec, StateLocation(StateKind.DIR, str(a)), ident)
-        (a / "permall.blob").write_bytes(b"x")
         (a / "keep.txt").write_bytes(b"y")
+        assert not locations.has_state(StateLocation(StateKind.DIR, str(a)), fa)
+        (a / "permall.blob").write_bytes(b"x")
+        assert locations.has_state(StateLocation(StateKind.DIR, str(a)), fa)
         pa = os.open(a, os.O_PATH)  # the compat executables may pass an O_PATH descriptor
         try:
             locations.clear(StateLocation(StateKind.DIR, str(a)), pa)

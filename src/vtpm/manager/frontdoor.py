@@ -26,7 +26,6 @@ Front-door instances are never restarted by the supervisor: their orchestrator d
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -35,7 +34,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,17 +48,18 @@ from vtpm.errors import (
     VtpmError,
 )
 from vtpm.instanceargs import ManagedInstance
-from vtpm.listen import PeerCredentials, Server, SocketPolicy, bind, peer_credentials
+from vtpm.listen import Server, SocketPolicy, bind, peer_credentials
 from vtpm.manager import locations, lookup
 from vtpm.manager.compatconfig import CompatConfig
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.custody import group_permits
+from vtpm.manager.doorconn import Descriptors, Peer, Session
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.records import LocationRecord, VtpmRecord
 from vtpm.manager.statesecret import Secrets, check_value, matches
 from vtpm.manager.store import Store
 from vtpm.manager.supervisor import Supervisor
-from vtpm.manager.vtpms import VtpmRegistry
+from vtpm.manager.vtpms import VtpmRegistry, check_eks
 from vtpm.serving import ConnectionLostError, IdleTimeoutError, events
 from vtpm.tpm import ektemplates
 from vtpm.wire import compat, ipc
@@ -76,86 +75,6 @@ READY_TIMEOUT = 30.0
 REATTACH_WAIT = 10.0  # seconds an attach waits for the instance of a front door that died
 ENDED_WAIT = 5.0  # seconds a stopped instance's exit has to reach its connection
 REFUSED = "refused"  # all a front door learns of a failed secret check
-_ANCILLARY = socket.CMSG_SPACE(compat.FDS_MAX * array.array("i").itemsize)
-
-
-class _Descriptors:
-    """The descriptors passed on a connection: those of the request frame are kept (`take`),
-    any other is closed as soon as it arrives."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-        self._fds: list[int] = []
-        self._accepting = True
-        self.truncated = False
-
-    def recv(self, size: int) -> bytes:
-        data, ancdata, flags, _addr = self._conn.recvmsg(size, _ANCILLARY)
-        got = array.array("i")
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-        if flags & socket.MSG_CTRUNC:
-            self.truncated = True
-        if self._accepting:
-            self._fds.extend(got)
-        else:
-            for fd in got:
-                os.close(fd)
-        return data
-
-    def take(self) -> list[int]:
-        """The request's descriptors (the caller closes them); later ones are closed."""
-        self._accepting = False
-        fds, self._fds = self._fds, []
-        return fds
-
-
-@dataclass
-class _Session:
-    """One attached front door and its instance."""
-
-    vtpm_uuid: uuid.UUID
-    conn: socket.socket | None  # None: a setup's run, which no front door waits on
-    closing: bool = False  # the front door left or asked to detach: the instance is stopping
-    exit_code: int | None = None
-    reason: str = ""
-    ended: threading.Event = field(default_factory=threading.Event)
-
-    def front_door_alive(self) -> bool:
-        """Whether the front door still holds its connection (a killed one may not have been
-        noticed by its reader yet: its closed end reads as end-of-file at once)."""
-        if self.conn is None:
-            return True
-        try:
-            return self.conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-
-    def exited(self, code: int, reason: str) -> None:
-        """The supervisor's `on_exit`: record it and wake the connection's reader."""
-        self.exit_code, self.reason = code, reason
-        self.ended.set()
-        if self.conn is not None:
-            with contextlib.suppress(OSError):
-                self.conn.shutdown(socket.SHUT_RD)
-
-
-@dataclass(frozen=True, slots=True)
-class _Peer:
-    creds: PeerCredentials
-    actor: str
-
-    @property
-    def uid(self) -> int:
-        assert self.creds.uid is not None
-        return self.creds.uid
-
-    @property
-    def gid(self) -> int:
-        return self.creds.gid if self.creds.gid is not None else self.uid
 
 
 class FrontDoor:
@@ -176,7 +95,7 @@ class FrontDoor:
         self._vtpms = vtpms
         self._supervisor = supervisor
         self._secrets = secrets
-        self._sessions: dict[uuid.UUID, _Session] = {}
+        self._sessions: dict[uuid.UUID, Session] = {}
         self._lock = threading.Lock()
         self._server: Server | None = None
         self._sweeping = threading.Lock()  # the loop's and the admin requests' sweeps, in turn
@@ -240,9 +159,9 @@ class FrontDoor:
         creds = peer_credentials(conn)
         if creds is None or creds.uid is None:
             return
-        peer = _Peer(creds, f"compat uid={creds.uid} pid={creds.pid}")
+        peer = Peer(creds, f"compat uid={creds.uid} pid={creds.pid}")
         codec = ipc.IpcConnection(ipc.Role.MANAGER)
-        passed = _Descriptors(conn)
+        passed = Descriptors(conn)
         fds: list[int] = []
         try:
             first = next(events(conn, codec, idle_timeout=REQUEST_TIMEOUT, recv=passed.recv), None)
@@ -267,10 +186,10 @@ class FrontDoor:
         frame: object,
         fds: list[int],
         truncated: bool,
-        peer: _Peer,
+        peer: Peer,
         conn: socket.socket,
         codec: ipc.IpcConnection,
-        passed: _Descriptors,
+        passed: Descriptors,
     ) -> ipc.AdminReply | None:
         """The reply to the request (None: an attach answered on its own)."""
         if not isinstance(frame, ipc.AdminRequest):
@@ -309,7 +228,7 @@ class FrontDoor:
 
     # setup -------------------------------------------------------------------------------------
 
-    def setup(self, req: compat.Setup, state_fd: int, peer: _Peer) -> compat.SetupResult:
+    def setup(self, req: compat.Setup, state_fd: int, peer: Peer) -> compat.SetupResult:
         ident = locations.identify(req.state, state_fd)
         held = self._store.location_at(req.state.path)
         if held is not None and not locations.same(held, req.state, ident):
@@ -346,7 +265,7 @@ class FrontDoor:
         return self._create(req, state_fd, ident, peer)
 
     def _create(
-        self, req: compat.Setup, state_fd: int, ident: locations.Identity, peer: _Peer
+        self, req: compat.Setup, state_fd: int, ident: locations.Identity, peer: Peer
     ) -> compat.SetupResult:
         u = req.vm_uuid or locations.uuid_in_path(req.state.path) or uuid.uuid4()
         other = self._store.vtpm(u)
@@ -357,8 +276,10 @@ class FrontDoor:
                 + (f" with its state at {where.path}" if where else " (made by vtpm new)")
                 + ": delete it first (vtpm del) or give the VM another uuid"
             )
+        eks = check_eks((*req.eks, *((ektemplates.PLATFORM,) if req.platform_cert else ())))
         label = self.compat.label(req.vm_name or str(u))
         loc = LocationRecord(u, req.state.kind, req.state.path, ident.st_dev, ident.st_ino)
+        fresh = not locations.has_state(req.state, state_fd)
         rec = self._vtpms.new(
             self.compat.group,
             label,
@@ -374,12 +295,14 @@ class FrontDoor:
                     u, loc.kind, loc.path, loc.st_dev, loc.st_ino, check_value(key, req.secret)
                 )
                 self._store.set_secret_check(u, loc.secret_check)
-            eks = tuple(req.eks) + ((ektemplates.PLATFORM,) if req.platform_cert else ())
             once = [*instanceargs.ek(eks), *instanceargs.pcr_banks(req.pcr_banks)]
             self._run_once(rec, loc, state_fd, once, req.secret)
         except BaseException:
             with contextlib.suppress(VtpmError):
                 self._vtpms.delete(u, actor=peer.actor)
+            if fresh:  # what the failed vTPM wrote would stop the next setup: it goes too
+                with contextlib.suppress(OSError):
+                    locations.clear(req.state, state_fd)
             raise
         self._store.audit(
             peer.actor, "compat.setup", str(u), "ok", {"path": loc.path, "label": label}
@@ -425,10 +348,10 @@ class FrontDoor:
         self,
         req: compat.Attach,
         fds: dict[FdRole, int],
-        peer: _Peer,
+        peer: Peer,
         conn: socket.socket,
         codec: ipc.IpcConnection,
-        passed: _Descriptors,
+        passed: Descriptors,
     ) -> None:
         state_fd = fds[FdRole.STATE]
         ident = locations.identify(req.state, state_fd)
@@ -492,7 +415,7 @@ class FrontDoor:
                 self._secrets.release(rec.uuid)
 
     def _attached(
-        self, session: _Session, conn: socket.socket, codec: ipc.IpcConnection, passed: _Descriptors
+        self, session: Session, conn: socket.socket, codec: ipc.IpcConnection, passed: Descriptors
     ) -> None:
         """Serve an attached connection until the instance ends or the front door leaves."""
         u = session.vtpm_uuid
@@ -528,7 +451,7 @@ class FrontDoor:
     @contextlib.contextmanager
     def _claim(
         self, vtpm_uuid: uuid.UUID, conn: socket.socket | None, *, incoming: bool = False
-    ) -> Iterator[_Session]:
+    ) -> Iterator[Session]:
         """This vTPM's one run: refused while another front door has it; waits a little
         for the instance of a front door that is going (or an instance still stopping)."""
         deadline = time.monotonic() + REATTACH_WAIT
@@ -543,7 +466,7 @@ class FrontDoor:
                         )
                     raise ManagerError(f"vTPM {vtpm_uuid} is running already")
                 if other is None and not self._supervisor.active(vtpm_uuid):
-                    session = _Session(vtpm_uuid, conn)
+                    session = Session(vtpm_uuid, conn)
                     self._sessions[vtpm_uuid] = session
                     break
             if time.monotonic() > deadline:
@@ -577,7 +500,7 @@ class FrontDoor:
         g = self._store.group(str(rec.group_uuid))
         return g.name if g is not None else str(rec.group_uuid)
 
-    def _owner_only(self, rec: VtpmRecord, peer: _Peer, action: str) -> None:
+    def _owner_only(self, rec: VtpmRecord, peer: Peer, action: str) -> None:
         if peer.uid in (0, rec.owner_uid):
             return
         self._store.audit(
@@ -594,7 +517,7 @@ class FrontDoor:
         rec: VtpmRecord,
         loc: LocationRecord,
         secret: bytes | None,
-        peer: _Peer,
+        peer: Peer,
         action: str,
     ) -> None:
         """ManagerError(REFUSED), the reason audited, unless the secret is the vTPM's."""

@@ -98,6 +98,18 @@ def removed(rec: LocationRecord) -> bool:
 STATE_SUFFIXES = (".blob", ".next", ".gone", ".tmp")  # what an instance keeps in a directory
 
 
+def has_state(loc: StateLocation, fd: int) -> bool:
+    """Whether the location holds any state now (blob files; a non-empty file)."""
+    if loc.kind is StateKind.DIR:
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        try:
+            return any(n.endswith(STATE_SUFFIXES) for n in os.listdir(dfd))
+        finally:
+            os.close(dfd)
+    st = os.fstat(fd)
+    return not stat.S_ISREG(st.st_mode) or st.st_size > 0
+
+
 def clear(loc: StateLocation, fd: int) -> None:
     """Remove a replaced vTPM's state at the location `fd` opens (`--overwrite`): in a
     directory its blob files (nothing else there is touched), a regular file is emptied; a

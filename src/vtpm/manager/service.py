@@ -188,8 +188,11 @@ class Manager:
         )
 
     def listen(self) -> None:
-        """Serve the admin protocol on the admin socket."""
+        """Serve the front door (if configured), then the admin protocol on the admin socket:
+        an admin socket that accepts means every socket of the Manager does."""
         cfg = self.config
+        if self._frontdoor is not None:
+            self._frontdoor.listen()
         policy = SocketPolicy(0o660 if cfg.admin_gid is not None else 0o600, None, cfg.admin_gid)
         ep = Endpoint("unix", path=str(cfg.admin_socket))
         handler = AdminHandler(AdminService(self.services))
@@ -205,8 +208,6 @@ class Manager:
         )
         self.admin_server.start()
         log.info("admin socket %s", cfg.admin_socket)
-        if self._frontdoor is not None:
-            self._frontdoor.listen()
 
     def autostart(self) -> None:
         self.services.vtpms.autostart()

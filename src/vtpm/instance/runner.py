@@ -1,8 +1,8 @@
 """Assemble and run one vTPM instance: state store, device, frontends.
 
-Start-up order matters: the state directory is locked and the TPM started (its state loaded
-and checked) before any socket exists, so a bad blob or a second copy of the same vTPM stops
-the instance before any client could talk to it.
+Start-up order matters: the state directory (or file) is locked and the TPM started (its state
+loaded and checked) before any socket exists, so a bad blob or a second copy of the same vTPM
+stops the instance before any client could talk to it.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class InstanceConfig:
     export_plaintext_state: bool = False
     # EKs (and a platform certificate) to provision at this start (`instance.ekprov`)
     ek: Request = field(default_factory=Request)
-    # stop (state stored) when a control or data channel's client disconnects
+    # stop (state stored) when a UNIX control channel's or a data channel's client disconnects
     terminate: bool = False
     # PCR banks (TPM_ALG hash ids) to allocate at this start (`instance.pcrbanks`)
     pcr_banks: tuple[int, ...] = ()

@@ -9,7 +9,8 @@ where temp directories are bind-mounted over those paths. libvirtd.conf puts the
 the temp directory, outside the bind mounts, so `virsh -c qemu:///system?socket=...` reaches it
 from the test's own namespace. Everything libvirtd starts (QEMU, swtpm or vtpm's front door)
 lives in that namespace too, which is how `private_libvirt` finds and stops leftovers: by the
-namespace's identity, never by name.
+namespace's identity, never by name. A process that must see the same files as libvirt (a vTPM
+Manager that records the state locations libvirt hands out) runs there with `in_namespace()`.
 
 The caller gives PATH (a directory with `swtpm`, `swtpm_setup`, `swtpm_ioctl` first selects the
 TPM emulator libvirt runs) and any other environment the emulator needs; libvirt passes its own
@@ -102,6 +103,12 @@ class Libvirt:
     env: Mapping[str, str]  # the environment for virsh
     dirs: LibvirtDirs
     pid: int  # libvirtd
+
+    def in_namespace(self) -> list[str]:
+        """A command prefix that runs a command in the private libvirt's mount namespace, where
+        /var/lib/libvirt/swtpm is the one libvirt uses (for a Manager that must see the state
+        locations libvirt hands out)."""
+        return ["nsenter", f"--mount=/proc/{self.pid}/ns/mnt", "--"]
 
     def virsh(
         self, *args: str, check: bool = True, timeout: float = 120

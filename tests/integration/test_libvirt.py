@@ -390,12 +390,16 @@ def test_libvirt_runs_vtpm_through_the_compat_directory(work: Path, initrd: Path
     with manager(data) as m:
         new_group(m, "guests", owner_key(work), labels=(ALL_GUESTS,))
         m.cli("compat", "enable", "--group", "guests", "--socket", str(sock))
-    with manager(data) as m:  # the front door opens at the Manager's start
+    env = {"VTPM_COMPAT_SOCKET": str(sock)}
+    # the front door opens at the Manager's start; the Manager runs in libvirt's mount namespace,
+    # so the state locations it records are the ones libvirt creates and removes
+    with (
+        lvh.private_libvirt(f"{compat}:{host_path()}", env) as lv,
+        manager(data, prefix=lv.in_namespace()) as m,
+    ):
         bundle = work / "bundle.json"
         m.cli("group", "provision", "guests", "-o", str(bundle))
-        env = {"VTPM_COMPAT_SOCKET": str(sock)}
-        with lvh.private_libvirt(f"{compat}:{host_path()}", env) as lv:
-            try:
-                run_scenario(lv, work, initrd, VtpmChecks(m, bundle, work))
-            except AssertionError as e:
-                raise AssertionError(f"{e}\n--- manager.log\n{m.log()[-5000:]}") from None
+        try:
+            run_scenario(lv, work, initrd, VtpmChecks(m, bundle, work))
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- manager.log\n{m.log()[-5000:]}") from None

@@ -44,7 +44,8 @@ from tests.helpers import VTPM
 from tests.mgr import ALL_GUESTS, ManagerProc, manager, new_group, owner_key
 from vtpm.wire.evidence import Evidence
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# about 70 s against swtpm, 140 s against vtpm (libvirtd's start, six TCG boots, two Managers)
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 EK_CERT_RSA = 0x01C00002
 EXTEND_DIGEST = hashlib.sha256(b"vtpm libvirt acceptance test, PCR 16").digest()
@@ -184,6 +185,12 @@ class Domain:
         return console_values(text, "TICK")[0].split()[1].lower()
 
 
+def state_holds(dom: Domain, data: bytes) -> bool:
+    """Whether any file in the domain's TPM state directory holds `data` in clear."""
+    files = (f for f in dom.state_dir.rglob("*") if f.is_file() and not f.is_symlink())
+    return any(data in f.read_bytes() for f in files)
+
+
 def check_boot(boot: Boot) -> x509.Certificate:
     """What every boot must show: the RSA EK certificate, whole, and PCR 16 extended once."""
     assert boot.pcr16 == PCR16, boot.console[-3000:]
@@ -289,10 +296,13 @@ def host_path() -> str:
 
 
 class SwtpmChecks(Checks):
-    """The real swtpm keeps its state in files named tpm2-00.permall in the state directory."""
+    """The real swtpm keeps its state in tpm2/tpm2-00.permall, in clear unless the domain has an
+    `<encryption>` secret (which shows that `state_holds` finds what is there)."""
 
     def booted(self, dom: Domain, boot: Boot) -> None:
         assert (dom.state_dir / "tpm2" / "tpm2-00.permall").is_file()
+        encrypted = "<encryption" in dom.xml.read_text()
+        assert state_holds(dom, boot.ek_cert) is not encrypted
 
 
 def test_libvirt_runs_the_real_swtpm(work: Path, initrd: Path) -> None:
@@ -354,6 +364,7 @@ class VtpmChecks(Checks):
         return Evidence.from_json(json.loads(ev.read_text()))
 
     def booted(self, dom: Domain, boot: Boot) -> None:
+        assert not state_holds(dom, boot.ek_cert), "the vTPM's state is on disk in clear"
         v = self.listed().get(dom.uuid)
         assert v is not None, f"vtpm list shows no vTPM {dom.uuid}: {self.listed()}"
         assert v["label"] == f"{dom.name}_u:vm_r:vtpm_t", v

@@ -399,6 +399,49 @@ class VtpmChecks(Checks):
             time.sleep(0.5)
 
 
+def copy_state(src: Path, dst: Path) -> None:
+    """The files of state directory `src` into `dst` (the directory itself stays: its inode is
+    how the Manager knows it)."""
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(exist_ok=True)
+        elif f.is_file():
+            shutil.copy2(f, target)
+
+
+def rollback_scenario(lv: lvh.Libvirt, work: Path, initrd: Path, m: ManagerProc) -> None:
+    """An older copy of the state put back is refused at `virsh start` with a message naming
+    `vtpm accept-state`; after that command the domain starts on the older state."""
+
+    def stopped() -> None:  # the instance has stored its last state
+        deadline = time.monotonic() + 30
+        while m.json("show", dom.uuid)["run"]["state"] == "running":
+            assert time.monotonic() < deadline, f"vTPM {dom.uuid} still runs after destroy"
+            time.sleep(0.2)
+
+    dom = Domain.define(lv, work, initrd, "lvguest3")
+    first = dom.start()
+    lv.virsh("destroy", dom.name)
+    stopped()
+    old = work / "old-state"
+    shutil.copytree(dom.state_dir, old, symlinks=True)
+    check_boot(dom.start())  # TPM2_Startup and Shutdown change the NV state: a newer one
+    lv.virsh("destroy", dom.name)
+    stopped()
+    copy_state(old, dom.state_dir)
+    res = lv.virsh("start", dom.name, check=False)
+    swtpm_log = lv.dirs.log / "swtpm" / "libvirt" / "qemu" / f"{dom.name}-swtpm.log"
+    said = res.stderr + (swtpm_log.read_text(errors="replace") if swtpm_log.exists() else "")
+    assert res.returncode != 0, "an older state put back was used"
+    assert f"vtpm accept-state {dom.uuid}" in said, said[-3000:]
+    m.cli("accept-state", dom.uuid)
+    again = dom.start()
+    assert check_boot(again) == check_boot(first)
+    lv.virsh("destroy", dom.name)
+    lv.virsh("undefine", dom.name, "--tpm")
+
+
 def test_libvirt_runs_vtpm_through_the_compat_directory(work: Path, initrd: Path) -> None:
     """The acceptance test of the swtpm front door: the same scenario with vtpm's compat
     directory first on libvirt's PATH and a Manager with the front door enabled."""
@@ -422,5 +465,6 @@ def test_libvirt_runs_vtpm_through_the_compat_directory(work: Path, initrd: Path
         m.cli("group", "provision", "guests", "-o", str(bundle))
         try:
             run_scenario(lv, work, initrd, VtpmChecks(m, bundle, work))
+            rollback_scenario(lv, work, initrd, m)
         except AssertionError as e:
             raise AssertionError(f"{e}\n--- manager.log\n{m.log()[-5000:]}") from None

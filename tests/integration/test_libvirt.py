@@ -448,7 +448,7 @@ def test_libvirt_runs_vtpm_through_the_compat_directory(work: Path, initrd: Path
     directory first on libvirt's PATH and a Manager with the front door enabled."""
     compat = compat_dir()
     if compat is None:
-        pytest.skip("`vtpm compat dir` names no compat directory (the front door is not built)")
+        pytest.skip("this vtpm has no `vtpm compat dir` command (the front door is not built)")
     need_libvirt()
     data = work / "data"
     sock = work / "compat.sock"

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   tpm2-tools                        # real TPM clients for tests and the demo
   qemu-system-x86 seabios           # a real guest for the QEMU tests (qboot comes with it)
   linux-image-amd64 busybox-static cpio  # the measured-launch test boots this kernel + initrd
+  libvirt-daemon-system libvirt-clients  # the libvirt acceptance test (a private libvirtd)
 )
 
 missing=()

@@ -76,10 +76,12 @@ def init_manager(data_dir: Path, *extra: str) -> None:
     vtpm_cli(data_dir, "manager", "init", *extra)
 
 
-def start_manager(data_dir: Path, *run_args: str) -> ManagerProc:
+def start_manager(data_dir: Path, *run_args: str, prefix: Sequence[str] = ()) -> ManagerProc:
+    """`vtpm manager run` on `data_dir`; `prefix` goes before the command (e.g. an nsenter)."""
     log = data_dir / "manager.log"
     proc = subprocess.Popen(
         [
+            *prefix,
             *VTPM,
             "manager",
             "run",
@@ -105,10 +107,12 @@ def start_manager(data_dir: Path, *run_args: str) -> ManagerProc:
 
 
 @contextlib.contextmanager
-def manager(data_dir: Path, *init_args: str, run_args: Sequence[str] = ()) -> Iterator[ManagerProc]:
+def manager(
+    data_dir: Path, *init_args: str, run_args: Sequence[str] = (), prefix: Sequence[str] = ()
+) -> Iterator[ManagerProc]:
     if not (data_dir / "manager.json").exists():
         init_manager(data_dir, *init_args)
-    m = start_manager(data_dir, *run_args)
+    m = start_manager(data_dir, *run_args, prefix=prefix)
     try:
         yield m
     finally:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_launch_qemu import BOOT_TIMEOUT, build_initrd, launch_guest, wait_gone
+from tests.guest import build_initrd, octal
+from tests.integration.test_launch_qemu import BOOT_TIMEOUT, launch_guest, wait_gone
 from tests.mgr import GUEST1, ManagerProc, manager, new_group, owner_key, wait_state
 from vtpm.instance import vendor
 from vtpm.wire.evidence import decode_evidence
@@ -36,11 +37,6 @@ def deep_quote_command(nonce: bytes, host_mask: int, vtpm_mask: int) -> bytes:
     """The command as vtpm.instance.vendor's docstring specifies it, built independently."""
     body = struct.pack(">H", len(nonce)) + nonce + struct.pack(">II", host_mask, vtpm_mask)
     return struct.pack(">HII", 0x8001, 10 + len(body), 0x20000101) + body
-
-
-def octal(data: bytes) -> str:
-    """`data` as busybox printf octal escapes."""
-    return "".join(f"\\{b:03o}" for b in data)
 
 
 def init_script(command: bytes) -> str:

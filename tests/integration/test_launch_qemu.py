@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,23 +16,11 @@ from typing import Any
 
 import pytest
 
+from tests.guest import KERNELS, build_initrd
 from tests.mgr import GUEST1, ManagerProc, manager, new_group, owner_key, wait_state
 
 pytestmark = pytest.mark.integration
 
-QEMU = shutil.which("qemu-system-x86_64")
-BUSYBOX = Path("/bin/busybox")
-KERNELS = sorted(Path("/boot").glob("vmlinuz-*"))
-MISSING = [
-    what
-    for what, ok in (
-        ("qemu-system-x86_64", QEMU is not None),
-        ("a kernel in /boot (linux-image-amd64)", bool(KERNELS)),
-        ("/bin/busybox (busybox-static)", BUSYBOX.exists()),
-        ("cpio", shutil.which("cpio") is not None),
-    )
-    if not ok
-]
 BOOT_TIMEOUT = 180.0
 
 INIT = """#!/bin/busybox sh
@@ -44,31 +31,6 @@ echo "PCR4=$(/bin/busybox cat /sys/class/tpm/tpm0/pcr-sha256/4)"
 echo "PCR5=$(/bin/busybox cat /sys/class/tpm/tpm0/pcr-sha256/5)"
 /bin/busybox poweroff -f
 """
-
-
-def build_initrd(work: Path, init: str) -> Path:
-    """A busybox initrd (newc cpio) in `work` whose /init is the script `init`."""
-    if MISSING:
-        pytest.skip(f"needs {', '.join(MISSING)} (installed by ./dev install)")
-    root = work / "root"
-    for d in ("bin", "dev", "proc", "sys"):
-        (root / d).mkdir(parents=True)
-    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
-    files = subprocess.run(
-        ["find", "."], cwd=root, capture_output=True, check=True, text=True
-    ).stdout
-    out = work / "initrd.cpio"
-    with out.open("wb") as f:
-        subprocess.run(
-            ["cpio", "-o", "-H", "newc", "--quiet"],
-            cwd=root,
-            input=files.encode(),
-            stdout=f,
-            check=True,
-        )
-    return out
 
 
 @pytest.fixture(scope="module")

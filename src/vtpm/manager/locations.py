@@ -89,7 +89,18 @@ def removed(rec: LocationRecord) -> bool:
     try:
         os.stat(path)
     except FileNotFoundError:
-        return os.path.isdir(path.parent)
+        # libvirt removes the directory above the one it named (<uuid>/ of <uuid>/tpm2): the
+        # nearest ancestor that exists decides; on the recorded device it is a removal, on
+        # another one (a mount point whose disk is not mounted) the vTPM is kept
+        for parent in path.parents:
+            try:
+                st = os.stat(parent)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+            return stat.S_ISDIR(st.st_mode) and st.st_dev == rec.st_dev
+        return False
     except OSError:
         return False  # cannot tell (a permission, an I/O error): keep it
     return False

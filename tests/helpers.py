@@ -24,9 +24,11 @@ VTPM = [sys.executable, "-m", "vtpm.cli.main"]
 
 
 def free_port_pair() -> int:
-    """A port P such that P and P+1 are free on 127.0.0.1."""
+    """A port P such that P and P+1 are free on 127.0.0.1, below Linux's ephemeral range
+    (32768..60999): a port there can be taken by any client's connect while a vTPM that
+    listened on it restarts."""
     for _ in range(200):
-        port = random.randrange(20000, 60000, 2)
+        port = random.randrange(10000, 32766, 2)
         ok = True
         for p in (port, port + 1):
             s = socket.socket()

@@ -38,6 +38,7 @@ def test_the_file_round_trips_and_bad_ones_are_refused(tmp_path: Path) -> None:
     assert CompatConfig("g").socket == DEFAULT_SOCKET
     assert cfg.uid_allowed(0) and cfg.uid_allowed(59) and not cfg.uid_allowed(1000)
     assert not cfg.uid_allowed(None)
+    bad: object
     for bad in (
         {"group": 1},
         {"group": "g", "socket_gid": -1},

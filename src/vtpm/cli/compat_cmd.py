@@ -16,8 +16,9 @@ from typing import Any
 from vtpm.cli import client
 from vtpm.compat import install
 from vtpm.errors import ConfigError, ManagerError
-from vtpm.manager.compatconfig import DEFAULT_SOCKET, SOCKET_ENV, CompatConfig
+from vtpm.manager.compatconfig import DEFAULT_SOCKET, CompatConfig
 from vtpm.wire import admin as api
+from vtpm.wire.compat import SOCKET_ENV
 
 
 def register(sub: Any) -> None:

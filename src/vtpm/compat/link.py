@@ -1,8 +1,8 @@
 """The compat programs' connection to the Manager's front-door socket (`vtpm.wire.compat`).
 
 One UNIX stream, the Manager IPC framing in the PEER role; the request frame goes out with its
-descriptors (SCM_RIGHTS) on the first `sendmsg`. Where the socket is: $VTPM_COMPAT_SOCKET, else
-`DEFAULT_SOCKET`. Only the programs' `main` reads the environment (`socket_path`).
+descriptors (SCM_RIGHTS) on the first `sendmsg`. Where the socket is: `compat.SOCKET_ENV`, else
+`compat.DEFAULT_SOCKET`. Only the programs' `main` reads the environment (`socket_path`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from vtpm.errors import ConfigError, ManagerError, RemoteProtocolError
 from vtpm.wire import compat, ipc
 from vtpm.wire._common import CLOSED, NEED_DATA
 
-DEFAULT_SOCKET = "/run/vtpm/compat.sock"
-ENV_SOCKET = "VTPM_COMPAT_SOCKET"
 READ_SIZE = 65536
 R = TypeVar("R")
 
 
 def socket_path(environ: Mapping[str, str]) -> str:
-    return environ.get(ENV_SOCKET) or DEFAULT_SOCKET
+    return environ.get(compat.SOCKET_ENV) or compat.DEFAULT_SOCKET
 
 
 class Link:

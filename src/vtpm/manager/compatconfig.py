@@ -25,10 +25,10 @@ from pathlib import Path
 from vtpm import labels as lbl
 from vtpm.errors import ConfigError, LabelError
 from vtpm.files import read_limited, write_atomic
+from vtpm.wire import compat
 
 COMPAT_NAME = "compat.json"
-DEFAULT_SOCKET = Path("/run/vtpm/compat.sock")
-SOCKET_ENV = "VTPM_COMPAT_SOCKET"  # the compat executables' override of the default socket
+DEFAULT_SOCKET = Path(compat.DEFAULT_SOCKET)
 DEFAULT_TEMPLATE = "{name}_u:vm_r:vtpm_t"
 NAME_MAX = 48  # of a VM name in a label's user field (MAX_FIELD 64 with the template's `_u`)
 _HASH_CHARS = 10

@@ -35,6 +35,8 @@ from vtpm.wire.typedjson import Bounds, DecodeError, decode, encode
 
 R = TypeVar("R")
 
+DEFAULT_SOCKET = "/run/vtpm/compat.sock"  # where the front door listens unless configured
+SOCKET_ENV = "VTPM_COMPAT_SOCKET"  # the compat programs' override of DEFAULT_SOCKET
 FDS_MAX = 4  # state + ctrl + server, with room for one more
 SECRET_MAX = 4096  # bytes of a passphrase read from a pwd fd
 Pid = Annotated[int, Bounds(1, 2**31 - 1)]

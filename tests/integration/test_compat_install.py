@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import vtpm
 from tests.helpers import stop_process
 from vtpm.wire import compat, ipc
 from vtpm.wire._common import NEED_DATA
@@ -38,7 +39,11 @@ def venv(tmp_path: Path) -> Iterator[Path]:
         text=True,
         check=True,
     ).stdout.strip()
-    Path(pure, "outer.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # this venv's packages, and the project's source (an editable install's own .pth file is not
+    # read from a directory that another .pth file adds)
+    project = Path(vtpm.__file__).resolve().parents[1]
+    paths = [*site.getsitepackages(), str(project)]
+    Path(pure, "outer.pth").write_text("\n".join(paths) + "\n")
     yield root
 
 

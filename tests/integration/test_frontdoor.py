@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 import uuid
@@ -308,7 +309,12 @@ def test_other_users_are_refused(door: tuple[ManagerProc, str, Path], work: Path
         return "closed" if r is None else (r.error if not r.ok else "attached")
 
     try:
-        # allowed on the front door, but not the vTPM's owner (root set it up)
+        # allowed on the front door, but the location is root's: the Manager would write into
+        # a directory this user could not
+        out = _as_user(NOBODY, NOBODY, try_attach)
+        assert "not owned by uid 65534" in out, out
+        # its own location now, but not the vTPM's owner (root set it up)
+        os.chown(d, NOBODY, NOBODY)
         out = _as_user(NOBODY, NOBODY, try_attach)
         assert "belongs to another user" in out, out
         # not allowed on the front door at all: refused at the connection
@@ -380,14 +386,18 @@ def test_the_orchestrator_removing_the_state_deletes_the_vtpm(
     assert str(r1.uuid) not in listed and str(r2.uuid) in listed
     assert any(e["action"] == "compat.removed" and e["target"] == str(r1.uuid) for e in audit(m))
 
-    # the periodic check notices it without being asked, too; a missing parent (an
-    # unmounted disk) keeps the vTPM
+    # the periodic check notices it without being asked, too; a location on a disk that is
+    # not mounted now (a tmpfs mounted for the test, then unmounted) keeps its vTPM
     unmounted = states / "disk"
     unmounted.mkdir()
-    inner = state_dir(unmounted, "vm")
-    r3 = cc.setup(sock, inner, vm_name="disk", eks=())
-    assert isinstance(r3, compat.SetupResult), r3
-    shutil.rmtree(unmounted)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(unmounted)], check=True)
+    try:
+        inner = state_dir(unmounted, "vm")
+        r3 = cc.setup(sock, inner, vm_name="disk", eks=())
+        assert isinstance(r3, compat.SetupResult), r3
+    finally:
+        subprocess.run(["umount", str(unmounted)], check=True)
+    assert not Path(inner).exists()
     shutil.rmtree(kept)
     deadline = time.monotonic() + 10
     while not any(

@@ -96,7 +96,35 @@ def test_removed_tells_a_removal_from_a_missing_disk(tmp_path: Path) -> None:
     d.rmdir()
     assert locations.removed(rec)  # gone, its parent there
     (tmp_path / "disk").rmdir()
-    assert not locations.removed(rec)  # its parent gone too: an unmounted disk
+    assert locations.removed(rec)  # its parent gone too, on the same device (libvirt's <uuid>/)
+    on_a_disk = LocationRecord(rec.vtpm_uuid, "dir", str(d), st.st_dev + 1, st.st_ino)
+    assert not locations.removed(on_a_disk)  # the nearest ancestor is on another device:
+    # the location's disk is not mounted now, the vTPM is kept
+
+
+def test_a_peer_other_than_root_hands_over_only_its_own_location(tmp_path: Path) -> None:
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    theirs.mkdir()
+    os.chown(mine, 65534, 65534)
+    vol = tmp_path / "vol"
+    vol.write_bytes(bytes(4096))
+    os.chown(vol, 65534, 65534)
+    fm = os.open(mine, os.O_RDONLY | os.O_DIRECTORY)
+    ft = os.open(theirs, os.O_RDONLY | os.O_DIRECTORY)
+    fr = os.open(vol, os.O_RDONLY)
+    fw = os.open(vol, os.O_RDWR)
+    try:
+        locations.identify(StateLocation(StateKind.DIR, str(mine)), fm, 65534)
+        with pytest.raises(RequestError, match="not owned by uid 65534"):
+            locations.identify(StateLocation(StateKind.DIR, str(theirs)), ft, 65534)
+        locations.identify(StateLocation(StateKind.DIR, str(theirs)), ft, 0)  # root: any
+        with pytest.raises(RequestError, match="not open for writing"):
+            locations.identify(StateLocation(StateKind.FILE, str(vol)), fr, 65534)
+        locations.identify(StateLocation(StateKind.FILE, str(vol)), fw, 65534)
+    finally:
+        for fd in (fm, ft, fr, fw):
+            os.close(fd)
 
 
 def test_uuid_in_path() -> None:

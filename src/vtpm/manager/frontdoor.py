@@ -229,7 +229,7 @@ class FrontDoor:
     # setup -------------------------------------------------------------------------------------
 
     def setup(self, req: compat.Setup, state_fd: int, peer: Peer) -> compat.SetupResult:
-        ident = locations.identify(req.state, state_fd)
+        ident = locations.identify(req.state, state_fd, peer.uid)
         held = self._store.location_at(req.state.path)
         if held is not None and not locations.same(held, req.state, ident):
             self._delete(held.vtpm_uuid, peer.actor, "its state location was replaced")
@@ -354,7 +354,7 @@ class FrontDoor:
         passed: Descriptors,
     ) -> None:
         state_fd = fds[FdRole.STATE]
-        ident = locations.identify(req.state, state_fd)
+        ident = locations.identify(req.state, state_fd, peer.uid)
         loc = self._store.location_at(req.state.path)
         if loc is None or not locations.same(loc, req.state, ident):
             raise ManagerError(

@@ -4,17 +4,22 @@ An orchestrator names a state location by path (`vtpm.wire.compat.StateLocation`
 an open descriptor of it. The Manager records the path with the device and inode it had at
 setup (`LocationRecord`): a descriptor is the recorded vTPM's only if the path still names that
 very directory or file and the descriptor is of it too (`identify`), so a peer cannot name one
-vTPM's path and pass another directory.
+vTPM's path and pass another directory. The instances write there as the Manager's user: a peer
+other than root may only hand over a location of its own (owned by its uid; a file opened for
+writing), so the front door cannot be made to write into a directory its peer could not.
 
 Orchestrators delete a vTPM by removing its state (`virsh undefine --tpm` removes the
-directory; `--keep-tpm` keeps it, and with it the vTPM). `lost` tells such a removal from an
-unmounted disk: the path gone while its parent directory exists is a removal; a missing parent
-is a disk not there now, and the vTPM is kept. A path that names another directory than the
-recorded one is not the vTPM's (an attach there is refused); a setup there replaces it.
+directory; `--keep-tpm` keeps it, and with it the vTPM). `removed` tells such a removal from an
+unmounted disk by the nearest ancestor of the path that still exists: on the device the
+location was recorded on, the path was removed (libvirt removes `<uuid>/` above the `tpm2`
+it named); on another device (the mount point of a disk not mounted now) the vTPM is kept.
+A path that names another directory than the recorded one is not the vTPM's (an attach there
+is refused); a setup there replaces it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -41,9 +46,9 @@ def _kind_ok(kind: StateKind, mode: int) -> bool:
     return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
-def identify(loc: StateLocation, fd: int) -> Identity:
+def identify(loc: StateLocation, fd: int, peer_uid: int = 0) -> Identity:
     """The identity of the state location `fd` opens; RequestError unless `loc.path` names
-    that same directory (or file) now."""
+    that same directory (or file) now and, for a peer other than root, is the peer's own."""
     path = loc.path
     if not PurePosixPath(path).is_absolute() or "\x00" in path or len(path) > 4096:
         raise RequestError(f"state location {path[:200]!r}: an absolute path is needed")
@@ -54,6 +59,14 @@ def identify(loc: StateLocation, fd: int) -> Identity:
     if not _kind_ok(loc.kind, held.st_mode):
         what = "a directory" if loc.kind is StateKind.DIR else "a file or block device"
         raise RequestError(f"the state descriptor of {path} is not {what}")
+    if peer_uid != 0:
+        if held.st_uid != peer_uid:
+            raise RequestError(f"state location {path} is not owned by uid {peer_uid}")
+        if loc.kind is StateKind.FILE and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE not in (
+            os.O_RDWR,
+            os.O_WRONLY,
+        ):
+            raise RequestError(f"the state descriptor of {path} is not open for writing")
     try:
         named = os.stat(path)
     except OSError as e:
@@ -82,9 +95,9 @@ def uuid_in_path(path: str) -> uuid.UUID | None:
 
 
 def removed(rec: LocationRecord) -> bool:
-    """Whether the orchestrator removed the recorded location: the path is gone and its parent
-    directory is there. A path that names another directory now is not taken for a removal
-    here (a copy put back from a backup has a new inode); the next setup there decides."""
+    """Whether the orchestrator removed the recorded location (the module's rule). A path that
+    names another directory now is not taken for a removal here (a copy put back from a
+    backup has a new inode); the next setup there decides."""
     path = PurePosixPath(rec.path)
     try:
         os.stat(path)

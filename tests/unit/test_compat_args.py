@@ -91,8 +91,6 @@ def test_libvirt_socket(tmp_path: Path) -> None:
             "pwdfd=7,mode=aes-256-cbc",
             "--migration-key",
             "pwdfd=8,mode=aes-256-cbc",
-            "--migration",
-            "release-lock-outgoing,incoming",
         ]
     )
     assert a.action is Action.RUN
@@ -102,7 +100,7 @@ def test_libvirt_socket(tmp_path: Path) -> None:
     assert a.terminate and not a.daemon and a.pid is None
     assert a.log == LogArg(path=f"{tmp_path}/log")
     assert a.key == SecretSource(fd=7) and a.migration_key == SecretSource(fd=8)
-    assert a.incoming and a.release_lock_outgoing
+    assert not a.incoming and not a.release_lock_outgoing
     assert a.notes == ()
 
 
@@ -137,8 +135,9 @@ def test_incus_relative_path_and_lxd_fd(tmp_path: Path, monkeypatch: pytest.Monk
     assert a.ctrl == Listen(ListenKind.UNIX, path="tpm/swtpm-0.sock")
     b = sock("socket --tpm2 --tpmstate dir=/d --ctrl type=unixio,fd=3")
     assert b.ctrl == Listen(ListenKind.FD, fd=3)
-    c = sock("socket --tpm2 --tpmstate dir=/d --migration incoming --ctrl=type=unixio,path=/s")
-    assert c.incoming and not c.release_lock_outgoing
+    for form in ("incoming", "release-lock-outgoing,incoming", "release-lock-outgoing"):
+        with pytest.raises(UsageError, match="--migration: moving a running vTPM"):
+            sock(f"socket --tpm2 --tpmstate dir=/d --migration {form} --ctrl=type=unixio,path=/s")
 
 
 def test_tpm2_tools_harness_forms() -> None:
@@ -317,7 +316,8 @@ def test_capabilities_json(capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(capsys.readouterr().out)
     assert doc["type"] == "swtpm"
     # what libvirt looks for, and never TPM 1.2
-    assert {"cmdarg-pwd-fd", "cmdarg-migration", "tpm-2.0"} <= set(doc["features"])
+    assert {"cmdarg-pwd-fd", "tpm-2.0"} <= set(doc["features"])
+    assert "cmdarg-migration" not in doc["features"]  # --migration is refused
     assert "tpm-1.2" not in doc["features"]
     assert setup.run(["--print-capabilities"], {}, print) == 0
     doc = json.loads(capsys.readouterr().out)

@@ -3,7 +3,8 @@
 Consumers read the JSON object `{"type": ..., "features": [...], "version": ...}` and look for
 feature names (libvirt: "cmdarg-pwd-fd", "cmdarg-migration" of `swtpm socket`; "tpm-2.0",
 "cmdarg-pwdfile-fd", "cmdarg-create-config-files", "cmdarg-reconfigure-pcr-banks" of
-`swtpm_setup`). A name is listed only where the option behind it works here; "tpm-1.2" never is.
+`swtpm_setup`). A name is listed only where the option behind it works here; "tpm-1.2" and
+"cmdarg-migration" (`--migration`: host-to-host migration, not built) never are.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ SWTPM_FEATURES = (
     "ctrl-opt-terminate",  # --ctrl ...,terminate
     "cmdarg-key-fd",  # --key fd=N
     "cmdarg-pwd-fd",  # --key pwdfd=N
-    "cmdarg-migration",  # --migration incoming,release-lock-outgoing
     "nvram-backend-dir",  # --tpmstate dir= / backend-uri=dir://
     "nvram-backend-file",  # --tpmstate backend-uri=file://
     "tpmstate-opt-lock",  # --tpmstate ...,lock (the state is always locked)

@@ -320,6 +320,18 @@ def test_tpm2_tools_harness_tcp(door: Door) -> None:
         assert len(tpm2("getrandom", "--hex", "16", tcti=tcti).stdout.strip()) == 32
         pcrs = tpm2("pcrread", "sha256:0,1", tcti=tcti).stdout.decode()
         assert "0 : 0x0000000000000000000000000000000000000000000000000000000000000000" in pcrs
+        # tpm2-pytss (ESAPI through tcti-swtpm): an ECC primary key made and flushed
+        pytss = pytest.importorskip("tpm2_pytss", reason="tpm2-pytss: a dev dependency")
+        ectx = pytss.ESAPI(pytss.TCTILdr("swtpm", f"host=127.0.0.1,port={port}"))
+        try:
+            assert len(bytes(ectx.get_random(16))) == 16
+            handle, public, *_ = ectx.create_primary(
+                pytss.TPM2B_SENSITIVE_CREATE(), "ecc256:aes128cfb"
+            )
+            assert public.publicArea.type == pytss.TPM2_ALG.ECC
+            ectx.flush_context(handle)
+        finally:
+            ectx.close()
         down = door.run("swtpm_ioctl", "--tcp", f"127.0.0.1:{port + 1}", "-s")
         assert down.returncode == 0, down.stderr
         assert proc.wait(30) == 0

@@ -18,6 +18,7 @@ store closed.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -31,6 +32,8 @@ from vtpm.manager.ca import GroupCa
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
+from vtpm.manager.forkserver import ENV as FORKSERVER_ENV
+from vtpm.manager.forkserver import ForkServer
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
 from vtpm.manager.hwtpm import HardwareTpm
@@ -65,6 +68,7 @@ class Manager:
         self._services: Services | None = None
         self._quoter: DeepQuoter | None = None
         self._supervisor: Supervisor | None = None
+        self._forkserver: ForkServer | None = None
 
     @property
     def services(self) -> Services:
@@ -141,7 +145,10 @@ class Manager:
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
         custody = KeyCustody(store, groups, links, quotes.for_guest, self.issue or ca.issue_for)
-        self._supervisor = Supervisor(custody.serve)
+        if os.environ.get(FORKSERVER_ENV, "1") != "0":
+            self._forkserver = ForkServer(cfg.log_dir / "template.log")
+            self._forkserver.start()
+        self._supervisor = Supervisor(custody.serve, self._forkserver)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
         return Services(
             config=cfg,
@@ -200,6 +207,9 @@ class Manager:
     def close(self) -> None:
         if self._supervisor is not None:
             self._supervisor.stop_all()
+        if self._forkserver is not None:
+            self._forkserver.close()
+            self._forkserver = None
         if self._quoter is not None:
             self._quoter.close()
             self._quoter = None

@@ -12,6 +12,10 @@ Restart policy: a child that exits while wanted is started again after a delay t
 0.5 s to 30 s and is reset once a child has run for a minute. A child that fails
 `MAX_QUICK_FAILURES` times in a row before it ever served (a refused key, a rolled-back state)
 is given up on and marked failed with the last line of its log, rather than looped.
+
+A process is forked from the fork server's template when there is one and it answers
+(`forkserver`), else started with `subprocess.Popen`; either way it is this process's child and
+the rules above are the same.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from vtpm import instanceargs
 from vtpm.errors import InstanceExitedError, ManagerError
+from vtpm.manager.forkserver import ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,19 @@ STOP_TIMEOUT = 20.0
 # serve(vtpm_uuid, the Manager's end of the link, ready, health): runs for the life of the
 # link; health(reason) with "" once the TPM serves again
 Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None], Callable[[str], None]], None]
+
+
+class Proc(Protocol):
+    """An instance process: a `subprocess.Popen` or a `forkserver.ForkedProc`."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +80,7 @@ class Child:
     vtpm_uuid: uuid.UUID
     argv: list[str]
     log_file: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     started: float = 0.0
     wanted: bool = True
     restarts: int = 0
@@ -116,8 +135,9 @@ def last_log_line(path: Path) -> str:
 
 
 class Supervisor:
-    def __init__(self, serve: Serve) -> None:
+    def __init__(self, serve: Serve, forkserver: ForkServer | None = None) -> None:
         self._serve = serve
+        self._forkserver = forkserver
         self._children: dict[uuid.UUID, Child] = {}
         self._lock = threading.RLock()
 
@@ -139,28 +159,16 @@ class Supervisor:
             return child
 
     def _spawn(self, child: Child) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [*child.argv, *child.once]
+        child.once = []
         try:
-            argv = [*instanceargs.program(), *child.argv, *child.once]
-            child.once = []
-            argv += instanceargs.per_process(theirs.fileno(), child.log_file)
             child.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with child.log_file.open("ab") as errlog:
-                child.proc = subprocess.Popen(
-                    argv,
-                    pass_fds=(theirs.fileno(),),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=errlog,
-                    start_new_session=True,
-                )
+            proc, mine = self._forked(child, args) or self._popen(child, args)
         except OSError as e:
-            mine.close()
             raise ManagerError(
                 f"cannot start the instance of vTPM {child.vtpm_uuid}: {e}"
             ) from None
-        finally:
-            theirs.close()
+        child.proc = proc
         child.started = time.monotonic()
         child.restart_at = None
         child.ready = False
@@ -177,7 +185,49 @@ class Supervisor:
         child.link_thread.start()
         log.info("vTPM %s: instance started (pid %d)", child.vtpm_uuid, child.proc.pid)
 
-    def _run_link(self, child: Child, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def _forked(self, child: Child, args: list[str]) -> tuple[Proc, socket.socket] | None:
+        """From the template; None when there is none or it fails (the link is closed then:
+        a child it may still have forked sees EOF and exits without a key)."""
+        if self._forkserver is None:
+            return None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with child.log_file.open("ab") as errlog:
+                proc = self._forkserver.spawn(
+                    args, child.log_file, theirs.fileno(), errlog.fileno()
+                )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        if proc is None:
+            mine.close()
+            return None
+        return proc, mine
+
+    def _popen(self, child: Child, args: list[str]) -> tuple[Proc, socket.socket]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = [*instanceargs.program(), *args]
+            argv += instanceargs.per_process(theirs.fileno(), child.log_file)
+            with child.log_file.open("ab") as errlog:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errlog,
+                    start_new_session=True,
+                )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return proc, mine
+
+    def _run_link(self, child: Child, proc: Proc, sock: socket.socket) -> None:
         def ready() -> None:  # only for the process this link belongs to
             with self._lock:
                 if child.proc is proc:
@@ -282,6 +332,8 @@ class Supervisor:
 
     def poll(self) -> None:
         """Reap exited children and restart the wanted ones when their delay has passed."""
+        if self._forkserver is not None:
+            self._forkserver.poll()
         now = time.monotonic()
         with self._lock:
             for child in self._children.values():

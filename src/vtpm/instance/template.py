@@ -36,6 +36,7 @@ from pathlib import Path
 
 from vtpm import instanceargs
 from vtpm.errors import RemoteProtocolError
+from vtpm.wire import spawn
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +49,27 @@ def serve(sock: socket.socket, child_main: ChildMain) -> int:
     """Answer spawn requests on `sock` until the Manager closes it."""
     gc.collect()
     gc.freeze()  # what is imported now is shared with every child; keep the GC off it
-    sock.sendall(instanceargs.TEMPLATE_READY)
+    sock.sendall(spawn.TEMPLATE_READY)
     log.info("instance template ready (pid %d)", os.getpid())
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(
-                sock, instanceargs.SPAWN_MAX, instanceargs.SPAWN_FDS
-            )
+            data, fds, _flags, _addr = socket.recv_fds(sock, spawn.SPAWN_MAX, spawn.SPAWN_FDS)
         except ConnectionError:
             return 0
         if not data and not fds:
             return 0  # the Manager went away
         pid = 0
         try:
-            if len(fds) != instanceargs.SPAWN_FDS:
+            if len(fds) != spawn.SPAWN_FDS:
                 raise RemoteProtocolError(f"spawn request with {len(fds)} fds")
-            argv, log_file = instanceargs.decode_spawn(data)
+            argv, log_file = spawn.decode_spawn(data)
             pid = _fork(sock, argv, log_file, fds[0], fds[1], child_main)
         except (RemoteProtocolError, OSError) as e:
             log.error("spawn refused: %s", e)
         finally:
             for fd in fds:
                 os.close(fd)
-        sock.sendall(instanceargs.encode_pid(pid))
+        sock.sendall(spawn.encode_pid(pid))
 
 
 def _fork(
@@ -85,7 +84,7 @@ def _fork(
             if pid == 0:
                 os.close(w)
                 _child(sock, argv, log_file, link, errlog, main)
-            os.write(w, instanceargs.encode_pid(pid))
+            os.write(w, spawn.encode_pid(pid))
         finally:
             os._exit(0)
     os.close(w)
@@ -94,7 +93,7 @@ def _fork(
         data = os.read(r, 16)
     finally:
         os.close(r)
-    return instanceargs.decode_pid(data) if data else 0
+    return spawn.decode_pid(data) if data else 0
 
 
 def _child(

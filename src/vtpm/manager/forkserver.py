@@ -28,6 +28,7 @@ from pathlib import Path
 
 from vtpm import instanceargs
 from vtpm.errors import RemoteProtocolError
+from vtpm.wire import spawn
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class ForkServer:
             return False  # still importing
         except OSError:
             return False
-        if got != instanceargs.TEMPLATE_READY:
+        if got != spawn.TEMPLATE_READY:
             self._down("it sent no ready mark")
             return False
         self._ready = True
@@ -164,8 +165,8 @@ class ForkServer:
             assert sock is not None
             try:
                 sock.settimeout(SPAWN_TIMEOUT)
-                socket.send_fds(sock, [instanceargs.encode_spawn(argv, log_file)], [link, errlog])
-                pid = instanceargs.decode_pid(sock.recv(16))
+                socket.send_fds(sock, [spawn.encode_spawn(argv, log_file)], [link, errlog])
+                pid = spawn.decode_pid(sock.recv(16))
             except (OSError, RemoteProtocolError) as e:
                 self._down(f"spawn failed: {e}")
                 return None

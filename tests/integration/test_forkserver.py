@@ -1,22 +1,38 @@
 """The fork server: the Manager's vTPMs are forked from a template that holds no secret, do not
-share randomness, and outlive the template, which is restarted."""
+share randomness, and outlive the template, which is restarted. Only the Manager service makes
+its process the subreaper the template needs: a Manager opened inside another program leaves
+that program's orphans alone."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import subprocess
 import time
 import uuid
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tests.helpers import tpm2
-from tests.mgr import GUEST1, GUEST2, ManagerProc, manager, new_group, new_vtpm, owner_key
+from tests.mgr import (
+    GUEST1,
+    GUEST2,
+    ManagerProc,
+    init_manager,
+    manager,
+    new_group,
+    new_vtpm,
+    owner_key,
+)
+from vtpm.manager import forkserver
 from vtpm.manager.config import ManagerConfig
 from vtpm.manager.service import Manager
+
+pytestmark = pytest.mark.integration
 
 
 def _cmdline(pid: int) -> str:
@@ -168,3 +184,56 @@ def test_running_vtpms_outlive_the_template_which_is_restarted(tmp_path: Path) -
             m.cli("start", c["uuid"])
         _startup(pc)
         assert second != first
+
+
+def _orphan() -> int:
+    """A daemon started by a child of this process, which exits at once: its orphan."""
+    out = subprocess.run(
+        ["sh", "-c", "sleep 60 </dev/null >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(out.stdout)
+
+
+def _end(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    if _ppid(pid) == os.getpid():  # adopted (the failure this file guards against): reap it
+        os.waitpid(pid, 0)
+
+
+def test_a_manager_opened_in_another_program_adopts_none_of_its_orphans(tmp_path: Path) -> None:
+    """The measured-launch tests' QEMU (-daemonize) was left a zombie of the test run, which a
+    Manager opened in it had made a subreaper: a powered-off guest's QEMU never left /proc."""
+    data = tmp_path / "mgr"
+    init_manager(data)
+    mgr = Manager(ManagerConfig.load(data))
+    mgr.open()
+    try:
+        pid = _orphan()
+        try:
+            assert _ppid(pid) != os.getpid()
+        finally:
+            _end(pid)
+        assert not forkserver.is_subreaper()
+        children = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+        assert not [c for c in children if "instance template" in _cmdline(int(c))]
+    finally:
+        mgr.close()
+
+
+def test_a_closed_fork_server_gives_the_subreaper_role_back(tmp_path: Path) -> None:
+    assert not forkserver.is_subreaper()
+    fs = forkserver.ForkServer(tmp_path / "template.log")
+    fs.start()
+    try:
+        assert forkserver.is_subreaper()  # the check can fail: the role is taken while it runs
+    finally:
+        fs.close()
+    assert not forkserver.is_subreaper()
+    pid = _orphan()
+    try:
+        assert _ppid(pid) != os.getpid()
+    finally:
+        _end(pid)

@@ -12,6 +12,14 @@ socketpair, so nobody else can reach it.
 The Manager makes itself a child subreaper (PR_SET_CHILD_SUBREAPER) so the template's children
 become its own: `ForkedProc` then waits for and signals them as `subprocess.Popen` does its
 children, with no pid reuse race (a pid is not reused before its parent reaps it).
+
+Being a subreaper is a property of the whole process, not of the Manager object: every orphan
+among the process's descendants is then adopted by it, and only a process that waits for it
+takes it off the process table. So only the Manager service (`vtpm manager run`, whose
+descendants are all its own) runs a fork server (`enabled` reads the switch); a Manager opened
+inside another program (a test run, a tool) starts its instances with Popen, and would
+otherwise hold every daemon its host ever started (a QEMU started with -daemonize, say) as a
+zombie nobody waits for. `close` gives the role back.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 # VTPM_FORKSERVER=0 in the Manager's environment: start every instance with Popen
 ENV = "VTPM_FORKSERVER"
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 SPAWN_TIMEOUT = 5.0
 READY_WAIT = 3.0  # how long a spawn waits for a template that is starting
 FIRST_BACKOFF = 0.5
@@ -42,9 +51,22 @@ MAX_BACKOFF = 30.0
 HEALTHY_AFTER = 60.0
 
 
-def become_subreaper() -> bool:
+def enabled() -> bool:
+    """Whether the Manager service forks its instances from a template (`ENV`, default on)."""
+    return os.environ.get(ENV, "1") != "0"
+
+
+def is_subreaper() -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
-    return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    flag = ctypes.c_int(0)
+    if int(libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)) != 0:
+        return False
+    return flag.value != 0
+
+
+def set_subreaper(on: bool) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)) == 0
 
 
 class ForkedProc:
@@ -95,6 +117,7 @@ class ForkServer:
         self._backoff = FIRST_BACKOFF
         self._restart_at: float | None = None
         self._closed = False
+        self._made_subreaper = False  # this process was not one before `start`
 
     @property
     def pid(self) -> int | None:
@@ -102,10 +125,12 @@ class ForkServer:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def start(self) -> None:
-        if not become_subreaper():
+        was = is_subreaper()
+        if not set_subreaper(True):
             log.warning("cannot become a child subreaper: vTPMs are started without the template")
             self._closed = True
             return
+        self._made_subreaper = not was
         with self._lock:
             self._launch()
 
@@ -214,6 +239,11 @@ class ForkServer:
                 self._launch()
 
     def close(self) -> None:
+        """Stop the template and leave the process as `start` found it (call it after the
+        instances are stopped: one adopted later would be nobody's to wait for)."""
         with self._lock:
             self._closed = True
             self._kill()
+            if self._made_subreaper:
+                set_subreaper(False)
+                self._made_subreaper = False

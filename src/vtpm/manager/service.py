@@ -18,7 +18,6 @@ store closed.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -32,7 +31,6 @@ from vtpm.manager.ca import GroupCa
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
-from vtpm.manager.forkserver import ENV as FORKSERVER_ENV
 from vtpm.manager.forkserver import ForkServer
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
@@ -53,11 +51,19 @@ ADMIN_PER_UID = 64  # of which one non-root administrator may hold (root may hol
 
 class Manager:
     def __init__(
-        self, config: ManagerConfig, *, accept_rollback: bool = False, issue: Issue | None = None
+        self,
+        config: ManagerConfig,
+        *,
+        accept_rollback: bool = False,
+        issue: Issue | None = None,
+        forkserver: bool = False,
     ) -> None:
         self.config = config
         self.issue = issue  # the certificate issuer; None: the group CA (tests inject theirs)
         self.accept_rollback = accept_rollback  # start once on an older data directory
+        # fork instances from a template: for the service process only (`vtpm manager run`),
+        # as it makes the whole process a child subreaper (see forkserver)
+        self.use_forkserver = forkserver
         self.store = Store(config.db_path)
         self.floor: floor.Floor | None = None
         self.simulator: Simulator | None = None
@@ -145,7 +151,7 @@ class Manager:
         self._quoter = DeepQuoter(group_ops.host_quote, cfg.quote_window)
         quotes = DeepQuotes(store, groups, self._quoter, links)
         custody = KeyCustody(store, groups, links, quotes.for_guest, self.issue or ca.issue_for)
-        if os.environ.get(FORKSERVER_ENV, "1") != "0":
+        if self.use_forkserver:
             self._forkserver = ForkServer(cfg.log_dir / "template.log")
             self._forkserver.start()
         self._supervisor = Supervisor(custody.serve, self._forkserver)

@@ -35,6 +35,13 @@ from vtpm.manager.service import Manager
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def _forkserver_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the template: on for the Managers they start, whatever the
+    environment of the test run says (VTPM_FORKSERVER=0 runs the other tests without it)."""
+    monkeypatch.setenv(forkserver.ENV, "1")
+
+
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 

@@ -260,6 +260,9 @@ def run_vtpm(work: Path, n: int, ek_certs: bool, progress: Callable[[str], None]
         side.instance_pss = [pss_kib(p) for p in instances]
         side.extra["manager_rss_kib"] = rss_kib(status.pid)
         side.extra["manager_pss_kib"] = pss_kib(status.pid)
+        template = _template_pid(status.pid)
+        side.extra["template_rss_kib"] = rss_kib(template) if template else 0
+        side.extra["template_pss_kib"] = pss_kib(template) if template else 0
         side.extra["manager_threads"] = _threads(status.pid)
         side.extra["hw_simulator_rss_kib"] = rss_kib(int(sim["pid"]))
         side.extra["hw_simulator_pss_kib"] = pss_kib(int(sim["pid"]))
@@ -441,7 +444,7 @@ def _rows(n: int, sw: Side, vt: Side) -> list[tuple[str, str, float | None, floa
             "total_rss_kib",
             f"RSS, {n} running: total (KiB)",
             sum(sw.instance_rss),
-            x["manager_rss_kib"] + sum(vt.instance_rss),
+            x["manager_rss_kib"] + x["template_rss_kib"] + sum(vt.instance_rss),
         ),
         (
             "instance_rss_kib",
@@ -451,6 +454,7 @@ def _rows(n: int, sw: Side, vt: Side) -> list[tuple[str, str, float | None, floa
         ),
         ("manager_rss_kib", f"  Manager, {n} running (KiB)", None, x["manager_rss_kib"]),
         ("manager_idle_rss_kib", "  Manager, 0 vTPMs (KiB)", None, x["manager_idle_rss_kib"]),
+        ("template_rss_kib", "  instance template (KiB)", None, x["template_rss_kib"]),
         (
             "hw_simulator_rss_kib",
             "  hardware TPM simulator (KiB, not in total)",
@@ -461,7 +465,7 @@ def _rows(n: int, sw: Side, vt: Side) -> list[tuple[str, str, float | None, floa
             "total_pss_kib",
             f"PSS, {n} running: total (KiB)",
             sum(sw.instance_pss),
-            x["manager_pss_kib"] + sum(vt.instance_pss),
+            x["manager_pss_kib"] + x["template_pss_kib"] + sum(vt.instance_pss),
         ),
         (
             "instance_pss_kib",
@@ -470,6 +474,7 @@ def _rows(n: int, sw: Side, vt: Side) -> list[tuple[str, str, float | None, floa
             mean(vt.instance_pss),
         ),
         ("manager_pss_kib", f"  Manager, {n} running (KiB)", None, x["manager_pss_kib"]),
+        ("template_pss_kib", "  instance template (KiB)", None, x["template_pss_kib"]),
         (
             "manager_setup_s",
             "Manager init + start + group (s, not in total)",
@@ -477,6 +482,19 @@ def _rows(n: int, sw: Side, vt: Side) -> list[tuple[str, str, float | None, floa
             x["manager_setup_s"],
         ),
     ]
+
+
+def _template_pid(manager: int) -> int | None:
+    """The Manager's fork-server template, if it runs one (its cost is the vTPMs')."""
+    for task in Path(f"/proc/{manager}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"instance\0template" in cmd:
+                return int(pid)
+    return None
 
 
 def report(n: int, sw: Side, vt: Side, ek_certs: bool) -> dict[str, Any]:

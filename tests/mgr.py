@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -70,6 +72,17 @@ class ManagerProc:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         return stop_process(self.proc, sig, timeout)
+
+    def instance_argv(self, pid: int) -> list[str]:
+        """The command line of this Manager's instance process `pid`: its own when the Manager
+        started it; one forked from the template shows the template's, so then `instance run`
+        with the arguments the Manager logged for it (at debug level, as this Manager runs)."""
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        if "template" not in argv:
+            return argv
+        found = re.findall(rf"instance pid {pid} arguments: (.*)", self.log())
+        assert found, f"the Manager logged no arguments for its instance {pid}"
+        return [*argv[: argv.index("template")], "run", *shlex.split(found[-1])]
 
 
 def init_manager(data_dir: Path, *extra: str) -> None:

@@ -42,6 +42,10 @@ FRONTEND_FLAGS: dict[FrontendKind, str] = {
 }
 
 
+TEMPLATE_COMMAND = ("instance", "template")
+TEMPLATE_FD = "--fd"
+
+
 def program() -> list[str]:
     """How this Python runs the instance command."""
     return [sys.executable, "-m", "vtpm.cli.main", *COMMAND]
@@ -55,6 +59,14 @@ def fd_endpoint(fd: int) -> str:
 def proc_fd(fd: int) -> Path:
     """The path an instance opens an inherited descriptor by (its state location)."""
     return Path(f"/proc/self/fd/{fd}")
+
+
+def template_program(fd: int, log_file: Path) -> list[str]:
+    """How this Python runs the fork server's template, serving spawn requests on fd."""
+    return [
+        *(sys.executable, "-m", "vtpm.cli.main", *TEMPLATE_COMMAND),
+        *(TEMPLATE_FD, str(fd), LOG_FILE, str(log_file)),
+    ]
 
 
 @dataclass(frozen=True, slots=True)

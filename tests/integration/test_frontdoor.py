@@ -4,6 +4,7 @@ the compat executables: the listening sockets are the test's, passed as descript
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from tests import compatclient as cc
 from tests.helpers import ctrl_call, free_port_pair, tpm2
 from tests.mgr import ManagerProc, manager, new_group, owner_key, vtpm_cli
+from vtpm.manager import forkserver
 from vtpm.wire import compat, ctrl
 
 pytestmark = pytest.mark.integration
@@ -47,6 +49,22 @@ def work() -> Iterator[Path]:
 def door(work: Path) -> Iterator[tuple[ManagerProc, str, Path]]:
     """A Manager with a front door (group `guests`, socket 0660 to nogroup, uid 65534 allowed)
     and a directory for the orchestrator's state."""
+    with _door(work) as d:
+        yield d
+
+
+@pytest.fixture(params=["1", "0"], ids=["forked", "popen"])
+def door_each_start(
+    request: pytest.FixtureRequest, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ManagerProc, str, Path, bool]]:
+    """`door` with the fork server on (the default) and off (VTPM_FORKSERVER=0); and which."""
+    monkeypatch.setenv(forkserver.ENV, request.param)
+    with _door(work) as (m, sock, states):
+        yield m, sock, states, request.param == "1"
+
+
+@contextlib.contextmanager
+def _door(work: Path) -> Iterator[tuple[ManagerProc, str, Path]]:
     data = work / "d"
     sock = str(work / "c.sock")
     with manager(data) as m:
@@ -176,6 +194,59 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
     client.close()
     assert isinstance(att3, compat.Attached), att3
     wait_gone(att3.pid)
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+    return out
+
+
+def test_the_instance_gets_the_front_doors_descriptors_forked_or_started(
+    door_each_start: tuple[ManagerProc, str, Path, bool],
+) -> None:
+    """Forked from the template or started by the Manager, an instance serves the listening
+    sockets the front door passed and its state location, at the numbers its arguments name,
+    reads the migration secret's pipe, and holds no descriptor of the template's."""
+    m, sock, states, forked = door_each_start
+    d = state_dir(states, "vm-fds")
+    res = cc.setup(sock, d, vm_name="fds", eks=())
+    assert isinstance(res, compat.SetupResult), res
+    port = free_port_pair()
+    server, ctl = cc.tcp_listener(port), cc.tcp_listener(port + 1)
+    inodes = {os.fstat(s.fileno()).st_ino for s in (server, ctl)}
+    client, att = cc.attach(
+        sock,
+        d,
+        [(compat.FdRole.SERVER, server), (compat.FdRole.CTRL, ctl)],
+        startup_clear=True,
+        migration_secret=b"fd passphrase",
+    )
+    server.close()
+    ctl.close()
+    try:
+        assert isinstance(att, compat.Attached), att
+        assert ppid(att.pid) == m.proc.pid  # the Manager's child either way
+        cmdline = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
+        assert (b"template" in cmdline) == forked
+        argv = m.instance_argv(att.pid)
+        fds = _fd_targets(att.pid)
+        for flag in ("--server", "--ctrl"):
+            n = int(argv[argv.index(flag) + 1].removeprefix("fd:"))
+            assert fds[n] in {f"socket:[{i}]" for i in inodes}, (flag, n, fds)
+        state_at = argv[argv.index("--state-dir") + 1]
+        assert fds[int(state_at.removeprefix("/proc/self/fd/"))] == d
+        secret_fd = int(argv[argv.index("--migration-secret-fd") + 1])
+        assert secret_fd not in fds or not fds[secret_fd].startswith("pipe:")  # read, closed
+        assert not any("template.log" in t for t in fds.values())
+        # both sockets serve (the TCTI sets the locality over the control channel)
+        assert tpm2("getrandom", "8", tcti=f"swtpm:host=127.0.0.1,port={port}").stdout
+    finally:
+        client.close()
+    wait_gone(att.pid)
+    assert m.json("show", str(res.uuid))["run"]["state"] == "stopped"  # not restarted
 
 
 Run = Callable[[], tuple[cc.CompatClient, "compat.Attached | str", str]]
@@ -428,11 +499,12 @@ def test_an_instance_that_exits_ends_its_front_door(
     listener.close()
     try:
         assert isinstance(att, compat.Attached), att
-        argv = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
-        for flag in (b"--terminate", b"--startup-clear", b"--migration-secret-fd"):
+        argv = m.instance_argv(att.pid)
+        for flag in ("--terminate", "--startup-clear", "--migration-secret-fd"):
             assert flag in argv
-        assert b"--label" not in argv  # the orchestrator's sockets: no label check
-        assert b"migration passphrase" not in b" ".join(argv)
+        assert "--label" not in argv  # the orchestrator's sockets: no label check
+        assert "migration passphrase" not in " ".join(argv)
+        assert "migration passphrase" not in m.log()
         os.kill(att.pid, signal.SIGTERM)  # the instance ends (state stored): Ended comes
         ended = client.result(compat.Ended)
         assert ended.exit_code == 0
@@ -470,8 +542,8 @@ def test_a_state_file_location(door: tuple[ManagerProc, str, Path], work: Path) 
     listener.close()
     try:
         assert isinstance(att, compat.Attached), att
-        argv = Path(f"/proc/{att.pid}/cmdline").read_bytes().split(b"\0")
-        assert b"--state-file" in argv and b"--state-dir" not in argv
+        argv = m.instance_argv(att.pid)
+        assert "--state-file" in argv and "--state-dir" not in argv
         assert isinstance(ctrl_call(path, ctrl.GetCapability()), ctrl.CapabilityResult)
     finally:
         client.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 from vtpm import instanceargs
 from vtpm.cli import logs
+from vtpm.cli.main import main as cli_main
 from vtpm.endpoints import Endpoint, FrontendKind
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError
@@ -22,6 +23,7 @@ from vtpm.instance.custody import ManagerLink
 from vtpm.instance.ekprov import Request
 from vtpm.instance.runner import Instance
 from vtpm.instance.statekey import generate_key_file, load_key_fd, load_key_file, load_secret_fd
+from vtpm.instance.template import serve as serve_template
 from vtpm.instance.transfer import MAX_SECRET
 from vtpm.launchrecord import LaunchRecord
 from vtpm.listen import TCP_IDLE_TIMEOUT, SocketPolicy
@@ -236,6 +238,16 @@ def register(sub: Any) -> None:
     logs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
+    template = isub.add_parser(
+        "template",
+        help="fork server of the vTPM Manager (started by it; not for operators)",
+        description="Import what a vTPM instance needs, then fork one `instance run` per "
+        "spawn request on the inherited socket FD (the vTPM Manager's supervisor starts it).",
+    )
+    template.add_argument(instanceargs.TEMPLATE_FD, type=int, required=True, dest="fd")
+    logs.add_arguments(template)
+    template.set_defaults(func=cmd_template)
+
     keygen = isub.add_parser(
         "keygen",
         help="create a new random state key file (0600)",
@@ -319,6 +331,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             pass
     finally:
         inst.close()
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    logs.setup(args)
+    try:
+        sock = socket.socket(fileno=args.fd)
+    except OSError as e:
+        raise ConfigError(f"{instanceargs.TEMPLATE_FD} {args.fd}: {e.strerror}") from None
+    return serve_template(sock, run_argv)
+
+
+def run_argv(argv: list[str]) -> int:
+    """`vtpm instance run ARGV...` in this (forked) process, parsed by the same parser and
+    failing the same way as the command; returns its exit code."""
+    try:
+        cli_main([*instanceargs.COMMAND, *argv])
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
     return 0
 
 

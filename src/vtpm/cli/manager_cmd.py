@@ -120,13 +120,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # imported here, not at the top: every `vtpm` process (each vTPM instance among them) would
     # otherwise load tpm2-pytss, which only the Manager uses
+    from vtpm.manager import forkserver  # noqa: PLC0415
     from vtpm.manager.service import Manager  # noqa: PLC0415
 
     # the Manager's files (database, logs, sockets) are its own: nothing it creates is for others
     os.umask(0o077)
     logs.setup(args)
     cfg = ManagerConfig.load(client.data_dir(args).resolve())
-    manager = Manager(cfg, accept_rollback=args.accept_rollback)
+    # this process is the Manager and nothing else: it may be the subreaper the template needs
+    manager = Manager(cfg, accept_rollback=args.accept_rollback, forkserver=forkserver.enabled())
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         manager.request_stop()  # only record it; the loop acts

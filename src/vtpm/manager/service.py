@@ -33,6 +33,7 @@ from vtpm.manager.compatconfig import CompatConfig
 from vtpm.manager.config import HW_DEVICE, ManagerConfig
 from vtpm.manager.custody import Issue, KeyCustody
 from vtpm.manager.deepquote import DeepQuoter
+from vtpm.manager.forkserver import ForkServer
 from vtpm.manager.frontdoor import FrontDoor
 from vtpm.manager.groupops import GroupOps
 from vtpm.manager.groups import GroupKeys
@@ -55,11 +56,19 @@ SWEEP_EVERY = 2.0  # seconds between checks for front-door vTPMs their orchestra
 
 class Manager:
     def __init__(
-        self, config: ManagerConfig, *, accept_rollback: bool = False, issue: Issue | None = None
+        self,
+        config: ManagerConfig,
+        *,
+        accept_rollback: bool = False,
+        issue: Issue | None = None,
+        forkserver: bool = False,
     ) -> None:
         self.config = config
         self.issue = issue  # the certificate issuer; None: the group CA (tests inject theirs)
         self.accept_rollback = accept_rollback  # start once on an older data directory
+        # fork instances from a template: for the service process only (`vtpm manager run`),
+        # as it makes the whole process a child subreaper (see forkserver)
+        self.use_forkserver = forkserver
         self.store = Store(config.db_path)
         self.floor: floor.Floor | None = None
         self.simulator: Simulator | None = None
@@ -71,6 +80,7 @@ class Manager:
         self._quoter: DeepQuoter | None = None
         self._supervisor: Supervisor | None = None
         self._frontdoor: FrontDoor | None = None
+        self._forkserver: ForkServer | None = None
 
     @property
     def services(self) -> Services:
@@ -150,7 +160,10 @@ class Manager:
         quotes = DeepQuotes(store, groups, self._quoter, links)
         issue = self.issue or ca.issue_for
         custody = KeyCustody(store, groups, links, quotes.for_guest, issue, secrets)
-        self._supervisor = Supervisor(custody.serve)
+        if self.use_forkserver:
+            self._forkserver = ForkServer(cfg.log_dir / "template.log")
+            self._forkserver.start()
+        self._supervisor = Supervisor(custody.serve, self._forkserver)
         vtpms = VtpmRegistry(cfg, store, groups, self._supervisor)
         if compat is not None:
             try:
@@ -234,6 +247,9 @@ class Manager:
             self._frontdoor = None
         if self._supervisor is not None:
             self._supervisor.stop_all()
+        if self._forkserver is not None:
+            self._forkserver.close()
+            self._forkserver = None
         if self._quoter is not None:
             self._quoter.close()
             self._quoter = None

@@ -17,11 +17,16 @@ Front-door instances (`vtpm.manager.frontdoor`) are started with `restart=False`
 to an orchestrator's process, which decides whether to run them again. They inherit the
 descriptors the front door received (`pass_fds`), and `on_exit(exit code, reason)` is called
 (from `poll`, outside the supervisor's lock) once their process has exited, whyever it did.
+
+A process is forked from the fork server's template when there is one and it answers
+(`forkserver`), else started with `subprocess.Popen`; either way it is this process's child, the
+rules above are the same, and the inherited descriptors reach it at the numbers they have here.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import socket
 import subprocess
@@ -31,9 +36,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from vtpm import instanceargs
 from vtpm.errors import InstanceExitedError, ManagerError
+from vtpm.manager.forkserver import ForkedProc, ForkServer
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,19 @@ STOP_TIMEOUT = 20.0
 Serve = Callable[[uuid.UUID, socket.socket, Callable[[], None], Callable[[str], None]], None]
 # on_exit(exit code, the last line of the instance's log): a process without restarts exited
 OnExit = Callable[[int, str], None]
+
+
+class Proc(Protocol):
+    """An instance process: a `subprocess.Popen` or a `forkserver.ForkedProc`."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +88,7 @@ class Child:
     vtpm_uuid: uuid.UUID
     argv: list[str]
     log_file: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
     started: float = 0.0
     wanted: bool = True
     restarts: int = 0
@@ -126,8 +146,9 @@ def last_log_line(path: Path) -> str:
 
 
 class Supervisor:
-    def __init__(self, serve: Serve) -> None:
+    def __init__(self, serve: Serve, forkserver: ForkServer | None = None) -> None:
         self._serve = serve
+        self._forkserver = forkserver
         self._children: dict[uuid.UUID, Child] = {}
         self._lock = threading.RLock()
 
@@ -169,29 +190,18 @@ class Supervisor:
             return child
 
     def _spawn(self, child: Child) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        args = [*child.argv, *child.once]
+        child.once = []
         try:
-            argv = [*instanceargs.program(), *child.argv, *child.once]
-            child.once = []
-            argv += instanceargs.per_process(theirs.fileno(), child.log_file)
             child.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with child.log_file.open("ab") as errlog:
-                child.proc = subprocess.Popen(
-                    argv,
-                    pass_fds=(theirs.fileno(), *child.pass_fds),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=errlog,
-                    start_new_session=True,
-                )
+            proc, mine = self._forked(child, args) or self._popen(child, args)
         except OSError as e:
-            mine.close()
             raise ManagerError(
                 f"cannot start the instance of vTPM {child.vtpm_uuid}: {e}"
             ) from None
         finally:
-            theirs.close()
             child.pass_fds = ()  # the first process only: the caller closes its copies
+        child.proc = proc
         child.started = time.monotonic()
         child.restart_at = None
         child.ready = False
@@ -206,9 +216,56 @@ class Supervisor:
             daemon=True,
         )
         child.link_thread.start()
-        log.info("vTPM %s: instance started (pid %d)", child.vtpm_uuid, child.proc.pid)
+        how = "forked from the template" if isinstance(proc, ForkedProc) else "started"
+        log.info("vTPM %s: instance %s (pid %d)", child.vtpm_uuid, how, proc.pid)
+        # a forked instance shows the template's command line: its own is here (nothing secret)
+        log.debug(
+            "vTPM %s: instance pid %d arguments: %s", child.vtpm_uuid, proc.pid, shlex.join(args)
+        )
 
-    def _run_link(self, child: Child, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def _forked(self, child: Child, args: list[str]) -> tuple[Proc, socket.socket] | None:
+        """From the template; None when there is none or it fails (the link is closed then:
+        a child it may still have forked sees EOF and exits without a key)."""
+        if self._forkserver is None:
+            return None
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with child.log_file.open("ab") as errlog:
+                proc = self._forkserver.spawn(
+                    args, child.log_file, theirs.fileno(), errlog.fileno(), child.pass_fds
+                )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        if proc is None:
+            mine.close()
+            return None
+        return proc, mine
+
+    def _popen(self, child: Child, args: list[str]) -> tuple[Proc, socket.socket]:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            argv = [*instanceargs.program(), *args]
+            argv += instanceargs.per_process(theirs.fileno(), child.log_file)
+            with child.log_file.open("ab") as errlog:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=(theirs.fileno(), *child.pass_fds),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errlog,
+                    start_new_session=True,
+                )
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        return proc, mine
+
+    def _run_link(self, child: Child, proc: Proc, sock: socket.socket) -> None:
         def ready() -> None:  # only for the process this link belongs to
             with self._lock:
                 if child.proc is proc:
@@ -314,20 +371,23 @@ class Supervisor:
     def poll(self) -> None:
         """Reap exited children and restart the wanted ones when their delay has passed;
         tell the `on_exit` of those that are not restarted."""
+        if self._forkserver is not None:
+            self._forkserver.poll()
         now = time.monotonic()
         told: list[tuple[OnExit, int, str]] = []
         with self._lock:
             for child in self._children.values():
                 proc = child.proc
-                if proc is not None and not child.exit_handled and proc.poll() is not None:
+                code = None if proc is None or child.exit_handled else proc.poll()
+                if code is not None:
                     child.exit_handled = True
                     if not child.restart:
                         child.wanted = False
                         child.restart_at = None
-                        child.last_exit = proc.returncode
+                        child.last_exit = code
                         if child.on_exit is not None:
-                            reason = last_log_line(child.log_file) if proc.returncode else ""
-                            told.append((child.on_exit, proc.returncode, reason))
+                            reason = last_log_line(child.log_file) if code else ""
+                            told.append((child.on_exit, code, reason))
                         continue
                     self._exited(child, now)
                 if child.wanted and child.restart_at is not None and now >= child.restart_at:

@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from vtpm.endpoints import Frontend
-from vtpm.errors import RemoteProtocolError, RequestError
 from vtpm.tpm import ektemplates
 from vtpm.tpm.policy import Epoch, PcrState
+from vtpm.wire import typedrequest
 from vtpm.wire.evidence import Bundle, Evidence
 from vtpm.wire.ipc_events import AdminReply, AdminRequest
-from vtpm.wire.typedjson import Bounds, DecodeError, Document, decode, encode
+from vtpm.wire.typedjson import Bounds, Document
 
 R = TypeVar("R")
+Request = typedrequest.Request  # the base of this protocol's requests (`api.Request`)
 
 Id = Annotated[int, Bounds(0, 2**32 - 2)]  # a uid or gid ((uid_t)-1 means "none")
 Pcr = Annotated[int, Bounds(0, 23)]
@@ -35,13 +36,6 @@ Limit = Annotated[int, Bounds(1, 100_000)]
 Count = Annotated[int, Bounds(0, 2**63 - 1)]
 PCRS_DEFAULT = tuple(range(8))
 DEFAULT_EKS = ektemplates.DEFAULT_PROVISION
-
-
-class Request(Generic[R]):
-    """Base of every request; `op` names it on the wire, `result` is what answers it."""
-
-    op: ClassVar[str]
-    result: ClassVar[Any]
 
 
 # results ------------------------------------------------------------------------------------
@@ -376,32 +370,19 @@ REQUESTS: dict[str, type[Request[Any]]] = {
 # the two directions ---------------------------------------------------------------------------
 
 
-def request_frame(req: Request[Any]) -> AdminRequest:
-    """The IPC event that carries `req` (fields left at None are left out)."""
-    args = encode(req)
-    assert isinstance(args, dict)
-    return AdminRequest(req.op, {k: v for k, v in args.items() if v is not None})
+request_frame = typedrequest.request_frame
 
 
 def parse_request(frame: AdminRequest) -> Request[Any]:
     """The typed request in `frame`; RequestError naming the problem."""
-    cls = REQUESTS.get(frame.op)
-    if cls is None:
-        raise RequestError(f"unknown operation {frame.op!r}")
-    try:
-        return decode(dict(frame.args), cls, frame.op)
-    except DecodeError as e:
-        raise RequestError(f"bad request: {e}") from None
+    return typedrequest.parse_request(REQUESTS, frame, "operation")
 
 
 def reply_frame(req: Request[R], result: R) -> AdminReply:
-    return AdminReply(True, encode(result))
+    return typedrequest.reply_frame(result)
 
 
 def parse_result(req: Request[R], reply: AdminReply) -> R:
     """The typed result of `req` in `reply` (ok); RemoteProtocolError if it has another form."""
-    try:
-        out: R = decode(reply.result, req.result, f"{req.op} result")
-    except DecodeError as e:
-        raise RemoteProtocolError(f"the Manager answered outside the protocol: {e}") from None
+    out: R = typedrequest.parse_result(req.result, reply, f"{req.op} result")
     return out

@@ -27,13 +27,15 @@ from __future__ import annotations
 import enum
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
-from vtpm.errors import RemoteProtocolError, RequestError
+from vtpm.errors import RequestError
+from vtpm.wire import typedrequest
 from vtpm.wire.ipc_events import AdminReply, AdminRequest
-from vtpm.wire.typedjson import Bounds, DecodeError, decode, encode
+from vtpm.wire.typedjson import Bounds
 
 R = TypeVar("R")
+Request = typedrequest.Request  # the base of this protocol's requests (`compat.Request`)
 
 DEFAULT_SOCKET = "/run/vtpm/compat.sock"  # where the front door listens unless configured
 SOCKET_ENV = "VTPM_COMPAT_SOCKET"  # the compat programs' override of DEFAULT_SOCKET
@@ -64,11 +66,6 @@ class Overwrite(enum.StrEnum):
 class StateLocation:
     kind: StateKind
     path: str  # absolute, as the orchestrator named it, scheme stripped
-
-
-class Request(Generic[R]):
-    op: ClassVar[str]
-    result: ClassVar[Any]
 
 
 # results ------------------------------------------------------------------------------------
@@ -148,20 +145,13 @@ class Detach(Request[Ended]):
 REQUESTS: dict[str, type[Request[Any]]] = {cls.op: cls for cls in (Setup, Attach, Detach)}
 
 
-def request_frame(req: Request[Any]) -> AdminRequest:
-    args = encode(req)
-    assert isinstance(args, dict)
-    return AdminRequest(req.op, {k: v for k, v in args.items() if v is not None})
+request_frame = typedrequest.request_frame
+reply_frame = typedrequest.reply_frame
 
 
 def parse_request(frame: AdminRequest) -> Request[Any]:
-    cls = REQUESTS.get(frame.op)
-    if cls is None:
-        raise RequestError(f"unknown front-door operation {frame.op!r}")
-    try:
-        req: Request[Any] = decode(dict(frame.args), cls, frame.op)
-    except DecodeError as e:
-        raise RequestError(f"bad request: {e}") from None
+    """The typed request in `frame`, its secrets bounded; RequestError naming the problem."""
+    req = typedrequest.parse_request(REQUESTS, frame, "front-door operation")
     for name in ("secret", "migration_secret"):
         value = getattr(req, name, None)
         if value is not None and not 1 <= len(value) <= SECRET_MAX:
@@ -169,13 +159,7 @@ def parse_request(frame: AdminRequest) -> Request[Any]:
     return req
 
 
-def reply_frame(result: object) -> AdminReply:
-    return AdminReply(True, encode(result))
-
-
 def parse_result(cls: type[R], reply: AdminReply, what: str) -> R:
-    try:
-        out: R = decode(reply.result, cls, what)
-    except DecodeError as e:
-        raise RemoteProtocolError(f"the Manager answered outside the protocol: {e}") from None
+    """The result of type `cls` in `reply`; RemoteProtocolError if it has another form."""
+    out: R = typedrequest.parse_result(cls, reply, what)
     return out

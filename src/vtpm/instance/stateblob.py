@@ -24,8 +24,9 @@ import logging
 import secrets
 import struct
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -92,6 +93,32 @@ class BlobStore(Protocol):
     def counter(self, name: str) -> int: ...
 
     def raise_counter(self, name: str, floor: int) -> None: ...
+
+
+class StoreBase:
+    """What both stores (`StateStore`, `StateFile`) do alike around their own work: the
+    context-manager form of `open`/`close`, and the engine's health reports passed on to the
+    `health` callback they were given, if any."""
+
+    _health: Callable[[bool, str], None] | None
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tpm_health(self, failed: bool, reason: str) -> None:
+        """`vtpm.engine.engine.HealthListener`: passed on to the `health` callback, if any."""
+        if self._health is not None:
+            self._health(failed, reason)
 
 
 def digest(raw: bytes) -> bytes:

@@ -64,6 +64,7 @@ from vtpm.instance.stateblob import (
     BlobOpenError,
     BlobSeal,
     StateJournal,
+    StoreBase,
     accept_hint,
     blob_counter,
     digest,
@@ -91,7 +92,7 @@ class _Unsettled:
     generation: int
 
 
-class StateFile:
+class StateFile(StoreBase):
     """Encrypted, atomic, locked storage of one vTPM's blobs in one file. Thread-safe."""
 
     def __init__(
@@ -147,18 +148,6 @@ class StateFile:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> StateFile:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def tpm_health(self, failed: bool, reason: str) -> None:
-        """`vtpm.engine.engine.HealthListener`: passed on to the `health` callback, if any."""
-        if self._health is not None:
-            self._health(failed, reason)
 
     def _open_locked(self) -> int:
         path = self.path

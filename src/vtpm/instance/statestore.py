@@ -62,6 +62,7 @@ from vtpm.instance.stateblob import (
     BlobOpenError,
     BlobSeal,
     StateJournal,
+    StoreBase,
     accept_hint,
     blob_counter,
 )
@@ -113,7 +114,7 @@ def read_blob_file(path: Path, limit: int = MAX_BLOB) -> bytes | None:
         os.close(fd)
 
 
-class StateStore:
+class StateStore(StoreBase):
     """Encrypted, atomic, locked storage for one vTPM's state blobs. Thread-safe."""
 
     def __init__(
@@ -178,18 +179,6 @@ class StateStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def __enter__(self) -> StateStore:
-        self.open()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def tpm_health(self, failed: bool, reason: str) -> None:
-        """`vtpm.engine.engine.HealthListener`: passed on to the `health` callback, if any."""
-        if self._health is not None:
-            self._health(failed, reason)
 
     # helpers ---------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ feature names (libvirt: "cmdarg-pwd-fd", "cmdarg-migration" of `swtpm socket`; "
 from __future__ import annotations
 
 import json
+import sys
 
 from vtpm import __version__
 
@@ -35,3 +36,18 @@ SWTPM_SETUP_FEATURES = (
 
 def document(program: str, features: tuple[str, ...]) -> str:
     return json.dumps({"type": program, "features": list(features), "version": __version__})
+
+
+def about(action: str, what: str, help_text: str, features: tuple[str, ...] = ()) -> bool:
+    """Answer an action that only describes the program, on stdout: "help" (`help_text`),
+    "version" (vtpm's, with `what`: e.g. "swtpm-compatible front door"), "capabilities"
+    (`features`, as the program named by `what`'s first word). False for any other action."""
+    if action == "help":
+        sys.stdout.write(help_text)
+    elif action == "version":
+        print(f"vtpm {__version__} ({what})")
+    elif action == "capabilities":
+        print(document(what.split("-", 1)[0], features))
+    else:
+        return False
+    return True

@@ -311,18 +311,10 @@ def run(argv: list[str], environ: Mapping[str, str], out: Callable[[str], None])
     except UsageError as e:
         out(f"{PROGRAM}: error: {e}")
         return 1
-    if args.action is Action.HELP:
-        sys.stdout.write(HELP)
-        return 0
-    if args.action is Action.VERSION:
-        from vtpm import __version__  # noqa: PLC0415
+    if args.action is not Action.RUN:
+        from vtpm.compat.capabilities import SWTPM_FEATURES, about  # noqa: PLC0415
 
-        print(f"vtpm {__version__} (swtpm-compatible front door)")
-        return 0
-    if args.action is Action.CAPABILITIES:
-        from vtpm.compat.capabilities import SWTPM_FEATURES, document  # noqa: PLC0415
-
-        print(document("swtpm", SWTPM_FEATURES))
+        about(args.action, "swtpm-compatible front door", HELP, SWTPM_FEATURES)
         return 0
     bound: list[tuple[str, Bound]] = []
     door: Door | None = None

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vtpm.compat.capabilities import about
 from vtpm.compat.options import Kind, Spec, Treat, UsageError, parse, parse_int
 from vtpm.errors import VtpmError
 from vtpm.wire import ctrl
@@ -279,13 +280,8 @@ Exit code 0 when the TPM answered success, 1 otherwise.
 def run(argv: list[str], out: Callable[[str], None]) -> int:
     try:
         args = parse_ioctl_args(argv)
-        if args.op is Op.HELP:
-            sys.stdout.write(HELP)
-            return 0
-        if args.op is Op.VERSION:
-            from vtpm import __version__  # noqa: PLC0415
-
-            print(f"vtpm {__version__} (swtpm_ioctl-compatible)")
+        if args.op in (Op.HELP, Op.VERSION):
+            about("help" if args.op is Op.HELP else "version", "swtpm_ioctl-compatible", HELP)
             return 0
         code, text = ioctl(args)
     except (UsageError, VtpmError, OSError) as e:

@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 
+from vtpm.compat.capabilities import SWTPM_SETUP_FEATURES, about
 from vtpm.compat.handles import DoorError, open_state, read_secret
 from vtpm.compat.options import UsageError
 from vtpm.compat.setup_args import HELP, PROGRAM, SetupAction, SetupArgs, parse_setup_args
@@ -82,18 +83,7 @@ def run(argv: list[str], environ: Mapping[str, str], out: Callable[[str], None])
     except UsageError as e:
         out(f"{PROGRAM}: error: {e}")
         return 1
-    if args.action is SetupAction.HELP:
-        sys.stdout.write(HELP)
-        return 0
-    if args.action is SetupAction.VERSION:
-        from vtpm import __version__  # noqa: PLC0415
-
-        print(f"vtpm {__version__} (swtpm_setup-compatible)")
-        return 0
-    if args.action is SetupAction.CAPABILITIES:
-        from vtpm.compat.capabilities import SWTPM_SETUP_FEATURES, document  # noqa: PLC0415
-
-        print(document("swtpm_setup", SWTPM_SETUP_FEATURES))
+    if about(args.action, "swtpm_setup-compatible", HELP, SWTPM_SETUP_FEATURES):
         return 0
     if args.action is SetupAction.CONFIG_FILES:
         print("nothing to create: vtpm's swtpm_setup needs no per-user configuration files")

@@ -1,10 +1,11 @@
-"""What the benchmarks share: free TCP port pairs, a raw TPM client, process memory, and the
-entry point of a benchmark run alone."""
+"""What the benchmarks share: free TCP port pairs, a raw TPM client, process memory, stopping a
+process, and the entry point of a benchmark run alone."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import socket
 import struct
 import subprocess
@@ -18,6 +19,17 @@ from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC
 
 GETRANDOM = frames.get_random(32)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (a vTPM or Manager stores its state), SIGKILL after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_pair() -> int:

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import standalone_main
+from bench.common import standalone_main, stop
 from vtpm.cli import client
 from vtpm.compat import install
 from vtpm.wire import admin as api
@@ -92,13 +91,7 @@ def start_once(argv: list[str], path: str, env: dict[str, str]) -> Start:
             _capability(sock)
         t2 = time.perf_counter()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc, TIMEOUT)
         if proc.stderr:
             proc.stderr.close()
     return Start((t1 - t0) * 1000, (t2 - t0) * 1000)
@@ -157,18 +150,8 @@ def _manager(work: Path, progress: Callable[[str], None]) -> tuple[subprocess.Po
             capture_output=True,
         )
     finally:
-        _stop(proc)
+        stop(proc, TIMEOUT)
     return run_manager(), door
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, Any]:
@@ -206,7 +189,7 @@ def run(args: argparse.Namespace, progress: Callable[[str], None]) -> dict[str, 
                 got[name].append(start_once(sides[name], paths[name], env))
     finally:
         if manager is not None:
-            _stop(manager)
+            stop(manager, TIMEOUT)
         shutil.rmtree(work, ignore_errors=True)
     out: dict[str, Any] = {"rounds": args.compat_rounds, "swtpm": swtpm}
     for metric in ("connectable_ms", "answer_ms"):

@@ -49,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import GETRANDOM, Client, free_pair, pss_kib, rss_kib, standalone_main
+from bench.common import GETRANDOM, Client, free_pair, pss_kib, rss_kib, standalone_main, stop
 from vtpm.cli import client
 from vtpm.endpoints import Frontend
 from vtpm.errors import ManagerError
@@ -295,13 +295,7 @@ def _wait_manager(ns: argparse.Namespace, proc: subprocess.Popen[bytes]) -> api.
 
 
 def _stop_manager(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(MANAGER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(proc, MANAGER_TIMEOUT)
 
 
 def _threads(pid: int) -> int:

@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from vtpm.tpm.constants import TPM_ALG
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import common
 from bench import compat as compat_bench
 from bench import deepquote as dq_bench
 from bench import manager as mgr_bench
@@ -202,13 +202,7 @@ def measure(targets: list[Target], seconds: float, creates: int, rounds: int) ->
 
 
 def stop(target: Target) -> None:
-    if target.proc.poll() is None:
-        target.proc.send_signal(signal.SIGTERM)
-        try:
-            target.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            target.proc.kill()
-            target.proc.wait()
+    common.stop(target.proc, 20)
 
 
 FLOOR_CODE = """

@@ -249,6 +249,27 @@ def raw_call(sock: socket.socket, command: bytes) -> bytes:
     return buf
 
 
+class DictJournal:
+    """A `StateJournal` held in a dict: the Manager's record of blob digests, without a
+    Manager (the counters recorded too)."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, bytes] = {}
+        self.counters: dict[str, int] = {}
+        self.deletions: list[str] = []
+
+    def expected(self, name: str) -> bytes | None:
+        return self.digests.get(name)
+
+    def written(self, name: str, counter: int, digest: bytes) -> None:
+        self.digests[name] = digest
+        self.counters[name] = counter
+
+    def deleted(self, name: str) -> None:
+        self.deletions.append(name)
+        self.digests.pop(name, None)
+
+
 class MemoryStore:
     """Blobs held in memory: the device's state backend for tests that need no encryption or
     files (the engine and libtpms stay real)."""

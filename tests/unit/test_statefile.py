@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DictJournal
 from vtpm.endpoints import Endpoint
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import ConfigError, InstanceLockedError, StateError, StateIntegrityError
@@ -27,26 +28,6 @@ OTHER_KEY = StateKey(bytes(32))
 UID = uuid.UUID(int=1)
 SENTINEL = b"PLAINTEXT-SENTINEL-0123456789" * 4
 ACCEPT = f"run `vtpm accept-state {UID}` to accept this state on purpose"
-
-
-class DictJournal:
-    """A `StateJournal` held in a dict."""
-
-    def __init__(self) -> None:
-        self.digests: dict[str, bytes] = {}
-        self.counters: dict[str, int] = {}
-        self.deletions: list[str] = []
-
-    def expected(self, name: str) -> bytes | None:
-        return self.digests.get(name)
-
-    def written(self, name: str, counter: int, digest: bytes) -> None:
-        self.digests[name] = digest
-        self.counters[name] = counter
-
-    def deleted(self, name: str) -> None:
-        self.deletions.append(name)
-        self.digests.pop(name, None)
 
 
 class FailingJournal(DictJournal):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DictJournal
 from vtpm.errors import InstanceLockedError, StateError, StateIntegrityError, StateKeyError
 from vtpm.instance.statekey import StateKey, generate_key_file, load_key_fd, load_key_file
 from vtpm.instance.statestore import HEADER, StateStore
@@ -182,24 +183,6 @@ def test_key_from_a_descriptor(tmp_path: Path) -> None:
 
 
 # under a journal (the Manager's record): which file is current, and what is never deleted ----
-
-
-class DictJournal:
-    """A `StateJournal` held in a dict (the Manager's record, without a Manager)."""
-
-    def __init__(self) -> None:
-        self.digests: dict[str, bytes] = {}
-        self.deletions: list[str] = []
-
-    def expected(self, name: str) -> bytes | None:
-        return self.digests.get(name)
-
-    def written(self, name: str, counter: int, digest: bytes) -> None:
-        self.digests[name] = digest
-
-    def deleted(self, name: str) -> None:
-        self.deletions.append(name)
-        self.digests.pop(name, None)
 
 
 def journaled(tmp_path: Path, journal: DictJournal) -> StateStore:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import DictJournal
 from vtpm.engine.engine import TpmVersion
 from vtpm.errors import StateError, StateIntegrityError
 from vtpm.instance import identity
@@ -21,22 +22,6 @@ from vtpm.instance.statestore import StateStore
 KEY = StateKey(bytes(range(32)))
 UID = uuid.UUID(int=1)
 ACCEPT = f"run `vtpm accept-state {UID}` to accept this state on purpose"
-
-
-class DictJournal:
-    def __init__(self) -> None:
-        self.digests: dict[str, bytes] = {}
-        self.deletions: list[str] = []
-
-    def expected(self, name: str) -> bytes | None:
-        return self.digests.get(name)
-
-    def written(self, name: str, counter: int, digest: bytes) -> None:
-        self.digests[name] = digest
-
-    def deleted(self, name: str) -> None:
-        self.deletions.append(name)
-        self.digests.pop(name, None)
 
 
 def dstore(d: Path, journal: DictJournal | None = None, accept: bool = False) -> StateStore:

@@ -118,18 +118,3 @@ def attach(
     if not r.ok:
         return c, r.error
     return c, compat.parse_result(compat.Attached, r, "Attached")
-
-
-def unix_listener(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.listen(8)
-    return s
-
-
-def tcp_listener(port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(8)
-    return s

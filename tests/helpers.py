@@ -249,6 +249,23 @@ def raw_call(sock: socket.socket, command: bytes) -> bytes:
     return buf
 
 
+def unix_listener(path: str | Path) -> socket.socket:
+    """A listening UNIX socket at `path`, as an orchestrator's process binds it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(8)
+    return s
+
+
+def tcp_listener(port: int) -> socket.socket:
+    """A listening TCP socket on 127.0.0.1:`port`."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(8)
+    return s
+
+
 class DictJournal:
     """A `StateJournal` held in a dict: the Manager's record of blob digests, without a
     Manager (the counters recorded too)."""

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests import compatclient as cc
-from tests.helpers import ctrl_call, free_port_pair, tpm2
+from tests.helpers import ctrl_call, free_port_pair, tcp_listener, tpm2, unix_listener
 from tests.mgr import ManagerProc, manager, new_group, owner_key, vtpm_cli
 from vtpm.manager import forkserver
 from vtpm.wire import compat, ctrl
@@ -140,7 +140,7 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
     assert isinstance(kept, compat.SetupResult) and not kept.created and kept.uuid == vm
 
     ctrl_path = str(work / "ctrl.sock")
-    listener = cc.unix_listener(ctrl_path)
+    listener = unix_listener(ctrl_path)
     client, att = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
     listener.close()  # the instance holds it now
     try:
@@ -152,7 +152,7 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
         assert m.json("show", str(vm))["run"]["state"] == "running"
 
         # a second front door for the same vTPM, while the first lives: refused
-        other = cc.unix_listener(str(work / "ctrl2.sock"))
+        other = unix_listener(str(work / "ctrl2.sock"))
         c2, second = cc.attach(sock, d, [(compat.FdRole.CTRL, other)])
         c2.close()
         other.close()
@@ -162,7 +162,7 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
 
     # a second attach at once: it waits for the old instance to stop; the same vTPM, its
     # state kept; Detach ends it with Ended
-    listener = cc.unix_listener(str(work / "ctrl3.sock"))
+    listener = unix_listener(str(work / "ctrl3.sock"))
     client, att2 = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
     listener.close()
     try:
@@ -188,7 +188,7 @@ def test_setup_attach_ctrl_and_close_stops_the_instance(
     assert isinstance(new, compat.SetupResult) and new.created and new.uuid == vm, new
     assert m.json("show", str(vm))["state_blobs"] != before
     assert any(e["action"] == "compat.removed" and e["target"] == str(vm) for e in audit(m))
-    listener = cc.unix_listener(str(work / "ctrl4.sock"))
+    listener = unix_listener(str(work / "ctrl4.sock"))
     client, att3 = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)])
     listener.close()
     client.close()
@@ -215,7 +215,7 @@ def test_the_instance_gets_the_front_doors_descriptors_forked_or_started(
     res = cc.setup(sock, d, vm_name="fds", eks=())
     assert isinstance(res, compat.SetupResult), res
     port = free_port_pair()
-    server, ctl = cc.tcp_listener(port), cc.tcp_listener(port + 1)
+    server, ctl = tcp_listener(port), tcp_listener(port + 1)
     inodes = {os.fstat(s.fileno()).st_ino for s in (server, ctl)}
     client, att = cc.attach(
         sock,
@@ -257,7 +257,7 @@ def _runner(sock: str, d: str) -> Run:
 
     def run() -> tuple[cc.CompatClient, compat.Attached | str, str]:
         port = free_port_pair()
-        server, ctl = cc.tcp_listener(port), cc.tcp_listener(port + 1)
+        server, ctl = tcp_listener(port), tcp_listener(port + 1)
         client, att = cc.attach(
             sock, d, [(compat.FdRole.SERVER, server), (compat.FdRole.CTRL, ctl)]
         )
@@ -369,7 +369,7 @@ def test_other_users_are_refused(door: tuple[ManagerProc, str, Path], work: Path
     res = cc.setup(sock, d, vm_name="rootvm", eks=())
     assert isinstance(res, compat.SetupResult), res
     fd = cc.open_state(d)
-    ctrl_sock = cc.unix_listener(str(work / "u.ctrl"))
+    ctrl_sock = unix_listener(str(work / "u.ctrl"))
 
     def try_attach() -> str:
         c = cc.CompatClient(sock)
@@ -413,7 +413,7 @@ def test_wrong_secret_refused_opaquely_and_audited(
     res = cc.setup(sock, d, vm_name="sec", eks=(), secret=b"right horse battery")
     assert isinstance(res, compat.SetupResult), res
     for secret in (b"wrong", None):
-        listener = cc.unix_listener(str(work / f"s{secret!r:.3}.ctrl"))
+        listener = unix_listener(str(work / f"s{secret!r:.3}.ctrl"))
         client, out = cc.attach(sock, d, [(compat.FdRole.CTRL, listener)], secret=secret)
         client.close()
         listener.close()
@@ -427,7 +427,7 @@ def test_wrong_secret_refused_opaquely_and_audited(
     assert "right horse" not in (m.data_dir / "manager.log").read_text()
 
     path = str(work / "ok.ctrl")
-    listener = cc.unix_listener(path)
+    listener = unix_listener(path)
     client, att = cc.attach(
         sock, d, [(compat.FdRole.CTRL, listener)], secret=b"right horse battery"
     )
@@ -487,7 +487,7 @@ def test_an_instance_that_exits_ends_its_front_door(
     d = state_dir(states, "vm-stop")
     res = cc.setup(sock, d, vm_name="stopme", eks=())
     assert isinstance(res, compat.SetupResult), res
-    listener = cc.unix_listener(str(work / "st.ctrl"))
+    listener = unix_listener(str(work / "st.ctrl"))
     client, att = cc.attach(
         sock,
         d,
@@ -535,7 +535,7 @@ def test_a_state_file_location(door: tuple[ManagerProc, str, Path], work: Path) 
     assert f.stat().st_size > 0
     assert m.json("show", str(res.uuid))["state_dir"] == str(f)
     path = str(work / "f.ctrl")
-    listener = cc.unix_listener(path)
+    listener = unix_listener(path)
     client, att = cc.attach(
         sock, str(f), [(compat.FdRole.CTRL, listener)], kind=compat.StateKind.FILE
     )

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import VTPM, free_port_pair, raw_call, stop_process, tpm2
+from tests.helpers import (
+    VTPM,
+    free_port_pair,
+    raw_call,
+    stop_process,
+    tcp_listener,
+    tpm2,
+    unix_listener,
+)
 from vtpm.tpm import frames
 from vtpm.tpm.constants import TPM_RC
 from vtpm.wire import ctrl as w
@@ -84,21 +92,6 @@ def running(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
             stop_process(proc, signal.SIGTERM, 20)
 
 
-def listening_unix(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
-    s.listen(8)
-    return s
-
-
-def listening_tcp(port: int) -> socket.socket:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("127.0.0.1", port))
-    s.listen(8)
-    return s
-
-
 class CtrlClient:
     """One control connection kept open (as QEMU keeps it)."""
 
@@ -134,7 +127,7 @@ def get_random(sock: socket.socket) -> bytes:
 
 def test_ctrl_on_an_inherited_unix_socket_with_a_data_fd(short_dir: Path) -> None:
     path = short_dir / "ctrl"
-    lsock = listening_unix(path)
+    lsock = unix_listener(path)
     os.chmod(path, 0o600)
     proc = spawn(short_dir / "s", keyfile(short_dir), ["--ctrl", f"fd:{lsock.fileno()}"],
                  [lsock.fileno()])  # fmt: skip
@@ -163,7 +156,7 @@ def test_ctrl_on_an_inherited_unix_socket_with_a_data_fd(short_dir: Path) -> Non
 
 def test_raw_server_and_ctrl_on_inherited_tcp_sockets(short_dir: Path) -> None:
     port = free_port_pair()
-    server, ctrl = listening_tcp(port), listening_tcp(port + 1)
+    server, ctrl = tcp_listener(port), tcp_listener(port + 1)
     fds = [server.fileno(), ctrl.fileno()]
     args = ["--server", f"fd:{fds[0]}", "--ctrl", f"fd:{fds[1]}"]
     proc = spawn(short_dir / "s", keyfile(short_dir), args, fds)

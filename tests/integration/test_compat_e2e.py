@@ -69,33 +69,47 @@ class Door:
         )
 
 
+def manager_with_door(data: Path, sock: Path) -> ManagerProc:
+    """`vtpm manager run` on `data`, once its front door at `sock` listens."""
+    m = start_manager(data)
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert time.monotonic() < deadline, m.log()[-3000:]
+        time.sleep(0.05)
+    return m
+
+
+@contextlib.contextmanager
+def open_door(root: Path) -> Iterator[Door]:
+    """A Manager in `root/m` with its front door enabled, the compat programs in `root/bin`."""
+    data = root / "m"
+    data.mkdir()
+    init_manager(data)
+    m = start_manager(data)
+    try:
+        key = owner_key(root)
+        new_group(m, "guests", key, labels=(ALL_GUESTS,))
+        sock = root / "door.sock"
+        m.cli("compat", "enable", "--group", "guests", "--socket", str(sock))
+        m.stop()
+        m = manager_with_door(data, sock)
+        directory = root / "bin"
+        install.install(directory, sys.executable)
+        work = root / "w"
+        work.mkdir()
+        door = Door(m, directory, sock, work)
+        yield door
+    finally:
+        with contextlib.suppress(Exception):
+            door.manager.stop()
+        with contextlib.suppress(Exception):
+            m.stop()
+
+
 @pytest.fixture(scope="module")
 def door() -> Iterator[Door]:
-    with tempfile.TemporaryDirectory(prefix="vtcd-") as d:
-        root = Path(d)
-        data = root / "m"
-        data.mkdir()
-        init_manager(data)
-        m = start_manager(data)
-        try:
-            key = owner_key(root)
-            new_group(m, "guests", key, labels=(ALL_GUESTS,))
-            sock = root / "door.sock"
-            m.cli("compat", "enable", "--group", "guests", "--socket", str(sock))
-            m.stop()
-            m = start_manager(data)
-            deadline = time.monotonic() + 30
-            while not sock.exists():
-                assert time.monotonic() < deadline, m.log()[-3000:]
-                time.sleep(0.05)
-            directory = root / "bin"
-            install.install(directory, sys.executable)
-            work = root / "w"
-            work.mkdir()
-            yield Door(m, directory, sock, work)
-        finally:
-            with contextlib.suppress(Exception):
-                m.stop()
+    with tempfile.TemporaryDirectory(prefix="vtcd-") as d, open_door(Path(d)) as opened:
+        yield opened
 
 
 def wait_for(check: object, proc: subprocess.Popen[bytes], timeout: float = 60) -> float:
@@ -406,3 +420,52 @@ def test_libvirt_passphrase_fds(door: Door) -> None:
         wait_for(lambda: answers(sock), right)
     finally:
         assert stop_process(right, signal.SIGTERM, 30) == 0
+
+
+def test_a_manager_killed_ends_its_front_doors_and_the_state_survives() -> None:
+    """kill -9 of the Manager while a front-door vTPM runs: the instance (its custody link
+    gone) stores its state and exits, the front door exits with an error instead of holding
+    dead sockets, and after the Manager's restart the same `swtpm socket` serves the NV data
+    written before."""
+    with tempfile.TemporaryDirectory(prefix="vtck-") as d, open_door(Path(d)) as door:
+        port = free_port_pair()
+        state = Path(tempfile.mkdtemp(prefix="k-", dir=door.work))
+        args = [
+            *(
+                "socket",
+                "--tpm2",
+                "--server",
+                f"port={port}",
+                "--ctrl",
+                f"type=tcp,port={port + 1}",
+            ),
+            *("--flags", "not-need-init", "--tpmstate", f"dir={state}"),
+        ]
+        tcti = f"swtpm:host=127.0.0.1,port={port}"
+        proc = door.start(*args)
+        try:
+            wait_for(lambda: answers(("127.0.0.1", port + 1)), proc)
+            tpm2("startup", "-c", tcti=tcti)
+            tpm2("nvdefine", "0x1500017", "-C", "o", "-s", "8", tcti=tcti)
+            tpm2("nvwrite", "0x1500017", "-C", "o", "-i", "-", tcti=tcti, input_=b"survives")
+            (shown,) = [v for v in door.manager.json("list") if v["state_dir"] == str(state)]
+            instance = shown["run"]["pid"]
+            door.manager.stop(signal.SIGKILL)
+            assert proc.wait(30) != 0
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            assert "the Manager closed the connection" in err, err
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{instance}").exists():
+                assert time.monotonic() < deadline, "the instance outlived its Manager"
+                time.sleep(0.05)
+        finally:
+            stop_process(proc, signal.SIGKILL, 5)
+        door.manager = manager_with_door(Path(d) / "m", door.socket)
+        again = door.start(*args)
+        try:
+            wait_for(lambda: answers(("127.0.0.1", port + 1)), again)
+            tpm2("startup", "-c", tcti=tcti)
+            out = tpm2("nvread", "0x1500017", "-C", "o", "-s", "8", tcti=tcti).stdout
+            assert out == b"survives"
+        finally:
+            stop_process(again, signal.SIGTERM, 30)
